@@ -1,0 +1,45 @@
+# Every target sets up what it needs. On a fresh machine that means a .venv with torch and the
+# tools, then an editable build of the extension. In an environment that already has torch (e.g. a
+# GPU machine without network), point PY at its interpreter: `make test PY=python3`.
+
+PY ?= .venv/bin/python
+TORCH ?= torch==2.14.1
+TOOLS = numpy ninja setuptools wheel pybind11 pytest pytest-benchmark hypothesis expecttest ruff \
+        matplotlib tqdm transformers
+SOURCES = setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+PYTEST_ARGS ?=
+
+ifeq ($(PY),.venv/bin/python)
+ENV_READY = .venv/.ready
+endif
+
+.PHONY: test bench profile lint info clean
+
+test: build/.extension
+	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check . ; fi
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+bench: build/.extension
+	$(PY) -m fastseq bench $(SUITES)
+
+profile: build/.extension
+	$(PY) -m fastseq profile $(SUITES)
+
+info: build/.extension
+	$(PY) -m fastseq info
+
+lint: $(ENV_READY)
+	$(PY) -m ruff check .
+
+.venv/.ready:
+	python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
+	.venv/bin/python -m pip install -q $(TORCH) $(TOOLS)
+	touch $@
+
+build/.extension: $(ENV_READY) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
+
+clean:
+	rm -rf build fastseq/_C*.so *.egg-info

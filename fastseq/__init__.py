@@ -1,0 +1,24 @@
+"""fastseq: fused Triton and CUDA/C++ kernels for sequence models, as drop-in PyTorch ops and modules.
+
+Quick start::
+
+    import torch, fastseq
+    rope = fastseq.nn.RotaryEmbedding(128)
+    q, k = rope(q, k)                       # q, k: (B, N, H, 128)
+    with fastseq.use_backend("reference"):  # force a backend for a block of code
+        ...
+"""
+
+from fastseq import nn
+from fastseq._backend import available_backends, use_backend
+from fastseq.ops.rotary import apply_rotary, apply_rotary_pos_emb
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_rotary",
+    "apply_rotary_pos_emb",
+    "available_backends",
+    "nn",
+    "use_backend",
+]

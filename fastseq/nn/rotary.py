@@ -1,0 +1,84 @@
+"""``RotaryEmbedding``: builds and caches the cos/sin tables, and applies them with the fused op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastseq.nn.rope_scaling import RopeScaling, default_inverse_frequencies
+from fastseq.ops.rotary import apply_rotary
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary positional embedding over the first ``dim`` features of each head.
+
+    Args:
+        dim: rotary dim (even); may be smaller than the head dim (partial rotary).
+        base: RoPE base (theta).
+        interleaved: GPT-J pairs ``(2j, 2j+1)`` instead of NeoX halves.
+        scaling: a :class:`RopeScaling`, or a transformers-style ``rope_scaling`` dict.
+
+    The tables are float32 ``(S, dim/2)``, cached per device and grown (to the next power of two)
+    when a longer sequence arrives. With dynamic NTK scaling the frequencies depend on the sequence
+    length, so the tables are rebuilt for each new length past the original context.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling=None):
+        super().__init__()
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim must be a positive even number, got {dim}")
+        if isinstance(scaling, dict):
+            scaling = RopeScaling.from_dict(scaling)
+        self.dim, self.base, self.interleaved, self.scaling = dim, float(base), interleaved, scaling
+        self._tables: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}, scaling={self.scaling}"
+
+    def inverse_frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        """``(inv_freq (dim/2,) float32, cos/sin scale)`` for sequences of ``seq_len`` tokens."""
+        if self.scaling is None:
+            return default_inverse_frequencies(self.dim, self.base), 1.0
+        return self.scaling.inverse_frequencies(self.dim, self.base, seq_len)
+
+    def _build(self, length: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = self.inverse_frequencies(seq_len)
+        t = torch.arange(length, dtype=torch.float32)
+        angles = torch.outer(t, inv_freq)
+        return (angles.cos() * scale).to(device), (angles.sin() * scale).to(device)
+
+    def cos_sin(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables covering positions ``0 .. seq_len - 1``: ``(cos, sin)``, each ``(>= seq_len, dim/2)``."""
+        device = torch.device(device or "cpu")
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            return self._build(seq_len, seq_len, device)
+        cached = self._tables.get(device)
+        if cached is None or cached[0] < seq_len:
+            length = 1 << max(seq_len - 1, 0).bit_length()
+            cos, sin = self._build(length, length, device)
+            self._tables[device] = cached = (length, cos, sin)
+        return cached[1], cached[2]
+
+    def forward(self, q, k=None, *, positions=None, layout: str = "bnhd", inplace: bool = False):
+        """Rotate ``q`` and ``k`` (``(B, N, H, D)``, or ``(B, H, N, D)`` with ``layout="bhnd"``).
+
+        ``positions``: ``None``/``int`` offset, ``(B,)`` per-batch offsets, or ``(B, N)`` ids.
+        Returns ``(q_out, k_out)``; see :func:`fastseq.apply_rotary`.
+        """
+        seqlen = q.shape[1] if layout == "bnhd" else q.shape[2]
+        cos, sin = self.cos_sin(_max_position(positions, seqlen) + 1, q.device)
+        return apply_rotary(
+            q, k, cos, sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
+            layout=layout,
+        )
+
+
+def _max_position(positions, seqlen: int) -> int:
+    """Largest position the call touches (one host sync for tensor positions)."""
+    if positions is None or isinstance(positions, int):
+        return (positions or 0) + seqlen - 1
+    if positions.numel() == 0:
+        return seqlen - 1
+    if positions.dim() == 1:
+        return int(positions.max()) + seqlen - 1
+    return int(positions.max())

@@ -1,0 +1,351 @@
+"""Rotary positional embeddings as torch ops: ``torch.ops.fastseq.rotary`` and ``rotary_``.
+
+Both ops take canonical arguments (``(B, N, H, D)`` views with any strides, 3-D angle tables,
+positions as an offset, per-batch offsets or ids) and run one fused launch over q and k on the
+chosen backend: Triton, the C++ CPU kernel, the CUDA kernel, or the plain-PyTorch reference.
+``rotary`` returns new tensors; ``rotary_`` rotates in place. The backward of a rotation is the
+transposed rotation, so both directions run the same kernel.
+
+The public functions :func:`apply_rotary` and :func:`apply_rotary_pos_emb` check their inputs,
+bring them to the canonical form (views only: no copies), and call the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from fastseq import _backend, _extension
+from fastseq.reference import rotary as reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("bnhd", "bhnd")
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def _unsupported(q: torch.Tensor, cos: torch.Tensor) -> dict[str, str]:
+    """Backends that cannot take these inputs, with the reason."""
+    reason = None
+    if q.dtype not in KERNEL_DTYPES:
+        reason = f"dtype {q.dtype} (kernels take float32, float16, bfloat16)"
+    elif cos.dtype not in (torch.float32, q.dtype):
+        reason = f"cos/sin dtype {cos.dtype} (kernels take float32 or q's dtype)"
+    if reason is None:
+        return {}
+    return {name: reason for name in ("triton", "cpu", "cuda")}
+
+
+def _launch(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
+    backend = _backend.choose("rotary", q.device, _unsupported(q, cos))
+    args = (cos, sin, positions, offset, rotary_dim, interleaved, conjugate)
+    if backend == "triton":
+        from fastseq.kernels import rotary as triton_rotary
+
+        triton_rotary.rotary(q_out, k_out, q, k, *args)
+    elif backend in ("cpu", "cuda"):
+        _extension.load()
+        torch.ops.fastseq.rotary_kernel(q_out, k_out, q, k, *args)
+    else:
+        q_out.copy_(reference.rotate(q, *args))
+        k_out.copy_(reference.rotate(k, *args))
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastseq::rotary", mutates_args=())
+def rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    offset: int,
+    rotary_dim: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, N, Hq, D) and k (B, N, Hk, D) out of place; returns ``(q_out, k_out)``.
+
+    Outputs keep the memory layout (strides) of the inputs.
+    """
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _launch(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate)
+    return q_out, k_out
+
+
+@rotary.register_fake
+def _(q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_rotary(ctx, inputs, output):
+    q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.config = (offset, rotary_dim, interleaved, not conjugate)
+
+
+def _rotary_backward(ctx, grad_q, grad_k):
+    cos, sin, positions = ctx.saved_tensors
+    dq, dk = rotary(grad_q, grad_k, cos, sin, positions, *ctx.config)
+    return dq, dk, None, None, None, None, None, None, None
+
+
+rotary.register_autograd(_rotary_backward, setup_context=_setup_rotary)
+
+
+@torch.library.custom_op("fastseq::rotary_", mutates_args=("q", "k"))
+def rotary_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    offset: int,
+    rotary_dim: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> None:
+    """Rotate q (B, N, Hq, D) and k (B, N, Hk, D) in place."""
+    _launch(q, k, q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate)
+
+
+@rotary_.register_fake
+def _(q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
+    return None
+
+
+class _RotaryInplace(torch.autograd.Function):
+    """Autograd for the in-place op: the gradient is rotated back, in place as well."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, positions, offset, rotary_dim, interleaved):
+        rotary_(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.config = (offset, rotary_dim, interleaved, True)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin, positions = ctx.saved_tensors
+        dq, dk = rotary(grad_q, grad_k, cos, sin, positions, *ctx.config)
+        return dq, dk, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(message: str):
+    raise ValueError(f"fastseq rotary: {message}")
+
+
+def _check_tensors(q, k, cos, sin):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        _fail(f"q must be a 4-D tensor, got {_describe(q)}")
+    if not q.is_floating_point():
+        _fail(f"q must be floating point, got dtype {q.dtype}")
+    if k is not None:
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            _fail(f"k must be a 4-D tensor or None, got {_describe(k)}")
+        if k.dtype != q.dtype:
+            _fail(f"k dtype {k.dtype} must match q dtype {q.dtype}")
+        if k.device != q.device:
+            _fail(f"k is on {k.device} but q is on {q.device}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            _fail(f"{name} must be a floating-point tensor, got {_describe(t)}")
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}")
+    if cos.shape != sin.shape:
+        _fail(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    if cos.dtype != sin.dtype:
+        _fail(f"cos dtype {cos.dtype} and sin dtype {sin.dtype} must match")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_same_tokens(q, k):
+    if k is not None and (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+        _fail(
+            f"k {tuple(k.shape)} and q {tuple(q.shape)} must agree in batch, sequence and head "
+            "dims (head counts may differ)"
+        )
+
+
+def _check_positions(positions, batch, seqlen, table_len, device):
+    """Bring ``positions`` to ``(tensor or None, offset)``, checking shape and range."""
+    if positions is None or isinstance(positions, int):
+        offset = positions or 0
+        if offset < 0 or offset + seqlen > table_len:
+            _fail(
+                f"positions {offset}..{offset + seqlen - 1} are past the cos/sin table of "
+                f"{table_len} positions"
+            )
+        return None, offset
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        _fail(f"positions must be None, an int, or an int32/int64 tensor, got {_describe(positions)}")
+    if positions.device != device:
+        _fail(f"positions is on {positions.device} but q is on {device}")
+    if positions.dim() == 1:
+        if positions.shape[0] != batch:
+            _fail(f"per-batch positions must have shape ({batch},), got {tuple(positions.shape)}")
+        low, high = positions, positions + seqlen - 1
+    elif positions.dim() == 2:
+        if positions.shape[1] != seqlen or positions.shape[0] not in (1, batch):
+            _fail(f"position ids must have shape ({batch}, {seqlen}), got {tuple(positions.shape)}")
+        positions = positions.expand(batch, seqlen)
+        low, high = positions, positions
+    else:
+        _fail(f"positions must be 1-D (per-batch offsets) or 2-D (ids), got {positions.dim()}-D")
+    if seqlen > 0 and batch > 0 and not torch.compiler.is_compiling():
+        # A data-dependent check (one device sync); an out-of-range position would read garbage.
+        if bool(low.min() < 0) or bool(high.max() >= table_len):
+            _fail(
+                f"positions span {int(low.min())}..{int(high.max())}, past the cos/sin table of "
+                f"{table_len} positions"
+            )
+    return positions, 0
+
+
+def _table_3d(table, batch, name):
+    if table.dim() == 2:
+        return table.unsqueeze(0)
+    if table.dim() == 3 and table.shape[0] in (1, batch):
+        return table
+    _fail(f"{name} must be (S, R/2) or (B, S, R/2) with B in {{1, {batch}}}, got {tuple(table.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_reference(cos, sin) -> bool:
+    """Differentiable tables need autograd through cos/sin: only the reference path gives it."""
+    return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
+@functools.cache
+def _warn_reference_once(reason: str):
+    warnings.warn(f"fastseq rotary: {reason}; using the plain-PyTorch path", stacklevel=4)
+
+
+def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inplace):
+    """Rotate canonical (B, N, H, D) views q and k (k may be None); returns (q_out, k_out)."""
+    k_given = k is not None
+    if not k_given:
+        k = q.new_empty(q.shape[0], q.shape[1], 0, q.shape[3])
+    if inplace:
+        q_out, k_out = _RotaryInplace.apply(q, k, cos, sin, positions, offset, rotary_dim, interleaved)
+    else:
+        q_out, k_out = rotary(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
+    return q_out, (k_out if k_given else None)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    positions: int | torch.Tensor | None = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    layout: str = "bnhd",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate queries and keys by rotary positional embeddings, in one fused pass.
+
+    Args:
+        q: ``(B, N, Hq, D)`` (``layout="bnhd"``) or ``(B, Hq, N, D)`` (``layout="bhnd"``), any
+            strides; float32, float16 or bfloat16 (other float dtypes take the reference path).
+        k: the same layout with ``Hk`` heads (GQA: ``Hk != Hq``), or ``None``.
+        cos, sin: angle tables ``(S, R/2)``, or ``(B, S, R/2)`` per batch row, usually float32
+            (e.g. from :class:`fastseq.nn.RotaryEmbedding`). ``R = 2 * cos.shape[-1] <= D`` is the
+            rotary dim; columns past it pass through unchanged.
+        positions: where each token sits in the table: ``None`` or an ``int`` offset (token ``n``
+            at ``offset + n``), a ``(B,)`` int tensor of per-batch offsets (a KV cache), or
+            ``(B, N)`` position ids.
+        interleaved: GPT-J convention (pairs ``(2j, 2j+1)``) instead of NeoX (``(j, j + R/2)``).
+        inplace: rotate q and k in place and return them.
+        layout: ``"bnhd"`` or ``"bhnd"``.
+
+    Returns:
+        ``(q_out, k_out)``, with the layout and dtype of the inputs (``k_out`` is ``None`` when
+        ``k`` is). Math is float32. Differentiable in q and k.
+    """
+    _check_tensors(q, k, cos, sin)
+    if layout not in LAYOUTS:
+        _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    to_bnhd = (lambda t: t) if layout == "bnhd" else (lambda t: t if t is None else t.transpose(1, 2))
+    qc, kc = to_bnhd(q), to_bnhd(k)
+    _check_same_tokens(qc, kc)
+    batch, seqlen, _, dim = qc.shape
+    cos3, sin3 = _table_3d(cos, batch, "cos"), _table_3d(sin, batch, "sin")
+    rotary_dim = 2 * cos3.shape[-1]
+    if rotary_dim > dim:
+        _fail(f"rotary dim 2 * cos.shape[-1] = {rotary_dim} exceeds the head dim {dim}")
+    pos, offset = _check_positions(positions, batch, seqlen, cos3.shape[1], q.device)
+    if _needs_reference(cos, sin):
+        _warn_reference_once("cos/sin require grad")
+        return reference.apply_rotary(
+            q, k, cos, sin, positions=positions, interleaved=interleaved, inplace=inplace,
+            layout=layout,
+        )
+    q_out, k_out = _rotate_pair(qc, kc, cos3, sin3, pos, offset, rotary_dim, interleaved, inplace)
+    return to_bnhd(q_out), to_bnhd(k_out)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Drop-in for ``apply_rotary_pos_emb`` of Hugging Face transformers' Llama code.
+
+    Computes ``q * cos + rotate_half(q) * sin`` (and the same for k) in one fused pass.
+
+    Args:
+        q, k: ``(B, H, N, D)`` for ``unsqueeze_dim=1`` or ``(B, N, H, D)`` for ``unsqueeze_dim=2``.
+        cos, sin: ``(B, N, D)`` or ``(1, N, D)`` as the transformers rotary modules return them
+            (already at each token's position), or a ``(N, D)`` table; an ``(S, D)`` cache indexed
+            by ``position_ids`` as in older transformers releases.
+        position_ids: only used with a 2-D cache, as in older releases (newer ones ignore it).
+        unsqueeze_dim: the dim of q/k that cos/sin broadcast over (the heads).
+
+    Returns:
+        ``(q_embed, k_embed)`` of q's shape and dtype. Math in float32 (transformers computes in
+        the input dtype, so low-precision results differ by at most its rounding).
+    """
+    _check_tensors(q, k, cos, sin)
+    layout = {1: "bhnd", 2: "bnhd"}.get(unsqueeze_dim)
+    if layout is None or _needs_reference(cos, sin) or cos.dim() not in (2, 3):
+        _warn_reference_once(f"unsupported apply_rotary_pos_emb call (unsqueeze_dim={unsqueeze_dim}, "
+                             f"cos {tuple(cos.shape)}, requires_grad={cos.requires_grad})")
+        return reference.apply_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim)
+    to_bnhd = (lambda t: t) if layout == "bnhd" else (lambda t: t.transpose(1, 2))
+    qc, kc = to_bnhd(q), to_bnhd(k)
+    _check_same_tokens(qc, kc)
+    batch, seqlen, _, dim = qc.shape
+    if cos.shape[-1] != dim or dim % 2:
+        _fail(f"cos/sin last dim {cos.shape[-1]} must equal the (even) head dim {dim}")
+    if cos.dim() == 2 and position_ids is not None:
+        pos, offset = _check_positions(position_ids, batch, seqlen, cos.shape[0], q.device)
+        cos3, sin3 = cos.unsqueeze(0), sin.unsqueeze(0)
+    else:
+        cos3, sin3 = _table_3d(cos, batch, "cos"), _table_3d(sin, batch, "sin")
+        if cos3.shape[1] != seqlen:
+            _fail(f"cos/sin cover {cos3.shape[1]} positions but q has {seqlen} tokens")
+        pos, offset = None, 0
+    q_out, k_out = _rotate_pair(qc, kc, cos3, sin3, pos, offset, dim, False, False)
+    return to_bnhd(q_out), to_bnhd(k_out)

@@ -1,0 +1,147 @@
+"""Fused rotary positional embedding: rotates q and k in one launch.
+
+One program owns ``BLOCK_N`` tokens of one batch row and a group of heads drawn from q's heads
+followed by k's heads. It loads the cos/sin rows of its tokens once and reuses them for every head
+of the group, which keeps the table out of the memory traffic: each element of q and k is read
+once and written once. Math is fp32 whatever the storage dtype.
+
+Semantics (shared with the C++/CUDA kernels and ``fastseq.reference.rotary.rotate``): pair ``j``
+is columns ``(j, j + R/2)`` (NeoX) or ``(2j, 2j + 1)`` (GPT-J); with angles ``c1, c2, s1, s2`` of
+the pair, ``out1 = c1 x1 - s1 x2`` and ``out2 = c2 x2 + s2 x1``; ``CONJUGATE`` applies the
+transpose (the backward). Columns past the rotary dim are copied when out-of-place.
+"""
+
+import triton
+import triton.language as tl
+
+POS_OFFSET, POS_PER_BATCH, POS_IDS = 0, 1, 2
+
+
+@triton.jit
+def _rotate_head(X, O, sxn, sxd, son, sod, n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2,
+                 COPY_TAIL: tl.constexpr):
+    """Rotate one head of a block of tokens: X/O point at (batch, head) of input and output."""
+    x_tok = X + n64[:, None] * sxn
+    o_tok = O + n64[:, None] * son
+    x1 = tl.load(x_tok + col1[None, :] * sxd, mask=mask, other=0.0)
+    x2 = tl.load(x_tok + col2[None, :] * sxd, mask=mask, other=0.0)
+    o1 = c1 * x1.to(tl.float32) - s1 * x2.to(tl.float32)
+    o2 = c2 * x2.to(tl.float32) + s2 * x1.to(tl.float32)
+    tl.store(o_tok + col1[None, :] * sod, o1.to(x1.dtype), mask=mask)
+    tl.store(o_tok + col2[None, :] * sod, o2.to(x1.dtype), mask=mask)
+    if COPY_TAIL:
+        rest = tl.load(x_tok + t[None, :] * sxd, mask=t_mask, other=0.0)
+        tl.store(o_tok + t[None, :] * sod, rest, mask=t_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, QO, KO, COS, SIN, POS,
+    seqlen, heads_q, heads_total, offset,
+    sqb, sqn, sqh, sqd, skb, skn, skh, skd,
+    soqb, soqn, soqh, soqd, sokb, sokn, sokh, sokd,
+    scb, scs, scw, ssb, sss, ssw, spb, spn,
+    HALF: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, TAIL: tl.constexpr,
+    POS_MODE: tl.constexpr, FULL_TABLE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    first_head = tl.program_id(2).to(tl.int64) * HEADS_PER_PROG
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < seqlen
+    n64 = n.to(tl.int64)
+    if POS_MODE == 0:
+        pos = offset + n64
+    elif POS_MODE == 1:
+        pos = offset + tl.load(POS + b * spb).to(tl.int64) + n64
+    else:
+        pos = tl.load(POS + b * spb + n64 * spn, mask=n_mask, other=0).to(tl.int64)
+
+    j = tl.arange(0, BLOCK_R)
+    j_mask = j < HALF
+    if INTERLEAVED:
+        col1 = 2 * j
+        col2 = 2 * j + 1
+    else:
+        col1 = j
+        col2 = j + HALF
+    mask = n_mask[:, None] & j_mask[None, :]
+
+    # Angles of every (token, pair), loaded once for all heads of this program.
+    cos_row = COS + b * scb + pos[:, None] * scs
+    sin_row = SIN + b * ssb + pos[:, None] * sss
+    if FULL_TABLE:
+        c1 = tl.load(cos_row + col1[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + col2[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + col1[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + col2[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
+    else:
+        c1 = tl.load(cos_row + j[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + j[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
+        c2 = c1
+        s2 = s1
+    if CONJUGATE:
+        s1, s2 = -s2, -s1
+
+    t = 2 * HALF + tl.arange(0, BLOCK_T)
+    t_mask = n_mask[:, None] & (t < 2 * HALF + TAIL)[None, :]
+
+    for i in range(HEADS_PER_PROG):
+        h = first_head + i
+        if h < heads_q:
+            _rotate_head(Q + b * sqb + h * sqh, QO + b * soqb + h * soqh, sqn, sqd, soqn, soqd,
+                         n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2, COPY_TAIL)
+        elif h < heads_total:
+            kh = h - heads_q
+            _rotate_head(K + b * skb + kh * skh, KO + b * sokb + kh * sokh, skn, skd, sokn, sokd,
+                         n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2, COPY_TAIL)
+
+
+def _launch_shape(batch, seqlen, heads_total, half):
+    """Tokens per program and heads per program: tiles of ~2k elements, enough programs to fill a GPU."""
+    block_r = triton.next_power_of_2(max(half, 1))
+    block_n = max(1, min(triton.next_power_of_2(max(seqlen, 1)), 2048 // block_r))
+    token_blocks = batch * triton.cdiv(seqlen, block_n)
+    heads_per_prog = heads_total
+    while heads_per_prog > 1 and token_blocks * triton.cdiv(heads_total, heads_per_prog) < 1024:
+        heads_per_prog = triton.cdiv(heads_per_prog, 2)
+    return block_n, block_r, heads_per_prog
+
+
+def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
+    """Launch the fused rotary kernel; arguments exactly as ``torch.ops.fastseq.rotary_kernel``.
+
+    q/k/q_out/k_out: (B, N, H, D) with any strides (outputs may be the inputs: in place);
+    cos/sin: (Bc, S, W) with Bc in {1, B}, W in {R/2, R}; positions: None, (B,) or (B, N).
+    """
+    batch, seqlen, heads_q, dim = q.shape
+    heads_total = heads_q + k.shape[2]
+    if batch == 0 or seqlen == 0 or heads_total == 0:
+        return
+    half = rotary_dim // 2
+    tail = dim - rotary_dim
+    block_n, block_r, heads_per_prog = _launch_shape(batch, seqlen, heads_total, half)
+    if positions is None:
+        mode, pos, spb, spn = POS_OFFSET, cos, 0, 0  # POS is never read in this mode
+    elif positions.dim() == 1:
+        mode, pos, spb, spn = POS_PER_BATCH, positions, positions.stride(0), 0
+    else:
+        mode, pos, spb, spn = POS_IDS, positions, positions.stride(0), positions.stride(1)
+    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    ssb = sin.stride(0) if sin.shape[0] > 1 else 0
+    grid = (triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads_total, heads_per_prog))
+    _rotary_kernel[grid](
+        q, k, q_out, k_out, cos, sin, pos,
+        seqlen, heads_q, heads_total, offset,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+        scb, cos.stride(1), cos.stride(2), ssb, sin.stride(1), sin.stride(2), spb, spn,
+        HALF=half, HEADS_PER_PROG=heads_per_prog,
+        BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_T=triton.next_power_of_2(max(tail, 1)), TAIL=tail,
+        POS_MODE=mode, FULL_TABLE=cos.shape[2] == rotary_dim, INTERLEAVED=interleaved,
+        CONJUGATE=conjugate, COPY_TAIL=tail > 0 and q_out.data_ptr() != q.data_ptr(),
+        num_warps=4,
+    )
