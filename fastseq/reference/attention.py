@@ -1,0 +1,65 @@
+"""Scaled dot-product attention in plain PyTorch, with every option of ``fastseq.attention``.
+
+Materialises the ``(B, H, Lq, Lk)`` score matrix: the oracle for the fused kernels and the eager
+baseline of the benchmarks, not a fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visibility(batch, lq, lk, *, causal=False, bottom_right=False, key_lengths=None, device=None):
+    """Boolean ``(B, 1, Lq, Lk)``: which key each query may see under causality and key lengths."""
+    rows = torch.arange(lq, device=device)[:, None]
+    cols = torch.arange(lk, device=device)[None, :]
+    klen = (key_lengths.to(torch.int64) if key_lengths is not None
+            else torch.full((batch,), lk, device=device))
+    klen = klen.clamp(max=lk)[:, None, None, None]
+    seen = cols < klen
+    if causal:
+        shift = (klen - lq) if bottom_right else 0
+        seen = seen & (cols <= rows + shift)
+    return seen
+
+
+def dropout_keep_mask(shape, p, seed, device):
+    """The keep mask this reference uses for dropout: a function of ``seed`` alone."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def attention(q, k, v, *, causal=False, bottom_right=False, attn_mask=None, key_lengths=None,
+              dropout_p=0.0, seed=0, keep_mask=None, scale=None, compute_dtype=None):
+    """Attention of q ``(B, H, Lq, D)`` over k/v ``(B, Hk, Lk, D)``; returns ``(out, lse)``.
+
+    ``attn_mask``: bool (True = keep) or additive, broadcastable to ``(B, H, Lq, Lk)``. Rows that see
+    no key give zeros and ``lse = -inf``. Dropout zeroes probabilities where ``keep_mask`` (or the
+    mask drawn from ``seed``) is False and rescales the rest by ``1 / (1 - p)``. Math in
+    ``compute_dtype`` (default fp32, fp64 for fp64 inputs); ``out`` in q's dtype, ``lse`` fp32/fp64.
+    """
+    batch, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    compute = compute_dtype or torch.promote_types(q.dtype, torch.float32)
+    group = heads // k.shape[1]
+    k = k.to(compute).repeat_interleave(group, dim=1)
+    v = v.to(compute).repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scores = (q.to(compute) @ k.transpose(-1, -2)) * scale
+    seen = visibility(batch, lq, lk, causal=causal, bottom_right=bottom_right,
+                      key_lengths=key_lengths, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            seen = seen & attn_mask
+        else:
+            scores = scores + attn_mask.to(compute)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
+    if dropout_p > 0:
+        if keep_mask is None:
+            keep_mask = dropout_keep_mask(probs.shape, dropout_p, seed, q.device)
+        probs = probs * keep_mask / (1 - dropout_p)
+    return (probs @ v).to(q.dtype), lse

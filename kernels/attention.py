@@ -1,0 +1,359 @@
+"""Fused scaled dot-product attention, FlashAttention-2 style: forward, and backward without a
+quadratic buffer.
+
+Layout: q ``(B, H, Lq, D)``, k/v ``(B, Hk, Lk, D)`` with ``H % Hk == 0`` (GQA/MQA), any strides.
+A program of the forward owns ``BLOCK_M`` query rows of one (batch, head) and streams the keys in
+blocks of ``BLOCK_N`` with an online softmax (base-2 exponentials), keeping only a running max,
+sum and output tile. It saves the natural-log log-sum-exp per row for the backward.
+
+Masking, all inside the kernel:
+* causal, top-left aligned (query ``m`` sees keys ``n <= m``) or bottom-right aligned (``n <= m +
+  Lk_b - Lq``, what a KV cache needs); blocks above the diagonal are skipped, not masked;
+* per-batch key lengths ``Lk_b``: keys past them are skipped, whole blocks at a time;
+* a boolean (True = keep) or additive mask, read through broadcasting strides (stride 0).
+Rows that see no key produce zeros and zero gradients (their LSE is ``-inf``).
+
+Dropout uses Philox (``tl.rand``) keyed by ``seed + batch*head`` at offset ``m * Lk + n``: the
+backward regenerates exactly the forward's mask. The backward is two kernels, dK/dV (one program
+per key block and kv head, summing over the heads of its GQA group) and dQ (one program per query
+block): no atomics, so it is deterministic.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def _visible_keys(b, m_start, Lq, Lk, KLEN, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                  HAS_KLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(key length of batch b, end of the keys any row of this query block may see, diagonal shift)."""
+    klen = Lk
+    if HAS_KLEN:
+        klen = tl.minimum(tl.load(KLEN + b).to(tl.int32), Lk)
+    shift = 0
+    if BOTTOM_RIGHT:
+        shift = klen - Lq
+    end = klen
+    if CAUSAL:
+        end = tl.minimum(end, tl.maximum(m_start + BLOCK_M + shift, 0))
+    return klen, end, shift
+
+
+@triton.jit
+def _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL: tl.constexpr,
+                   MASK_KIND: tl.constexpr, mask_valid):
+    """Scores (already in log2 units) with every masked position set to -inf."""
+    keep = offs_n[None, :] < klen
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if MASK_KIND == 1:
+        keep = keep & (tl.load(mask_ptrs, mask=mask_valid, other=0) != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(mask_ptrs, mask=mask_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop):
+    offsets = offs_m[:, None] * Lk + offs_n[None, :]
+    return tl.rand(seed + bh, offsets) >= p_drop
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, MASK, KLEN,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    smb, smh, smm, smn,
+    H, GROUP, Lq, Lk, D, qk_scale, p_drop, seed,
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+
+    q_ptrs = Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    mask_base = MASK + b.to(tl.int64) * smb + h * smh
+
+    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
+                                     HAS_KLEN, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < Lk
+        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        mask_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+        s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND,
+                           m_valid[:, None] & n_valid[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
+            p = tl.where(keep, p / (1.0 - p_drop), 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O), the softmax-backward correction of each query row."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                mask=valid, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=valid, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _probabilities(q, k, offs_m, offs_n, lse, klen, shift, mask_ptrs, mask_valid, qk_scale,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute the softmax tile P (BLOCK_M, BLOCK_N) from q, k^T and the saved LSE."""
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND, mask_valid)
+    # Rows that saw no key have LSE = -inf: treat it as +inf so that P = 0 there.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.math.exp2(s - lse2[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KLEN,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
+    H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HK
+    hk = bhk % HK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < Lk
+    d_valid = offs_d < D
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    b64 = b.to(tl.int64)
+    k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+    kt = tl.trans(k)
+    vt = tl.trans(v)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    klen, _, shift = _visible_keys(b, 0, Lq, Lk, KLEN, False, BOTTOM_RIGHT, HAS_KLEN, BLOCK_M)
+    # Under a causal mask, query rows above this key block's diagonal see none of its keys.
+    m_lo = pid_n * BLOCK_N
+    if CAUSAL:
+        m_lo = (tl.maximum(m_lo - shift, 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = m_lo * 0
+    # A key block made only of padding gets zero gradients: skip every query row.
+    m_lo = tl.where(pid_n * BLOCK_N >= klen, Lq, m_lo)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        for start_m in range(m_lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < Lq
+            q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
+            delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
+            mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+            p = _probabilities(q, kt, offs_m, offs_n, lse, klen, shift, mask_ptrs,
+                               m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
+                               PRECISION)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
+                p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
+                dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+            else:
+                p_kept = p
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b64 * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, KLEN,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+    H, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+    qm = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qm, other=0.0)
+    do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                 mask=qm, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
+    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
+                                     HAS_KLEN, BLOCK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < Lk
+        kvm = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kvm, other=0.0)
+        v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=kvm, other=0.0)
+        mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        p = _probabilities(q, tl.trans(k), offs_m, offs_n, lse, klen, shift, mask_ptrs,
+                           m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
+                           PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b64 * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _mask_args(mask):
+    """(pointer, kind, 4 strides) of an optional mask already expanded to (B, H, Lq, Lk)."""
+    if mask is None:
+        return None, MASK_NONE, (0, 0, 0, 0)
+    if mask.dtype.is_floating_point:
+        return mask, MASK_ADD, mask.stride()
+    return mask.view(torch.uint8), MASK_BOOL, mask.stride()
+
+
+def _blocks(head_dim, interpreted):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreted:
+        return 16, 16, block_d  # small tiles: tests see several blocks on tiny shapes
+    if block_d <= 64:
+        return 128, 64, block_d
+    if block_d <= 128:
+        return 128, 32, block_d
+    return 64, 32, block_d
+
+
+def _precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def forward(q, k, v, out, lse, mask, key_lengths, causal, bottom_right, scale, p_drop, seed,
+            interpreted=False):
+    """Launch the forward. q/out: (B, H, Lq, D); k/v: (B, Hk, Lk, D); lse: (B, H, Lq) fp32."""
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    block_m, block_n, block_d = _blocks(D, interpreted)
+    mask_t, mask_kind, mstrides = _mask_args(mask)
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    _attn_fwd[grid](
+        q, k, v, out, lse, mask_t if mask_t is not None else q,
+        key_lengths if key_lengths is not None else q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstrides,
+        H, H // Hk, Lq, Lk, D, scale * LOG2E, p_drop, seed,
+        CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
+        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )
+
+
+def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, causal, bottom_right, scale,
+             p_drop, seed, interpreted=False):
+    """Launch the backward: fills dq (B, H, Lq, D), dk and dv (B, Hk, Lk, D)."""
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    block_m, block_n, block_d = _blocks(D, interpreted)
+    block_m, block_n = min(block_m, 64), min(block_n, 64)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(Lq, block_m), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    mask_t, mask_kind, mstrides = _mask_args(mask)
+    common = dict(
+        CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
+        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
+    )
+    mask_arg = mask_t if mask_t is not None else q
+    klen_arg = key_lengths if key_lengths is not None else q
+    _attn_bwd_dkdv[(triton.cdiv(Lk, block_n), B * Hk)](
+        q, k, v, do, dk, dv, lse, delta, mask_arg, klen_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstrides,
+        H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
+    )
+    _attn_bwd_dq[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, do, dq, lse, delta, mask_arg, klen_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides,
+        H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
+    )
