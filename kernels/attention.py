@@ -28,6 +28,14 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The Triton interpreter multiplies bfloat16 tiles wrongly (triton 3.8): upcast there.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _visible_keys(b, m_start, Lq, Lk, KLEN, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                   HAS_KLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """(key length of batch b, end of the keys any row of this query block may see, diagonal shift)."""
@@ -71,6 +79,7 @@ def _attn_fwd(
     H, GROUP, Lq, Lk, D, qk_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -99,7 +108,7 @@ def _attn_fwd(
         n_valid = offs_n < Lk
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = _dot(q, k, PRECISION, UPCAST) * qk_scale
         mask_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
         s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND,
                            m_valid[:, None] & n_valid[None, :])
@@ -113,7 +122,7 @@ def _attn_fwd(
             p = tl.where(keep, p / (1.0 - p_drop), 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     seen = l_i > 0
@@ -145,9 +154,10 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq,
 
 @triton.jit
 def _probabilities(q, k, offs_m, offs_n, lse, klen, shift, mask_ptrs, mask_valid, qk_scale,
-                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):
     """Recompute the softmax tile P (BLOCK_M, BLOCK_N) from q, k^T and the saved LSE."""
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = _dot(q, k, PRECISION, UPCAST) * qk_scale
     s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND, mask_valid)
     # Rows that saw no key have LSE = -inf: treat it as +inf so that P = 0 there.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -162,6 +172,7 @@ def _attn_bwd_dkdv(
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -207,17 +218,17 @@ def _attn_bwd_dkdv(
             mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
             p = _probabilities(q, kt, offs_m, offs_n, lse, klen, shift, mask_ptrs,
                                m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
-                               PRECISION)
-            dp = tl.dot(do, vt, input_precision=PRECISION)
+                               PRECISION, UPCAST)
+            dp = _dot(do, vt, PRECISION, UPCAST)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
                 p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
                 dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
             else:
                 p_kept = p
-            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b64 * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -233,6 +244,7 @@ def _attn_bwd_dq(
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -266,13 +278,13 @@ def _attn_bwd_dq(
         mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
         p = _probabilities(q, tl.trans(k), offs_m, offs_n, lse, klen, shift, mask_ptrs,
                            m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
-                           PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                           PRECISION, UPCAST)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     tl.store(DQ + b64 * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm)
 
@@ -323,6 +335,7 @@ def forward(q, k, v, out, lse, mask, key_lengths, causal, bottom_right, scale, p
         H, H // Hk, Lq, Lk, D, scale * LOG2E, p_drop, seed,
         CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
         MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        UPCAST=interpreted and q.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4 if block_d <= 64 else 8, num_stages=2,
     )
@@ -343,6 +356,7 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, causal, botto
     common = dict(
         CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
         MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        UPCAST=interpreted and q.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
     )
     mask_arg = mask_t if mask_t is not None else q

@@ -1,0 +1,269 @@
+"""Attention: the fused kernels against the plain-PyTorch reference, forward and backward."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import FLOORS, max_error
+
+import fastseq
+from fastseq import _backend
+from fastseq.reference import attention as ref
+
+BACKENDS = [b for b in ("triton",) if b in fastseq.available_backends("cpu")] or ["reference"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+# B, H, Hk, Lq, Lk, D, causal, alignment, mask kind, key lengths
+CONFIGS = {
+    "ragged": (2, 2, 2, 37, 37, 40, False, "top_left", None, False),
+    "gqa_causal_cross": (1, 4, 2, 29, 45, 80, True, "top_left", None, False),
+    "mqa_bottom_right_klen": (2, 2, 1, 7, 30, 24, True, "bottom_right", None, True),
+    "bool_mask_broadcast": (2, 2, 2, 19, 23, 64, False, "top_left", "bool", False),
+    "additive_mask_klen": (2, 3, 3, 17, 21, 16, False, "top_left", "additive", True),
+    "length_one": (1, 1, 1, 1, 1, 32, True, "top_left", None, False),
+    "fully_masked_rows": (2, 2, 2, 20, 33, 96, False, "top_left", "bool_empty_rows", False),
+    "head_dim_160_causal": (1, 2, 1, 18, 18, 160, True, "bottom_right", None, False),
+}
+
+
+def _inputs(cfg, dtype):
+    B, H, Hk, Lq, Lk, D, causal, alignment, mask_kind, klen = cfg
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    # k and v as transposed views of a (B, L, H, D) buffer: strided inputs, no copies.
+    k = torch.randn(B, Lk, Hk, D, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(B, Lk, Hk, D, dtype=torch.float64).transpose(1, 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(1, 1, Lq, Lk) > 0.3
+    elif mask_kind == "additive":
+        mask = torch.randn(B, 1, 1, Lk).to(dtype)
+    elif mask_kind == "bool_empty_rows":
+        mask = torch.rand(B, H, Lq, Lk) > 0.5
+        mask[:, :, ::3] = False
+    key_lengths = torch.tensor([Lk, max(Lk - 11, 1)][:B]) if klen else None
+    options = dict(causal=causal, bottom_right=alignment == "bottom_right", attn_mask=mask,
+                   key_lengths=key_lengths)
+    return q, k, v, options, alignment
+
+
+def _check(name, got, truth, low):
+    err, ref_err = max_error(got, truth), max_error(low, truth)
+    bound = 2 * ref_err + FLOORS[low.dtype] * max(1.0, truth.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + floor"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_forward_backward_match_reference(backend, dtype, config):
+    q, k, v, options, alignment = _inputs(CONFIGS[config], dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastseq.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would hide the kernel
+        out, lse = fastseq.attention(
+            *leaves, causal=options["causal"], causal_alignment=alignment,
+            attn_mask=options["attn_mask"], key_lengths=options["key_lengths"], return_lse=True)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth, truth_lse = ref.attention(*leaves64, **options)
+    truth_grads = torch.autograd.grad(truth, leaves64, grad.double())
+    low_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    low, _ = ref.attention(*low_leaves, **options, compute_dtype=dtype)
+    low_grads = torch.autograd.grad(low, low_leaves, grad)
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    _check("out", out, truth, low)
+    finite = torch.isfinite(truth_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "rows with no key must have lse = -inf"
+    torch.testing.assert_close(lse[finite], truth_lse[finite].float(), atol=2e-2, rtol=1e-3)
+    for name, g, t, lo in zip(("dq", "dk", "dv"), grads, truth_grads, low_grads, strict=True):
+        assert torch.isfinite(g).all(), f"{name} has NaN/inf"
+        _check(name, g, t, lo)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool)
+    mask[3] = False
+    out = fastseq.attention(q, k, v, attn_mask=mask)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert torch.equal(q.grad[:, :, 3], torch.zeros_like(q.grad[:, :, 3]))
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def _dropped_probabilities(p, seed, lq=24, lk=32):
+    """With v = identity the output *is* the dropped probability matrix."""
+    q = torch.randn(2, 2, lq, lk, requires_grad=True)
+    k = torch.randn(2, 2, lk, lk, requires_grad=True)
+    v = torch.eye(lk).expand(2, 2, lk, lk).contiguous().requires_grad_()
+    return q, k, v, fastseq.attention(q, k, v, dropout_p=p, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_reproducible_and_backward_uses_the_same_mask(backend):
+    p = 0.3
+    with fastseq.use_backend(backend):
+        q, k, v, out = _dropped_probabilities(p, seed=1234)
+        again = fastseq.attention(q, k, v, dropout_p=p, seed=1234)
+        other = fastseq.attention(q, k, v, dropout_p=p, seed=4321)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+    assert torch.equal(out, again)
+    assert not torch.equal(out, other)
+    keep = out != 0
+    dropped = 1 - keep.float().mean().item()
+    assert abs(dropped - p) < 0.03, f"dropped fraction {dropped:.3f}, expected {p}"
+    want_out, _ = ref.attention(q, k, v, dropout_p=p, keep_mask=keep)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-4)
+    want = torch.autograd.grad(want_out, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "causal", "bool_mask", "float_mask", "gqa", "three_d", "scale"],
+)
+def test_sdpa_drop_in_matches_torch(case):
+    q, k, v = (torch.randn(2, 4, 13, 24) for _ in range(3))
+    kwargs = {}
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "bool_mask":
+        kwargs["attn_mask"] = torch.rand(13, 13) > 0.2
+        kwargs["attn_mask"][:, 0] = True  # torch gives NaN on empty rows; fastseq gives zeros
+    elif case == "float_mask":
+        kwargs["attn_mask"] = torch.randn(2, 1, 13, 13)
+    elif case == "gqa":
+        k, v = k[:, :2], v[:, :2]
+        kwargs["enable_gqa"] = True
+    elif case == "three_d":
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    elif case == "scale":
+        kwargs["scale"] = 0.3
+    got = fastseq.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_drop_in_rejects_what_torch_rejects():
+    q = torch.randn(1, 4, 5, 8)
+    k = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastseq.nn.functional.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="is_causal"):
+        fastseq.nn.functional.scaled_dot_product_attention(q, q, q, torch.ones(5, 5).bool(),
+                                                            is_causal=True)
+
+
+def _mha_pair(**kwargs):
+    torch_mha = torch.nn.MultiheadAttention(**kwargs)
+    ours = fastseq.nn.MultiheadAttention(**kwargs)
+    ours.load_state_dict(torch_mha.state_dict())
+    return torch_mha.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masks", ["none", "padding", "bool_attn", "float_attn_and_padding",
+                                   "per_head"])
+def test_multihead_attention_matches_torch(batch_first, masks):
+    torch_mha, ours = _mha_pair(embed_dim=32, num_heads=4, batch_first=batch_first)
+    B, L = 3, 11
+    x = torch.randn(B, L, 32) if batch_first else torch.randn(L, B, 32)
+    kwargs = {}
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[1, 7:] = True
+    if masks in ("padding", "float_attn_and_padding"):
+        kwargs["key_padding_mask"] = padding
+    if masks == "bool_attn":
+        kwargs["attn_mask"] = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    if masks == "float_attn_and_padding":
+        kwargs["attn_mask"] = torch.randn(L, L)
+        kwargs["key_padding_mask"] = torch.zeros(B, L).masked_fill(padding, float("-inf"))
+    if masks == "per_head":
+        kwargs["attn_mask"] = torch.rand(B * 4, L, L) > 0.8  # True = masked, as in torch
+    got, weights = ours(x, x, x, need_weights=False, **kwargs)
+    want, _ = torch_mha(x, x, x, need_weights=False, **kwargs)
+    assert weights is None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_multihead_attention_kdim_vdim_unbatched_and_weights():
+    torch_mha, ours = _mha_pair(embed_dim=16, num_heads=2, kdim=12, vdim=20)
+    query, key, value = torch.randn(5, 16), torch.randn(7, 12), torch.randn(7, 20)
+    got, _ = ours(query, key, value, need_weights=False)
+    want, _ = torch_mha(query, key, value, need_weights=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    got, got_w = ours(query, key, value)  # need_weights=True: torch's path, exact weights
+    want, want_w = torch_mha(query, key, value)
+    torch.testing.assert_close(got_w, want_w)
+    assert set(ours.state_dict()) == set(torch_mha.state_dict())
+
+
+def test_multihead_attention_gradients_match_torch():
+    torch_mha, ours = _mha_pair(embed_dim=24, num_heads=3, batch_first=True)
+    x = torch.randn(2, 9, 24)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9)
+    ours(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)[0].sum().backward()
+    torch_mha(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)[0].sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), torch_mha.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(q=torch.randn(2, 4, 8)), "4-D"),
+        (dict(k=torch.randn(1, 3, 6, 8), v=torch.randn(1, 3, 6, 8)), "multiple of k/v heads"),
+        (dict(k=torch.randn(1, 2, 6, 8).half()), "dtype"),
+        (dict(attn_mask=torch.ones(3, 5, 6, dtype=torch.bool)), "does not broadcast"),
+        (dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), "bool or floating"),
+        (dict(key_lengths=torch.tensor([7])), r"\[0, Lk=6\]"),
+        (dict(key_lengths=torch.tensor([2.0])), "int tensor"),
+        (dict(dropout_p=1.0), "dropout_p"),
+        (dict(causal=True, causal_alignment="center"), "causal_alignment"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    args = dict(q=torch.randn(1, 4, 5, 8), k=torch.randn(1, 2, 6, 8), v=torch.randn(1, 2, 6, 8))
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        fastseq.attention(q, k, args.pop("v", v), **args)
+
+
+def test_unsupported_head_dim_falls_back_with_one_warning():
+    _backend._warn_once.cache_clear()
+    q, k, v = (torch.randn(1, 1, 4, 272) for _ in range(3))
+    with fastseq.use_backend("triton"), pytest.warns(UserWarning, match="head dim 272"):
+        out = fastseq.attention(q, k, v)
+    torch.testing.assert_close(out, ref.attention(q, k, v)[0])
+
+
+def test_empty_batch():
+    q, k, v = (torch.randn(0, 2, 5, 16, requires_grad=True) for _ in range(3))
+    out = fastseq.attention(q, k, v, causal=True)
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
+
+
+def test_opcheck_and_compile_fullgraph():
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.fastseq.attention.default,
+                          (q, k, v, None, None, True, False, 0.25, 0.0, 0))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(q, k, v):
+        return fastseq.attention(q, k, v, causal=True).square().sum()
+
+    loss(q, k, v).backward()
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    ref.attention(q2, k2, v2, causal=True)[0].square().sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v.grad, v2.grad, atol=1e-4, rtol=1e-4)
