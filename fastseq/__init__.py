@@ -12,15 +12,18 @@ Quick start::
 from fastseq import nn
 from fastseq._backend import available_backends, use_backend
 from fastseq.ops.attention import attention
+from fastseq.ops.attention_decode import attention_decode, kv_cache_append
 from fastseq.ops.rotary import apply_rotary, apply_rotary_pos_emb
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_decode",
     "apply_rotary",
     "apply_rotary_pos_emb",
     "available_backends",
+    "kv_cache_append",
     "nn",
     "use_backend",
 ]

@@ -1,0 +1,107 @@
+"""Attention decoding over a KV cache, and the in-place cache append.
+
+``torch.ops.fastseq.attention_decode`` runs the split-KV Triton kernels for a few query rows per
+sequence against a long cache, bottom-right causal and aligned to each sequence's cache length.
+It is an inference op: with inputs that require grad, :func:`attention_decode` runs the general
+(differentiable) attention op with the same semantics instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastseq import _backend
+from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention, attention_op
+from fastseq.reference import attention as reference
+
+MAX_DECODE_ROWS = 16
+
+
+def _decode_unsupported(q) -> dict[str, str]:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return {"triton": f"dtype {q.dtype}"}
+    if q.shape[-1] > 256:
+        return {"triton": f"head dim {q.shape[-1]}"}
+    return {}
+
+
+@torch.library.custom_op("fastseq::attention_decode", mutates_args=())
+def attention_decode_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lengths: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode q (B, H, Lq <= 16, D) against caches (B, Hk, S, D); returns (out, lse (B, H, Lq))."""
+    backend = _backend.choose("attention_decode", q.device, _decode_unsupported(q))
+    if backend != "triton" or q.shape[2] > MAX_DECODE_ROWS:
+        out, lse = reference.attention(q, k_cache, v_cache, causal=True, bottom_right=True,
+                                       key_lengths=cache_lengths, scale=scale)
+        return out, lse.float()
+    from fastseq.kernels import attention_decode as kernels
+
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if q.numel():
+        kernels.decode(q, k_cache, v_cache, cache_lengths, out, lse, scale,
+                       interpreted=_backend.triton_interpreted())
+    return out, lse
+
+
+@attention_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_lengths, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_lse=False):
+    """Attention of a few new query rows over a KV cache (flash-decoding).
+
+    Args:
+        q: ``(B, H, Lq, D)`` with ``Lq`` up to 16 (e.g. 1 for greedy decoding, more for
+            speculative decoding), the newest ``Lq`` tokens of each sequence.
+        k_cache, v_cache: ``(B, Hk, S, D)`` with ``H % Hk == 0``; only the first
+            ``cache_lengths[b]`` positions of sequence ``b`` are valid, and they include the
+            ``Lq`` new tokens (append them first, e.g. with :func:`kv_cache_append`).
+        cache_lengths: ``(B,)`` int32/int64.
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 when ``return_lse``); query
+        ``i`` sees keys ``n <= cache_lengths[b] - Lq + i``. Differentiable inputs take the general
+        attention op (same result, with a backward).
+    """
+    _check_qkv(q, k_cache, v_cache)
+    _check_key_lengths(cache_lengths, q, k_cache)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        out, lse = attention_op(q, k_cache, v_cache, None, cache_lengths, True, True, scale, 0.0, 0)
+    elif q.shape[2] > MAX_DECODE_ROWS:
+        return attention(q, k_cache, v_cache, causal=True, causal_alignment="bottom_right",
+                         key_lengths=cache_lengths, scale=scale, return_lse=return_lse)
+    else:
+        out, lse = attention_decode_op(q, k_cache, v_cache, cache_lengths, scale)
+    return (out, lse) if return_lse else out
+
+
+def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
+    """Write new keys/values ``(B, Hk, L, D)`` into the caches ``(B, Hk, S, D)`` in place.
+
+    Sequence ``b`` receives them at positions ``cache_lengths[b] .. cache_lengths[b] + L - 1``.
+    Returns the new lengths ``cache_lengths + L`` (a new tensor). One scatter per cache, no loop.
+    """
+    if k_cache.dim() != 4 or k.dim() != 4 or k_cache.shape != v_cache.shape or k.shape != v.shape:
+        _fail(f"caches must be 4-D of one shape and k/v 4-D of one shape, got k_cache "
+              f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}, k {tuple(k.shape)}, "
+              f"v {tuple(v.shape)}")
+    batch, heads, new, dim = k.shape
+    if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (batch, heads, dim):
+        _fail(f"k {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    _check_key_lengths(cache_lengths, k, k_cache)
+    if not torch.compiler.is_compiling() and batch:
+        if int(cache_lengths.max()) + new > k_cache.shape[2]:
+            _fail(f"appending {new} tokens overflows the cache of {k_cache.shape[2]} positions")
+    index = cache_lengths.to(torch.int64)[:, None] + torch.arange(new, device=k.device)
+    index = index.view(batch, 1, new, 1).expand(batch, heads, new, dim)
+    k_cache.scatter_(2, index, k.to(k_cache.dtype))
+    v_cache.scatter_(2, index, v.to(v_cache.dtype))
+    return cache_lengths + new

@@ -1,0 +1,78 @@
+"""Decoding against a KV cache: split-KV kernels vs full attention, and the cache append."""
+
+import pytest
+import torch
+from tolerance import FLOORS, max_error
+
+import fastseq
+from fastseq.reference import attention as ref
+
+BACKENDS = [b for b in ("triton",) if b in fastseq.available_backends("cpu")] or ["reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 2, 1, 100, 64), (2, 8, 1, 5, 77, 40),
+                                   (1, 2, 2, 16, 33, 80), (2, 3, 3, 2, 19, 160)], ids=str)
+def test_decode_matches_full_attention(backend, dtype, shape):
+    B, H, Hk, Lq, S, D = shape
+    q = torch.randn(B, H, Lq, D).to(dtype)
+    k_cache, v_cache = (torch.randn(B, Hk, S, D).to(dtype) for _ in range(2))
+    lengths = torch.randint(Lq, S + 1, (B,))
+    lengths[0] = Lq  # a sequence that holds nothing but the new tokens
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention_decode(q, k_cache, v_cache, lengths, return_lse=True)
+    options = dict(causal=True, bottom_right=True, key_lengths=lengths)
+    truth, truth_lse = ref.attention(q.double(), k_cache.double(), v_cache.double(), **options)
+    low, _ = ref.attention(q, k_cache, v_cache, compute_dtype=dtype, **options)
+    err, ref_err = max_error(out, truth), max_error(low, truth)
+    assert err <= 2 * ref_err + FLOORS[dtype], f"error {err:.3e} vs reference {ref_err:.3e}"
+    torch.testing.assert_close(lse, truth_lse.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_with_grad_takes_the_differentiable_path():
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    k_cache, v_cache = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    out = fastseq.attention_decode(q, k_cache, v_cache, torch.tensor([6]))
+    out.sum().backward()
+    want = ref.attention(q, k_cache, v_cache, causal=True, bottom_right=True,
+                         key_lengths=torch.tensor([6]))[0]
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert q.grad is not None
+
+
+def test_cache_append_then_decode_equals_causal_attention_over_the_sequence():
+    B, H, Hk, D, S = 2, 4, 2, 32, 24
+    k_cache, v_cache = torch.zeros(B, Hk, S, D), torch.zeros(B, Hk, S, D)
+    lengths = torch.zeros(B, dtype=torch.long)
+    q_all = torch.randn(B, H, 9, D)
+    k_all, v_all = torch.randn(B, Hk, 9, D), torch.randn(B, Hk, 9, D)
+    # a prompt of 5 tokens, then 4 steps of one token
+    lengths = fastseq.kv_cache_append(k_cache, v_cache, k_all[:, :, :5], v_all[:, :, :5], lengths)
+    outs = [fastseq.attention_decode(q_all[:, :, :5], k_cache, v_cache, lengths)]
+    for t in range(5, 9):
+        lengths = fastseq.kv_cache_append(k_cache, v_cache, k_all[:, :, t:t + 1],
+                                          v_all[:, :, t:t + 1], lengths)
+        outs.append(fastseq.attention_decode(q_all[:, :, t:t + 1], k_cache, v_cache, lengths))
+    assert lengths.tolist() == [9, 9]
+    want, _ = ref.attention(q_all, k_all, v_all, causal=True)
+    torch.testing.assert_close(torch.cat(outs, dim=2), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_append_rejects_overflow_and_bad_shapes():
+    k_cache = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="overflows the cache"):
+        fastseq.kv_cache_append(k_cache, k_cache.clone(), torch.ones(1, 2, 3, 8),
+                                torch.ones(1, 2, 3, 8), torch.tensor([2]))
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        fastseq.kv_cache_append(k_cache, k_cache.clone(), torch.ones(1, 3, 1, 8),
+                                torch.ones(1, 3, 1, 8), torch.tensor([0]))
+
+
+def test_decode_bad_inputs():
+    q = torch.randn(1, 2, 1, 8)
+    cache = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"\[0, Lk=5\]"):
+        fastseq.attention_decode(q, cache, cache, torch.tensor([6]))
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        fastseq.attention_decode(torch.randn(1, 3, 1, 8), cache, cache, torch.tensor([5]))
