@@ -76,3 +76,21 @@ def test_decode_bad_inputs():
         fastseq.attention_decode(q, cache, cache, torch.tensor([6]))
     with pytest.raises(ValueError, match="multiple of k/v heads"):
         fastseq.attention_decode(torch.randn(1, 3, 1, 8), cache, cache, torch.tensor([5]))
+
+
+def test_attention_block_generation_with_cache_matches_full_forward():
+    torch.manual_seed(0)
+    block = fastseq.nn.Attention(48, num_heads=4, num_kv_heads=2, rotary=True).eval()
+    x = torch.randn(2, 10, 48)
+    with torch.no_grad():
+        full = block(x)
+        cache = block.new_cache(2, 16)
+        steps = [block(x[:, :6], cache=cache)]
+        steps += [block(x[:, t:t + 1], cache=cache) for t in range(6, 10)]
+    assert cache.lengths.tolist() == [10, 10]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_block_rejects_bad_head_counts():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        fastseq.nn.Attention(48, num_heads=4, num_kv_heads=3)

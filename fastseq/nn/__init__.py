@@ -1,8 +1,9 @@
 """Drop-in ``torch.nn`` modules built on ``fastseq.ops``."""
 
 from fastseq.nn import functional
+from fastseq.nn.attention import Attention, KVCache
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
 
-__all__ = ["MultiheadAttention", "RopeScaling", "RotaryEmbedding", "functional"]
+__all__ = ["Attention", "KVCache", "MultiheadAttention", "RopeScaling", "RotaryEmbedding", "functional"]

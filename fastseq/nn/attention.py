@@ -1,0 +1,86 @@
+"""``Attention``: the modern attention block (q/k/v projections, GQA, rotary, KV cache)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from fastseq.nn.rotary import RotaryEmbedding
+from fastseq.ops.attention import attention
+from fastseq.ops.attention_decode import attention_decode, kv_cache_append
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of past tokens: ``k``/``v`` ``(B, Hk, S, D)``, ``lengths`` ``(B,)``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch, kv_heads, max_len, head_dim, *, device=None, dtype=None) -> KVCache:
+        """A cache for ``batch`` sequences of up to ``max_len`` tokens, all empty."""
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch, device=device, dtype=torch.int64))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped-query heads, optional rotary and a KV cache.
+
+    Args:
+        dim: model width. num_heads: query heads. num_kv_heads: key/value heads (default
+            ``num_heads``; fewer for GQA/MQA). head_dim: default ``dim // num_heads``.
+        bias: biases in the projections. causal: mask future tokens.
+        rotary: a :class:`RotaryEmbedding`, ``True`` for one over the whole head dim, or None.
+        dropout: attention dropout in training.
+
+    ``forward(x (B, L, dim), positions=None, cache=None, key_lengths=None)`` returns
+    ``(B, L, dim)``. With a :class:`KVCache`, the new tokens are rotated at their positions in the
+    cache, appended to it (in place) and attend to everything cached so far; a step of up to 16
+    tokens runs the split-KV decode kernels.
+    """
+
+    def __init__(self, dim, num_heads, num_kv_heads=None, head_dim=None, *, bias=False,
+                 causal=True, rotary=None, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.causal, self.dropout = causal, dropout
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias, **factory)
+        self.rotary = RotaryEmbedding(self.head_dim) if rotary is True else rotary
+
+    def new_cache(self, batch, max_len, *, device=None, dtype=None) -> KVCache:
+        """An empty :class:`KVCache` sized for this layer."""
+        return KVCache.empty(batch, self.num_kv_heads, max_len, self.head_dim,
+                             device=device or self.q_proj.weight.device,
+                             dtype=dtype or self.q_proj.weight.dtype)
+
+    def forward(self, x, *, positions=None, cache: KVCache | None = None, key_lengths=None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            at = cache.lengths if cache is not None and positions is None else positions
+            q, k = self.rotary(q, k, positions=at)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, D) views
+        if cache is None:
+            out = attention(q, k, v, causal=self.causal, key_lengths=key_lengths,
+                            dropout_p=self.dropout if self.training else 0.0)
+        else:
+            cache.lengths = kv_cache_append(cache.k, cache.v, k, v, cache.lengths)
+            out = attention_decode(q, cache.k, cache.v, cache.lengths)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
