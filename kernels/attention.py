@@ -36,6 +36,37 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, rows, row_stride, offs_d, d_stride, row_valid, D, COS, SIN, pos, scs, scw,
+               sss, ssw, HALF: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Load a (rows, D) tile of q or k; with ROTARY, rotate it at positions ``pos`` on the way in.
+
+    Column d's partner is d +- R/2 (NeoX) or d ^ 1 (GPT-J): out_d = x_d cos - x_partner sin for
+    the first of a pair and x_d cos + x_partner sin for the second; columns past R pass through.
+    The rotated tile is rounded to the input dtype, as a separate rotary pass would store it.
+    """
+    valid = row_valid[:, None] & (offs_d < D)[None, :]
+    x = tl.load(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride, mask=valid,
+                other=0.0)
+    if ROTARY:
+        if INTERLEAVED:
+            first = offs_d % 2 == 0
+            partner = tl.where(first, offs_d + 1, offs_d - 1)
+            j = offs_d // 2
+        else:
+            first = offs_d < HALF
+            partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+            j = tl.where(first, offs_d, offs_d - HALF)
+        rotated = row_valid[:, None] & (offs_d < 2 * HALF)[None, :]
+        xp = tl.load(base + rows[:, None] * row_stride + partner[None, :] * d_stride, mask=rotated,
+                     other=0.0)
+        c = tl.load(COS + pos[:, None] * scs + j[None, :] * scw, mask=rotated, other=1.0)
+        sn = tl.load(SIN + pos[:, None] * sss + j[None, :] * ssw, mask=rotated, other=0.0)
+        sign = tl.where(first, -1.0, 1.0)
+        x = (x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * sn).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _visible_keys(b, m_start, Lq, Lk, KLEN, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                   HAS_KLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """(key length of batch b, end of the keys any row of this query block may see, diagonal shift)."""
@@ -73,13 +104,14 @@ def _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, KLEN,
+    Q, K, V, O, LSE, MASK, KLEN, COS, SIN,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    smb, smh, smm, smn,
+    smb, smh, smm, smn, scs, scw, sss, ssw,
     H, GROUP, Lq, Lk, D, qk_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -92,23 +124,23 @@ def _attn_fwd(
     m_valid = offs_m < Lq
     d_valid = offs_d < D
 
-    q_ptrs = Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
+                                     HAS_KLEN, BLOCK_M)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D,
+                   COS, SIN, tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw,
+                   HALF, ROTARY, INTERLEAVED)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
     mask_base = MASK + b.to(tl.int64) * smb + h * smh
-
-    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
-                                     HAS_KLEN, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < Lk
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        s = _dot(q, k, PRECISION, UPCAST) * qk_scale
+        k = _load_tile(k_base, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN, offs_n,
+                       scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         mask_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
         s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND,
                            m_valid[:, None] & n_valid[None, :])
@@ -166,13 +198,14 @@ def _probabilities(q, k, offs_m, offs_n, lse, klen, shift, mask_ptrs, mask_valid
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KLEN,
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KLEN, COS, SIN,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, scs, scw, sss, ssw,
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -185,8 +218,8 @@ def _attn_bwd_dkdv(
     d_valid = offs_d < D
     kv_mask = n_valid[:, None] & d_valid[None, :]
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN,
+                   offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
     v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                 mask=kv_mask, other=0.0)
     kt = tl.trans(k)
@@ -209,8 +242,9 @@ def _attn_bwd_dkdv(
         for start_m in range(m_lo, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < Lq
-            q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            q = _load_tile(Q + b64 * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D, COS, SIN,
+                           tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw, HALF, ROTARY,
+                           INTERLEAVED)
             do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                          mask=m_valid[:, None] & d_valid[None, :], other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
@@ -238,13 +272,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, KLEN,
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, KLEN, COS, SIN,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+    sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, scs, scw, sss, ssw,
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -258,21 +293,21 @@ def _attn_bwd_dq(
     m_valid = offs_m < Lq
     d_valid = offs_d < D
     qm = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qm, other=0.0)
+    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
+                                     HAS_KLEN, BLOCK_M)
+    q = _load_tile(Q + b64 * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D, COS, SIN,
+                   tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
     do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=qm, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
-    klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
-                                     HAS_KLEN, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < Lk
         kvm = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=kvm, other=0.0)
+        k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN,
+                       offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
         v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=kvm, other=0.0)
         mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
@@ -320,30 +355,55 @@ def _precision(dtype):
     return "tf32"
 
 
-def forward(q, k, v, out, lse, mask, key_lengths, causal, bottom_right, scale, p_drop, seed,
-            interpreted=False):
-    """Launch the forward. q/out: (B, H, Lq, D); k/v: (B, Hk, Lk, D); lse: (B, H, Lq) fp32."""
+def _rotary_args(cos, sin):
+    """(cos, sin, 4 strides, half) of optional (S, R/2) rotary tables."""
+    if cos is None:
+        return None, None, (0, 0, 0, 0), 0
+    return cos, sin, (*cos.stride(), *sin.stride()), cos.shape[1]
+
+
+def _constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
+               interpreted):
+    return dict(
+        CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
+        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        UPCAST=interpreted and q.dtype == torch.bfloat16,
+        HALF=half, ROTARY=half > 0, INTERLEAVED=interleaved,
+    )
+
+
+def forward(q, k, v, out, lse, mask, key_lengths, cos, sin, interleaved, causal, bottom_right,
+            scale, p_drop, seed, interpreted=False):
+    """Launch the forward. q/out: (B, H, Lq, D); k/v: (B, Hk, Lk, D); lse: (B, H, Lq) fp32.
+
+    ``cos``/``sin``: optional (S, R/2) tables rotating q and k as they are loaded (key ``n`` at
+    position ``n``, query ``m`` at ``m`` or, bottom-right aligned, ``m + Lk_b - Lq``).
+    """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     block_m, block_n, block_d = _blocks(D, interpreted)
     mask_t, mask_kind, mstrides = _mask_args(mask)
-    grid = (triton.cdiv(Lq, block_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, out, lse, mask_t if mask_t is not None else q,
-        key_lengths if key_lengths is not None else q,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstrides,
+    cos, sin, rstrides, half = _rotary_args(cos, sin)
+    _attn_fwd[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, out, lse, q if mask_t is None else mask_t,
+        q if key_lengths is None else key_lengths, q if cos is None else cos,
+        q if sin is None else sin,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstrides, *rstrides,
         H, H // Hk, Lq, Lk, D, scale * LOG2E, p_drop, seed,
-        CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
-        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
-        UPCAST=interpreted and q.dtype == torch.bfloat16,
+        **_constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
+                     interpreted),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4 if block_d <= 64 else 8, num_stages=2,
     )
 
 
-def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, causal, bottom_right, scale,
-             p_drop, seed, interpreted=False):
-    """Launch the backward: fills dq (B, H, Lq, D), dk and dv (B, Hk, Lk, D)."""
+def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, interleaved, causal,
+             bottom_right, scale, p_drop, seed, interpreted=False):
+    """Launch the backward: fills dq (B, H, Lq, D), dk and dv (B, Hk, Lk, D).
+
+    With rotary tables, dq and dk are gradients with respect to the *rotated* q and k; the caller
+    rotates them back.
+    """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     block_m, block_n, block_d = _blocks(D, interpreted)
@@ -353,21 +413,21 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, causal, botto
         out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
     )
     mask_t, mask_kind, mstrides = _mask_args(mask)
+    cos, sin, rstrides, half = _rotary_args(cos, sin)
     common = dict(
-        CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
-        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
-        UPCAST=interpreted and q.dtype == torch.bfloat16,
+        **_constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
+                     interpreted),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
     )
-    mask_arg = mask_t if mask_t is not None else q
-    klen_arg = key_lengths if key_lengths is not None else q
+    extra = (q if mask_t is None else mask_t, q if key_lengths is None else key_lengths,
+             q if cos is None else cos, q if sin is None else sin)
     _attn_bwd_dkdv[(triton.cdiv(Lk, block_n), B * Hk)](
-        q, k, v, do, dk, dv, lse, delta, mask_arg, klen_arg,
+        q, k, v, do, dk, dv, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstrides,
-        H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
+        *rstrides, H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
     )
     _attn_bwd_dq[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, do, dq, lse, delta, mask_arg, klen_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides,
+        q, k, v, do, dq, lse, delta, *extra,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides, *rstrides,
         H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
     )

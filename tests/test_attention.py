@@ -256,7 +256,7 @@ def test_empty_batch():
 def test_opcheck_and_compile_fullgraph():
     q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.fastseq.attention.default,
-                          (q, k, v, None, None, True, False, 0.25, 0.0, 0))
+                          (q, k, v, None, None, None, None, False, True, False, 0.25, 0.0, 0))
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def loss(q, k, v):
@@ -267,3 +267,44 @@ def test_opcheck_and_compile_fullgraph():
     ref.attention(q2, k2, v2, causal=True)[0].square().sum().backward()
     torch.testing.assert_close(q.grad, q2.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v.grad, v2.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_rotary_inside_the_kernel_equals_rotary_then_attention(backend, dtype, interleaved,
+                                                               alignment):
+    B, H, Hk, Lq, Lk, D, R = 2, 4, 2, 13, 21, 40, 24
+    rope = fastseq.nn.RotaryEmbedding(R, interleaved=interleaved)
+    cos, sin = rope.cos_sin(Lk)
+    q = torch.randn(B, H, Lq, D).to(dtype).requires_grad_()
+    k = torch.randn(B, Hk, Lk, D).to(dtype).requires_grad_()
+    v = torch.randn(B, Hk, Lk, D).to(dtype).requires_grad_()
+    key_lengths = torch.tensor([Lk, 16])
+    options = dict(causal=True, causal_alignment=alignment, key_lengths=key_lengths)
+    with fastseq.use_backend(backend):
+        fused = fastseq.attention(q, k, v, cos=cos, sin=sin, rotary_interleaved=interleaved,
+                                  **options)
+        grad = torch.randn_like(fused)
+        got = torch.autograd.grad(fused, (q, k, v), grad)
+        shift = (key_lengths - Lq) if alignment == "bottom_right" else torch.zeros(B, dtype=torch.long)
+        qpos = (torch.arange(Lq) + shift[:, None]).clamp(min=0)
+        q_rot, _ = fastseq.apply_rotary(q, None, cos, sin, positions=qpos,
+                                        interleaved=interleaved, layout="bhnd")
+        k_rot, _ = fastseq.apply_rotary(k, None, cos, sin, interleaved=interleaved, layout="bhnd")
+        separate = fastseq.attention(q_rot, k_rot, v, **options)
+        want = torch.autograd.grad(separate, (q, k, v), grad)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(fused, separate, atol=tol, rtol=tol)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=4 * tol, rtol=4 * tol)
+
+
+def test_rotary_tables_are_checked():
+    q = torch.randn(1, 2, 9, 16)
+    cos, sin = fastseq.nn.RotaryEmbedding(8).cos_sin(8)
+    with pytest.raises(ValueError, match="fewer than the 9"):
+        fastseq.attention(q, q, q, cos=cos[:8], sin=sin[:8])
+    with pytest.raises(ValueError, match="both cos and sin"):
+        fastseq.attention(q, q, q, cos=cos)

@@ -18,7 +18,9 @@ import warnings
 import torch
 
 from fastseq import _backend
+from fastseq.ops import rotary as _rotary_ops  # noqa: F401 (registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
+from fastseq.reference import rotary as rotary_reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -47,6 +49,9 @@ def attention_op(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
     key_lengths: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rotary_interleaved: bool,
     causal: bool,
     bottom_right: bool,
     scale: float,
@@ -55,7 +60,8 @@ def attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Lq, D) over k, v (B, Hk, Lk, D); returns (out, lse (B, H, Lq) fp32).
 
-    ``attn_mask`` is None or already expanded to (B, H, Lq, Lk) (stride-0 views are fine).
+    ``attn_mask`` is None or already expanded to (B, H, Lq, Lk) (stride-0 views are fine);
+    ``cos``/``sin`` are None or (S, R/2) rotary tables applied to q and k inside the kernel.
     """
     if _use_triton(q, v):
         from fastseq.kernels import attention as kernels
@@ -63,25 +69,49 @@ def attention_op(
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if q.numel() and out.numel():
-            kernels.forward(q, k, v, out, lse, attn_mask, key_lengths, causal, bottom_right, scale,
-                            dropout_p, seed, interpreted=_backend.triton_interpreted())
+            kernels.forward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
+                            rotary_interleaved, causal, bottom_right, scale, dropout_p, seed,
+                            interpreted=_backend.triton_interpreted())
         else:
             lse.fill_(float("-inf"))
             out.zero_()
         return out, lse
-    out, lse = _reference(q, k, v, attn_mask, key_lengths, causal, bottom_right, scale, dropout_p,
-                          seed)
+    out, lse = _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+                          bottom_right, scale, dropout_p, seed)
     return out, lse.float()
 
 
-def _reference(q, k, v, attn_mask, key_lengths, causal, bottom_right, scale, dropout_p, seed):
+def query_positions(batch, lq, lk, key_lengths, bottom_right, device):
+    """Rotary position of each query row, ``(B, Lq)``: ``m``, or ``m + Lk_b - Lq`` bottom-right."""
+    rows = torch.arange(lq, device=device).expand(batch, lq)
+    if not bottom_right:
+        return rows
+    klen = key_lengths if key_lengths is not None else torch.full((batch,), lk, device=device)
+    return (rows + (klen.to(torch.int64) - lq)[:, None]).clamp(min=0)
+
+
+def _rotate_bhnd(x, cos, sin, positions, interleaved, conjugate=False):
+    """Reference rotation of a (B, H, L, D) tensor (positions None: token n at n)."""
+    rotated = rotary_reference.rotate(x.transpose(1, 2), cos[None], sin[None], positions, 0,
+                                      2 * cos.shape[-1], interleaved, conjugate)
+    return rotated.transpose(1, 2)
+
+
+def _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+               bottom_right, scale, dropout_p, seed):
+    if cos is not None:
+        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
+                               q.device)
+        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
+        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
     return reference.attention(q, k, v, causal=causal, bottom_right=bottom_right,
                                attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p,
                                seed=seed, scale=scale)
 
 
 @attention_op.register_fake
-def _(q, k, v, attn_mask, key_lengths, causal, bottom_right, scale, dropout_p, seed):
+def _(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal, bottom_right, scale,
+      dropout_p, seed):
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -96,6 +126,9 @@ def attention_backward_op(
     lse: torch.Tensor,
     attn_mask: torch.Tensor | None,
     key_lengths: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rotary_interleaved: bool,
     causal: bool,
     bottom_right: bool,
     scale: float,
@@ -109,37 +142,50 @@ def attention_backward_op(
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if q.numel() and k.numel():
             kernels.backward(grad_out, q, k, v, out, lse, dq, dk, dv, attn_mask, key_lengths,
-                             causal, bottom_right, scale, dropout_p, seed,
-                             interpreted=_backend.triton_interpreted())
+                             cos, sin, rotary_interleaved, causal, bottom_right, scale, dropout_p,
+                             seed, interpreted=_backend.triton_interpreted())
+            if cos is not None:
+                _rotate_back(dq, dk, cos, sin, key_lengths, rotary_interleaved, bottom_right)
         else:
             dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        recomputed, _ = _reference(*leaves, attn_mask, key_lengths, causal, bottom_right, scale,
-                                   dropout_p, seed)
+        recomputed, _ = _reference(*leaves, attn_mask, key_lengths, cos, sin, rotary_interleaved,
+                                   causal, bottom_right, scale, dropout_p, seed)
         grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True))
 
 
+def _rotate_back(dq, dk, cos, sin, key_lengths, interleaved, bottom_right):
+    """Turn gradients w.r.t. rotated q/k into gradients w.r.t. q/k: the transposed rotation."""
+    qpos = query_positions(dq.shape[0], dq.shape[2], dk.shape[2], key_lengths, bottom_right,
+                           dq.device)
+    table = (cos[None], sin[None])
+    no_heads = dq.new_empty(dq.shape[0], dq.shape[2], 0, dq.shape[3])
+    torch.ops.fastseq.rotary_(dq.transpose(1, 2), no_heads, *table, qpos, 0, 2 * cos.shape[-1],
+                              interleaved, True)
+    no_heads = dk.new_empty(dk.shape[0], dk.shape[2], 0, dk.shape[3])
+    torch.ops.fastseq.rotary_(dk.transpose(1, 2), no_heads, *table, None, 0, 2 * cos.shape[-1],
+                              interleaved, True)
+
+
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, causal, bottom_right, scale, dropout_p,
-      seed):
+def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+      bottom_right, scale, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, attn_mask, key_lengths, *config = inputs
+    q, k, v, attn_mask, key_lengths, cos, sin, *config = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin)
     ctx.config = config
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, key_lengths = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
-                                       key_lengths, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = attention_backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.config)
+    return dq, dk, dv, *([None] * 10)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)
@@ -206,8 +252,28 @@ def _warn_once(reason):
     warnings.warn(f"fastseq attention: {reason}; using the plain-PyTorch path", stacklevel=4)
 
 
+def _check_rotary(cos, sin, q, k):
+    if cos is None and sin is None:
+        return
+    if cos is None or sin is None:
+        _fail("pass both cos and sin, or neither")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape != cos.shape or not t.is_floating_point():
+            _fail(f"{name} must be a floating (S, R/2) table like cos, got {tuple(t.shape)}")
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype not in (torch.float32, q.dtype) or t.dtype != cos.dtype:
+            _fail(f"{name} dtype {t.dtype} must be float32 or q's dtype {q.dtype}, like cos")
+    if 2 * cos.shape[1] > q.shape[-1]:
+        _fail(f"rotary dim 2 * cos.shape[-1] = {2 * cos.shape[1]} exceeds the head dim {q.shape[-1]}")
+    if cos.shape[0] < max(q.shape[2], k.shape[2]):
+        _fail(f"the cos/sin table has {cos.shape[0]} positions, fewer than the "
+              f"{max(q.shape[2], k.shape[2])} of the sequences")
+
+
 def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=None,
-              key_lengths=None, dropout_p=0.0, seed=None, scale=None, return_lse=False):
+              key_lengths=None, dropout_p=0.0, seed=None, scale=None, return_lse=False,
+              cos=None, sin=None, rotary_interleaved=False):
     """Fused scaled dot-product attention.
 
     Args:
@@ -223,6 +289,11 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
             from torch's generator when None).
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the log-sum-exp of each row's scores, ``(B, H, Lq)`` float32.
+        cos, sin: optional ``(S, R/2)`` rotary tables (e.g. ``RotaryEmbedding.cos_sin``): q and k
+            are rotated inside the kernel as they are loaded, exactly as
+            :func:`fastseq.apply_rotary` would rotate them (``rotary_interleaved`` picks GPT-J
+            pairs). Key ``n`` sits at position ``n``; query ``m`` at ``m``, or at
+            ``m + key_lengths[b] - Lq`` with bottom-right alignment.
 
     Returns:
         ``out`` ``(B, H, Lq, D)`` in q's dtype (rows that see no key are zeros), and ``lse`` when
@@ -235,10 +306,12 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
     mask = _canonical_mask(attn_mask, q, k)
     key_lengths = _check_key_lengths(key_lengths, q, k)
+    _check_rotary(cos, sin, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    args = (causal, causal_alignment == "bottom_right", scale, float(dropout_p), int(seed or 0))
+    args = (cos, sin, rotary_interleaved, causal, causal_alignment == "bottom_right", scale,
+            float(dropout_p), int(seed or 0))
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         _warn_once("attn_mask requires grad")
         out, lse = _reference(q, k, v, mask, key_lengths, *args)

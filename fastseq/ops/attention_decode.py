@@ -74,7 +74,8 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
     _check_key_lengths(cache_lengths, q, k_cache)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        out, lse = attention_op(q, k_cache, v_cache, None, cache_lengths, True, True, scale, 0.0, 0)
+        out, lse = attention_op(q, k_cache, v_cache, None, cache_lengths, None, None, False,
+                                True, True, scale, 0.0, 0)
     elif q.shape[2] > MAX_DECODE_ROWS:
         return attention(q, k_cache, v_cache, causal=True, causal_alignment="bottom_right",
                          key_lengths=cache_lengths, scale=scale, return_lse=return_lse)
