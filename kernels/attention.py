@@ -338,15 +338,50 @@ def _mask_args(mask):
     return mask.view(torch.uint8), MASK_BOOL, mask.stride()
 
 
-def _blocks(head_dim, interpreted):
-    block_d = max(16, triton.next_power_of_2(head_dim))
+def _interpreter_blocks(head_dim):
+    # Small tiles so that tests on tiny shapes still cross several blocks.
+    return dict(BLOCK_M=16, BLOCK_N=16), max(16, triton.next_power_of_2(head_dim))
+
+
+def _gpu_configs(block_ms, block_ns, warps, stages):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in block_ms for n in block_ns for w in warps for s in stages
+    ]
+
+
+def _fits(configs, named_args, **kwargs):
+    """Drop tiles too large for the head dim (register pressure, shared memory)."""
+    block_d = kwargs["BLOCK_D"]
+    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or configs[:1]
+
+
+# Autotuned on GPUs (key: the sizes that change the best tile); fixed tiles under the interpreter.
+_attn_fwd_tuned = triton.autotune(
+    configs=_gpu_configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
+    key=["Lq", "Lk", "D"],
+    prune_configs_by={"early_config_prune": _fits},
+)(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(
+    configs=_gpu_configs((32, 64), (64, 128), (4, 8), (2, 3)),
+    key=["Lq", "Lk", "D"],
+    prune_configs_by={"early_config_prune": _fits},
+)(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(
+    configs=_gpu_configs((64, 128), (32, 64), (4, 8), (2, 3)),
+    key=["Lq", "Lk", "D"],
+    prune_configs_by={"early_config_prune": _fits},
+)(_attn_bwd_dq)
+
+
+def _pick(kernel, tuned, head_dim, interpreted):
+    """(kernel, launch options): the autotuned kernel on GPUs, fixed small tiles when interpreted."""
     if interpreted:
-        return 16, 16, block_d  # small tiles: tests see several blocks on tiny shapes
-    if block_d <= 64:
-        return 128, 64, block_d
-    if block_d <= 128:
-        return 128, 32, block_d
-    return 64, 32, block_d
+        blocks, block_d = _interpreter_blocks(head_dim)
+        return kernel, dict(blocks, BLOCK_D=block_d)
+    return tuned, dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
 
 
 def _precision(dtype):
@@ -381,10 +416,10 @@ def forward(q, k, v, out, lse, mask, key_lengths, cos, sin, interleaved, causal,
     """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
-    block_m, block_n, block_d = _blocks(D, interpreted)
+    kernel, blocks = _pick(_attn_fwd, _attn_fwd_tuned, D, interpreted)
     mask_t, mask_kind, mstrides = _mask_args(mask)
     cos, sin, rstrides, half = _rotary_args(cos, sin)
-    _attn_fwd[(triton.cdiv(Lq, block_m), B * H)](
+    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse, q if mask_t is None else mask_t,
         q if key_lengths is None else key_lengths, q if cos is None else cos,
         q if sin is None else sin,
@@ -392,8 +427,7 @@ def forward(q, k, v, out, lse, mask, key_lengths, cos, sin, interleaved, causal,
         H, H // Hk, Lq, Lk, D, scale * LOG2E, p_drop, seed,
         **_constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
                      interpreted),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        **blocks,
     )
 
 
@@ -406,28 +440,27 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, int
     """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
-    block_m, block_n, block_d = _blocks(D, interpreted)
-    block_m, block_n = min(block_m, 64), min(block_n, 64)
+    block_d = max(16, triton.next_power_of_2(D))
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(Lq, block_m), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
+    _attn_bwd_delta[(triton.cdiv(Lq, 16), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=16, BLOCK_D=block_d,
     )
     mask_t, mask_kind, mstrides = _mask_args(mask)
     cos, sin, rstrides, half = _rotary_args(cos, sin)
-    common = dict(
-        **_constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
-                     interpreted),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
-    )
+    common = _constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,
+                        interpreted)
+    dkdv, dkdv_blocks = _pick(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, D, interpreted)
+    dq_kernel, dq_blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, D, interpreted)
     extra = (q if mask_t is None else mask_t, q if key_lengths is None else key_lengths,
              q if cos is None else cos, q if sin is None else sin)
-    _attn_bwd_dkdv[(triton.cdiv(Lk, block_n), B * Hk)](
+    dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)](
         q, k, v, do, dk, dv, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstrides,
-        *rstrides, H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
+        *rstrides, H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed,
+        **common, **dkdv_blocks,
     )
-    _attn_bwd_dq[(triton.cdiv(Lq, block_m), B * H)](
+    dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides, *rstrides,
-        H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common,
+        H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common, **dq_blocks,
     )
