@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import warnings
 
-import torch
 import torch.nn.functional as F
 
 from fastseq.ops.attention import attention
