@@ -2,8 +2,9 @@
 
 from fastseq.nn import functional
 from fastseq.nn.attention import Attention, KVCache
+from fastseq.nn.lstm import LSTM, LSTMCell
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
 
-__all__ = ["Attention", "KVCache", "MultiheadAttention", "RopeScaling", "RotaryEmbedding", "functional"]
+__all__ = ["LSTM", "LSTMCell", "Attention", "KVCache", "MultiheadAttention", "RopeScaling", "RotaryEmbedding", "functional"]

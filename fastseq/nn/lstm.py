@@ -1,0 +1,171 @@
+"""``LSTM`` and ``LSTMCell``: drop-ins for torch's, running fastseq's fused LSTM layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastseq.ops.lstm import lstm_layer
+
+
+def _fail(message):
+    raise ValueError(f"fastseq LSTM: {message}")
+
+
+class LSTM(nn.Module):
+    """``torch.nn.LSTM`` on fastseq kernels: same constructor, parameters, state dicts and outputs.
+
+    Takes batched or unbatched input, ``batch_first``, optional ``(h0, c0)``, and a
+    ``PackedSequence`` (returned packed, as torch does). Beyond torch: ``lengths=`` (B,) on a
+    padded batch runs each sequence for its own length at no cost over the padded run, with no
+    packing; outputs past a sequence's length are zeros. Inter-layer dropout draws from torch's
+    generator, so ``torch.manual_seed`` makes it reproducible. Not a subclass of ``nn.LSTM`` on
+    purpose: ``torch.compile`` refuses to trace those, and this module compiles with
+    ``fullgraph=True``.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__()
+        if proj_size < 0 or proj_size >= hidden_size:
+            _fail(f"proj_size must be in [0, hidden_size={hidden_size}), got {proj_size}")
+        if not 0 <= dropout <= 1:
+            _fail(f"dropout must be in [0, 1], got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, proj_size
+        factory = dict(device=device, dtype=dtype)
+        directions = 2 if bidirectional else 1
+        out_size = proj_size or hidden_size
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for suffix in ("", "_reverse")[:directions]:
+                shapes = {"weight_ih": (4 * hidden_size, layer_input),
+                          "weight_hh": (4 * hidden_size, out_size)}
+                if bias:
+                    shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for name, shape in shapes.items():
+                    self.register_parameter(f"{name}_l{layer}{suffix}",
+                                            nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """torch.nn.LSTM's initialisation: every weight uniform in +-1/sqrt(hidden_size)."""
+        bound = 1.0 / self.hidden_size**0.5
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self):
+        """Accepted for compatibility with ``torch.nn.LSTM``: fastseq keeps no flat weight buffer."""
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    def forward(self, input, hx=None, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                _fail("pass either a PackedSequence or lengths=, not both")
+            padded, lengths = pad_packed_sequence(input, batch_first=False)
+            x, unbatched = padded, False
+        else:
+            unbatched = input.dim() == 2
+            if input.dim() not in (2, 3):
+                _fail(f"input must be 2-D (unbatched) or 3-D, got shape {tuple(input.shape)}")
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first
+                                                      else input)
+        h0, c0 = self._initial_state(x, hx, unbatched)
+        lengths = self._check_lengths(lengths, x)
+        y, h_n, c_n = self._run_layers(x, h0, c0, lengths)
+        if packed:
+            output = pack_padded_sequence(y, lengths.cpu(), enforce_sorted=False)
+        elif unbatched:
+            output, h_n, c_n = y.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        else:
+            output = y.transpose(0, 1) if self.batch_first else y
+        return output, (h_n, c_n)
+
+    def _check_lengths(self, lengths, x):
+        if lengths is None:
+            return None
+        lengths = torch.as_tensor(lengths)
+        if lengths.shape != (x.shape[1],) or lengths.is_floating_point():
+            _fail(f"lengths must be {x.shape[1]} integers, got {tuple(lengths.shape)} {lengths.dtype}")
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+        if not torch.compiler.is_compiling() and lengths.numel():
+            if bool(lengths.max() > x.shape[0]) or bool(lengths.min() < 0):
+                _fail(f"lengths must lie in [0, {x.shape[0]}] (the sequence length), got "
+                      f"{lengths.tolist()}")
+        return lengths
+
+    def _initial_state(self, x, hx, unbatched):
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        batch = x.shape[1]
+        out_size = self.proj_size or self.hidden_size
+        if x.shape[-1] != self.input_size:
+            _fail(f"input has {x.shape[-1]} features, expected input_size={self.input_size}")
+        if hx is None:
+            zeros = torch.zeros(layers, batch, self.hidden_size, dtype=x.dtype, device=x.device)
+            return zeros[..., :out_size], zeros
+        h0, c0 = hx
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        for name, t, size in (("h0", h0, out_size), ("c0", c0, self.hidden_size)):
+            if t.shape != (layers, batch, size):
+                _fail(f"{name} must have shape {(layers, batch, size)}, got {tuple(t.shape)}")
+            if t.dtype != x.dtype or t.device != x.device:
+                _fail(f"{name} is {t.dtype} on {t.device} but input is {x.dtype} on {x.device}")
+        return h0, c0
+
+    def _weights(self, layer, suffix):
+        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
+        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
+        bias = None
+        if self.bias:
+            bias = getattr(self, f"bias_ih_l{layer}{suffix}") + getattr(self, f"bias_hh_l{layer}{suffix}")
+        w_hr = getattr(self, f"weight_hr_l{layer}{suffix}") if self.proj_size else None
+        return w_ih, w_hh, bias, w_hr
+
+    def _run_layers(self, x, h0, c0, lengths):
+        directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(directions):
+                index = layer * directions + d
+                y, h, c = lstm_layer(x, h0[index], c0[index], *self._weights(layer, "_reverse" * d),
+                                     lengths=lengths, reverse=d == 1)
+                outs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, torch.stack(h_n), torch.stack(c_n)
+
+
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell`` on fastseq's fused cell: same parameters, signature and outputs."""
+
+    def forward(self, input, hx=None):
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        if x.dim() != 2 or x.shape[1] != self.input_size:
+            _fail(f"LSTMCell input must be (B, {self.input_size}) or ({self.input_size},), "
+                  f"got {tuple(input.shape)}")
+        if hx is None:
+            h0 = c0 = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+        else:
+            h0, c0 = (t.unsqueeze(0) if unbatched else t for t in hx)
+        bias = self.bias_ih + self.bias_hh if self.bias else None
+        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, bias)
+        return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)

@@ -1,0 +1,234 @@
+"""One LSTM layer (one direction) as torch ops: ``torch.ops.fastseq.lstm_layer`` and its gradient.
+
+The forward runs the whole recurrence and returns ``(y, h_n, c_n)`` plus what the backward needs
+(activated gates, cell states, and the pre-projection outputs when ``w_hr`` is given). Backends:
+
+* ``cpu``: the C++ layer (``torch.ops.fastseq.lstm_layer_forward`` / ``_backward``): one GEMM for
+  the input projection of all steps, one GEMM and a fused vectorised cell per step, and backward
+  through time in C++ with the weight gradients as GEMMs over all steps;
+* ``triton``: the same plan driven from Python, cuBLAS GEMMs plus the fused Triton cell;
+* ``reference``: the same plan with the cell written in PyTorch.
+
+Padding is handled by ``lengths`` (B,): steps at or past ``lengths[b]`` keep the state and output
+zeros, at no extra cost over the padded run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastseq import _backend, _extension
+from fastseq.reference import lstm as reference
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _unsupported(x) -> dict[str, str]:
+    reasons = {}
+    if x.dtype not in KERNEL_DTYPES:
+        reasons["triton"] = reasons["cpu"] = f"dtype {x.dtype}"
+    if x.dtype == torch.float16:
+        reasons["cpu"] = "float16 (the C++ layer takes float32 and bfloat16)"
+    if not _extension.cpu_built() or not hasattr(torch.ops.fastseq, "lstm_layer_forward"):
+        reasons["cpu"] = "the C++ LSTM layer is not built"
+    return reasons
+
+
+def cell_dtype(dtype):
+    """Dtype of the carried cell state: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _cells(backend):
+    """(cell_forward, cell_backward) for the Python-driven loop of ``backend``."""
+    if backend != "triton":
+        return reference.cell_forward, reference.cell_backward
+    from fastseq.kernels import lstm as kernels
+
+    def forward(pre, c_prev):
+        gates = torch.empty_like(pre)
+        c, m = torch.empty_like(c_prev), torch.empty_like(pre[:, : c_prev.shape[1]])
+        kernels.cell_forward(pre, c_prev, gates, c, m)
+        return gates, c, m
+
+    def backward(dm, dc, gates, c_prev, c):
+        dpre, dc_prev = torch.empty_like(gates), torch.empty_like(c)  # dc_prev in c's dtype
+        kernels.cell_backward(dm.contiguous(), dc.contiguous(), gates, c_prev.contiguous(), c, dpre,
+                              dc_prev)
+        return dpre, dc_prev
+
+    return forward, backward
+
+
+def _active(lengths, t, like):
+    return None if lengths is None else (t < lengths)[:, None]
+
+
+def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
+    steps, batch, _ = x.shape
+    hidden = c0.shape[1]
+    pre_x = (x.flatten(0, 1) @ w_ih.t() if bias is None
+             else torch.addmm(bias, x.flatten(0, 1), w_ih.t())).view(steps, batch, -1)
+    y = x.new_zeros(steps, batch, h0.shape[1])
+    gates = x.new_empty(steps, batch, 4 * hidden)
+    # The cell state is carried in float32 whatever the input dtype: it integrates over every
+    # step, and rounding it to bfloat16 each step lets the error drift.
+    cells = x.new_empty(steps, batch, hidden, dtype=cell_dtype(x.dtype))
+    pre_proj = x.new_empty(steps, batch, hidden) if w_hr is not None else x.new_empty(0)
+    h, c = h0, c0.to(cells.dtype)
+    for t in reference.step_order(steps, reverse):
+        g, c_new, m = cell(torch.addmm(pre_x[t], h, w_hh.t()), c)
+        m = m.to(x.dtype)
+        h_new = m if w_hr is None else m @ w_hr.t()
+        active = _active(lengths, t, h)
+        if active is not None:
+            c_new = torch.where(active, c_new, c)
+            h_new = torch.where(active, h_new, h)
+            y[t] = torch.where(active, h_new, 0)
+        else:
+            y[t] = h_new
+        gates[t], cells[t] = g, c_new
+        if w_hr is not None:
+            pre_proj[t] = m
+        h, c = h_new, c_new
+    return y, h, c.to(c0.dtype), gates, cells, pre_proj
+
+
+def _previous(states, first, lengths, reverse):
+    """State before each step, (T, B, F): the stored state of the previous step, or ``first``.
+
+    In the reverse direction a sequence starts at its last valid step: before it lies ``first``.
+    """
+    shifted = torch.empty_like(states)
+    if reverse:
+        shifted[:-1], shifted[-1] = states[1:], first
+        if lengths is not None:
+            steps = torch.arange(states.shape[0], device=states.device)[:, None]
+            starts = (steps + 1 >= lengths.to(states.device)[None, :])[..., None]
+            shifted = torch.where(starts, first, shifted)
+    else:
+        shifted[1:], shifted[0] = states[:-1], first
+    return shifted
+
+
+def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths,
+                   reverse, gates, cells, pre_proj, y, has_bias):
+    steps, batch, _ = x.shape
+    c_prev_all = _previous(cells, c0.to(cells.dtype), lengths, reverse)
+    dpre_all = torch.zeros_like(gates)
+    dh_all = torch.zeros_like(y) if w_hr is not None else None
+    dh, dc = grad_h_n, grad_c_n.to(cells.dtype)
+    for t in reversed(reference.step_order(steps, reverse)):
+        active = _active(lengths, t, dh)
+        dh_t = dh + (grad_y[t] if active is None else torch.where(active, grad_y[t], 0))
+        dm = dh_t if w_hr is None else dh_t @ w_hr
+        dpre, dc_prev = cell_bwd(dm, dc, gates[t], c_prev_all[t], cells[t])
+        dpre = dpre.to(gates.dtype)
+        dh_prev = dpre @ w_hh
+        if active is not None:
+            dpre = torch.where(active, dpre, 0)
+            dc_prev = torch.where(active, dc_prev, dc)
+            dh_prev = torch.where(active, dh_prev, dh)
+            if dh_all is not None:
+                dh_t = torch.where(active, dh_t, 0)
+        dpre_all[t] = dpre
+        if dh_all is not None:
+            dh_all[t] = dh_t
+        dh, dc = dh_prev, dc_prev
+    flat = dpre_all.flatten(0, 1)
+    h_prev_all = _previous(y, h0, lengths, reverse)
+    grad_x = (flat @ w_ih).view_as(x)
+    grad_w_ih = flat.t() @ x.flatten(0, 1)
+    grad_w_hh = flat.t() @ h_prev_all.flatten(0, 1)
+    grad_bias = flat.sum(0) if has_bias else None
+    grad_w_hr = dh_all.flatten(0, 1).t() @ pre_proj.flatten(0, 1) if w_hr is not None else None
+    return grad_x, dh, dc.to(c0.dtype), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+
+
+@torch.library.custom_op("fastseq::lstm_layer", mutates_args=())
+def lstm_layer_op(
+    x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+    bias: torch.Tensor | None, w_hr: torch.Tensor | None, lengths: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer over contiguous x (T, B, I); returns (y, h_n, c_n, gates, cells, pre_proj)."""
+    backend = _backend.choose("lstm", x.device, _unsupported(x))
+    if backend == "cpu":
+        return tuple(torch.ops.fastseq.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr,
+                                                          lengths, reverse, True))
+    forward, _ = _cells(backend)
+    return _loop_forward(forward, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse)
+
+
+@lstm_layer_op.register_fake
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
+    steps, batch, _ = x.shape
+    hidden = c0.shape[1]
+    pre_proj = x.new_empty(steps, batch, hidden) if w_hr is not None else x.new_empty(0)
+    return (x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+            x.new_empty(steps, batch, 4 * hidden), _cells_like(x, steps, batch, hidden), pre_proj)
+
+
+def _cells_like(x, steps, batch, hidden):
+    """Saved cell states: float32 for the Python-driven loop, x's dtype for the C++ layer."""
+    cpp = x.device.type == "cpu" and "cpu" not in _unsupported(x)
+    dtype = x.dtype if cpp else cell_dtype(x.dtype)
+    return x.new_empty(steps, batch, hidden, dtype=dtype)
+
+
+@torch.library.custom_op("fastseq::lstm_layer_grad", mutates_args=())
+def lstm_layer_grad_op(
+    grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor, x: torch.Tensor,
+    h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, gates: torch.Tensor,
+    cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
+) -> list[torch.Tensor]:
+    """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent)."""
+    backend = _backend.choose("lstm", x.device, _unsupported(x))
+    args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
+            pre_proj, y, has_bias)
+    if backend == "cpu":
+        grads = torch.ops.fastseq.lstm_layer_backward(*args)
+    else:
+        grads = _loop_backward(_cells(backend)[1], *args)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@lstm_layer_grad_op.register_fake
+def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
+      pre_proj, y, has_bias):
+    return [torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), x.new_empty(4 * c0.shape[1] if has_bias else 0),
+            torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0)]
+
+
+def _setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs
+    y, _, _, gates, cells, pre_proj = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
+    ctx.reverse, ctx.has_bias = reverse, bias is not None
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+    x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
+    grads = lstm_layer_grad_op(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(),
+                               x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
+                               pre_proj, y, ctx.has_bias)
+    gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
+    return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None,
+            gw_hr if w_hr is not None else None, None, None)
+
+
+lstm_layer_op.register_autograd(_backward, setup_context=_setup)
+
+
+def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):
+    """Run one LSTM layer; returns ``(y (T, B, P), h_n (B, P), c_n (B, H))``. Differentiable.
+
+    ``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``w_ih`` (4H, I), ``w_hh`` (4H, P), ``bias``
+    (4H) = ``b_ih + b_hh``, ``w_hr`` (P, H) for projections, ``lengths`` (B,) int64 on x's device.
+    Inputs are made contiguous here (the kernels take dense rows).
+    """
+    tensors = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
+    y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse)
+    return y, h_n, c_n
