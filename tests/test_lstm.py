@@ -4,14 +4,13 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tolerance import assert_within_rule
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastseq
+from fastseq import _backend, _extension  # noqa: E402
 from fastseq.kernels import lstm as lstm_kernels
 from fastseq.reference import lstm as ref
-
-from fastseq import _backend, _extension  # noqa: E402
 
 INTERPRETED = _backend.triton_interpreted()
 
@@ -204,8 +203,10 @@ def test_triton_cell_kernels_match_reference():
     ("call", "match"),
     [
         (lambda m: m(torch.randn(4, 2, 7)), "expected input_size=5"),
-        (lambda m: m(torch.randn(4, 2, 5), (torch.zeros(1, 3, 6), torch.zeros(1, 2, 6))), "h0 must have shape"),
-        (lambda m: m(torch.randn(4, 2, 5), (torch.zeros(1, 2, 6), torch.zeros(1, 2, 6).double())), "c0 is"),
+        (lambda m: m(torch.randn(4, 2, 5), (torch.zeros(1, 3, 6), torch.zeros(1, 2, 6))),
+         "h0 must have shape"),
+        (lambda m: m(torch.randn(4, 2, 5), (torch.zeros(1, 2, 6), torch.zeros(1, 2, 6).double())),
+         "c0 is"),
         (lambda m: m(torch.randn(4, 2, 5), lengths=torch.tensor([5, 1])), r"lengths must lie in \[0, 4\]"),
         (lambda m: m(torch.randn(4, 2, 5), lengths=torch.tensor([1])), "lengths must be 2 integers"),
         (lambda m: m(torch.randn(2, 4, 2, 5)), "2-D"),

@@ -7,4 +7,13 @@ from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
 
-__all__ = ["LSTM", "LSTMCell", "Attention", "KVCache", "MultiheadAttention", "RopeScaling", "RotaryEmbedding", "functional"]
+__all__ = [
+    "LSTM",
+    "Attention",
+    "KVCache",
+    "LSTMCell",
+    "MultiheadAttention",
+    "RopeScaling",
+    "RotaryEmbedding",
+    "functional",
+]
