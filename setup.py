@@ -84,6 +84,7 @@ setup(
         "fastseq.reference",
         "fastseq.nn",
         "fastseq.profiling",
+        "fastseq.integrations",
         "fastseq.bench",
         "fastseq.kernels",
         "fastseq.benchmarks",

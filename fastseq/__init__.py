@@ -13,6 +13,7 @@ from fastseq import nn
 from fastseq._backend import available_backends, use_backend
 from fastseq.ops.attention import attention
 from fastseq.ops.attention_decode import attention_decode, kv_cache_append
+from fastseq.ops.cross_attention import cross_attention, feature_map_heads
 from fastseq.ops.rotary import apply_rotary, apply_rotary_pos_emb
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attention",
     "attention_decode",
+    "cross_attention",
+    "feature_map_heads",
     "apply_rotary",
     "apply_rotary_pos_emb",
     "available_backends",

@@ -11,7 +11,10 @@ import fastseq
 from fastseq import _backend
 from fastseq.reference import attention as ref
 
-BACKENDS = [b for b in ("triton",) if b in fastseq.available_backends("cpu")] or ["reference"]
+# "cpu" and "reference" run the same plain-PyTorch path for attention: test one of them.
+_AVAILABLE = fastseq.available_backends("cpu")
+BACKENDS = [b for b in ("triton",) if b in _AVAILABLE] + [
+    "cpu" if "cpu" in _AVAILABLE else "reference"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 # B, H, Hk, Lq, Lk, D, causal, alignment, mask kind, key lengths

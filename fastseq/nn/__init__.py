@@ -6,14 +6,17 @@ from fastseq.nn.lstm import LSTM, LSTMCell
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
+from fastseq.nn.spatial_transformer import CrossAttention, SpatialTransformer
 
 __all__ = [
     "LSTM",
     "Attention",
+    "CrossAttention",
     "KVCache",
     "LSTMCell",
     "MultiheadAttention",
     "RopeScaling",
     "RotaryEmbedding",
+    "SpatialTransformer",
     "functional",
 ]

@@ -149,12 +149,13 @@ def attention_backward_op(
         else:
             dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        recomputed, _ = _reference(*leaves, attn_mask, key_lengths, cos, sin, rotary_interleaved,
-                                   causal, bottom_right, scale, dropout_p, seed)
-        grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True))
+    # Autograd is off inside an op's implementation; torch.func differentiates the recomputation.
+    def forward(q, k, v):
+        return _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+                          bottom_right, scale, dropout_p, seed)[0]
+
+    _, vjp = torch.func.vjp(forward, q, k, v)
+    return vjp(grad_out)
 
 
 def _rotate_back(dq, dk, cos, sin, key_lengths, interleaved, bottom_right):

@@ -1,0 +1,1 @@
+"""Adapters that route third-party models' attention through fastseq."""

@@ -1,0 +1,117 @@
+"""The latent-diffusion transformer block: ``CrossAttention`` and ``SpatialTransformer``.
+
+``SpatialTransformer`` is the block of Stable Diffusion's U-Net: GroupNorm -> proj_in -> depth x
+[LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU feed-forward]
+(each with a residual) -> proj_out -> + input. Self-attention runs the flash-attention kernels;
+cross-attention to a short text context runs the short-context kernel.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from fastseq.ops.attention import attention
+from fastseq.ops.cross_attention import MAX_CONTEXT, cross_attention
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` (B, N, query_dim) over ``context`` (B, M, context_dim).
+
+    With ``context=None`` it is self-attention. Parameter names follow latent-diffusion and
+    diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out``).
+    """
+
+    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x, context=None, context_lengths=None):
+        """Returns (B, N, query_dim). ``context_lengths`` (B,) marks padded context tokens."""
+        q = self._heads(self.to_q(x))
+        source = x if context is None else context
+        k, v = self._heads(self.to_k(source)), self._heads(self.to_v(source))
+        if context is not None and k.shape[2] <= MAX_CONTEXT:
+            out = cross_attention(q, k, v, context_lengths=context_lengths)
+        else:
+            out = attention(q, k, v, key_lengths=context_lengths)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """``x W1 * gelu(x W2)``: the gated feed-forward input projection of latent diffusion."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+    """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU FF."""
+
+    def __init__(self, dim, heads, head_dim, context_dim, dropout=0.0, ff_mult=4):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, None, heads, head_dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
+        self.ff = nn.Sequential(GEGLU(dim, dim * ff_mult), nn.Dropout(dropout),
+                                nn.Linear(dim * ff_mult, dim))
+
+    def forward(self, x, context, context_lengths=None):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context, context_lengths) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """The latent-diffusion transformer over a feature map (B, C, H, W) with a text context.
+
+    Args:
+        in_channels: C. heads, head_dim: attention heads (inner width ``heads * head_dim``).
+        depth: transformer blocks. context_dim: width of the context tokens.
+        num_groups: GroupNorm groups. use_linear: proj_in/out as Linear (SD 2.x, SDXL) instead
+            of 1x1 convolutions (SD 1.x).
+    """
+
+    def __init__(self, in_channels, heads, head_dim, depth=1, context_dim=768, num_groups=32,
+                 dropout=0.0, use_linear=False):
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
+        if use_linear:
+            self.proj_in, self.proj_out = nn.Linear(in_channels, inner), nn.Linear(inner, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
+
+    def forward(self, x, context, context_lengths=None):
+        """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W)."""
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if self.use_linear:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = block(h, context, context_lengths)
+        if self.use_linear:
+            h = self.proj_out(h).transpose(1, 2).unflatten(2, (height, width))
+        else:
+            h = self.proj_out(h.transpose(1, 2).unflatten(2, (height, width)))
+        return h + x

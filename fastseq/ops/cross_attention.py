@@ -1,0 +1,148 @@
+"""Short-context cross-attention as a torch op: ``torch.ops.fastseq.cross_attention``.
+
+For U-Net blocks where many image tokens attend to at most 256 context tokens: the Triton kernel
+keeps each (batch, head)'s K and V on chip while it sweeps the queries, reads every tensor
+through strides (feature maps in NCHW or channels-last need no copy, see :func:`feature_map_heads`)
+and can add a residual into its output. Longer contexts, other dtypes or head dims take the
+general attention op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastseq import _backend
+from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention_op
+
+MAX_CONTEXT = 256
+
+
+def _unsupported(q, k) -> dict[str, str]:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return {"triton": f"dtype {q.dtype}"}
+    if k.shape[2] > MAX_CONTEXT:
+        return {"triton": f"context of {k.shape[2]} tokens (short-context kernel takes <= 256)"}
+    if q.shape[-1] > 256:
+        return {"triton": f"head dim {q.shape[-1]}"}
+    return {}
+
+
+def _use_kernel(q, k) -> bool:
+    return _backend.choose("cross_attention", q.device, _unsupported(q, k)) == "triton"
+
+
+def _general(q, k, v, context_lengths, scale):
+    return attention_op(q, k, v, None, context_lengths, None, None, False, False, False, scale, 0.0, 0)
+
+
+@torch.library.custom_op("fastseq::cross_attention", mutates_args=())
+def cross_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lengths: torch.Tensor | None,
+    residual: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T * scale) v (+ residual)`` and the LSE; q (B, H, Lq, D), k/v (B, H, Lk, D).
+
+    The output has the memory layout of ``residual`` (or q) when that is dense.
+    """
+    out = torch.empty_like(residual if residual is not None else q)
+    if not _use_kernel(q, k):
+        attn, lse = _general(q, k, v, context_lengths, scale)
+        out.copy_(attn if residual is None else attn + residual)
+        return out, lse
+    from fastseq.kernels import cross_attention as kernels
+
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if q.numel():
+        kernels.forward(q, k, v, out, lse, context_lengths, residual, scale,
+                        interpreted=_backend.triton_interpreted())
+    return out, lse
+
+
+@cross_attention_op.register_fake
+def _(q, k, v, context_lengths, residual, scale):
+    out = torch.empty_like(residual if residual is not None else q)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastseq::cross_attention_backward", mutates_args=())
+def cross_attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+    context_lengths: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`cross_attention_op` (the residual's gradient is ``grad_out``)."""
+    if not _use_kernel(q, k):
+        # The saved output may include a residual: recompute the attention alone.
+        attn, attn_lse = _general(q, k, v, context_lengths, scale)
+        return torch.ops.fastseq.attention_backward(
+            grad_out, q, k, v, attn, attn_lse, None, context_lengths, None, None, False, False,
+            False, scale, 0.0, 0)
+    from fastseq.kernels import cross_attention as kernels
+
+    dq = torch.empty_like(q)
+    if not q.numel():
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = kernels.backward(grad_out, q, k, v, lse, context_lengths, dq, scale,
+                              interpreted=_backend.triton_interpreted())
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+@cross_attention_backward_op.register_fake
+def _(grad_out, q, k, v, lse, context_lengths, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, context_lengths, residual, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1], context_lengths)
+    ctx.scale, ctx.has_residual = scale, residual is not None
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, lse, context_lengths = ctx.saved_tensors
+    dq, dk, dv = cross_attention_backward_op(grad_out, q, k, v, lse, context_lengths, ctx.scale)
+    return dq, dk, dv, None, grad_out if ctx.has_residual else None, None
+
+
+cross_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def feature_map_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """View a feature map (B, C, H, W), NCHW or channels-last, as (B, heads, H*W, C/heads).
+
+    A view, never a copy: the kernels read it through its strides.
+    """
+    if x.dim() != 4 or x.shape[1] % heads:
+        _fail(f"feature map must be (B, C, H, W) with C divisible by heads={heads}, got {tuple(x.shape)}")
+    return x.flatten(2).unflatten(1, (heads, x.shape[1] // heads)).transpose(2, 3)
+
+
+def cross_attention(q, k, v, *, context_lengths=None, residual=None, scale=None, return_lse=False):
+    """Cross-attention of many queries over a short context, fused.
+
+    Args:
+        q: ``(B, H, Lq, D)``, any strides (e.g. :func:`feature_map_heads` of a feature map).
+        k, v: ``(B, H, Lk, D)`` context keys and values, ``1 <= Lk``; the fused kernel takes
+            ``Lk <= 256`` (longer contexts run the general attention kernel).
+        context_lengths: ``(B,)`` ints: context tokens past ``context_lengths[b]`` are padding.
+        residual: optional tensor of q's shape added to the output (any strides).
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``out`` of q's shape and dtype (laid out like ``residual`` when given), and the LSE
+        ``(B, H, Lq)`` float32 when ``return_lse``. Differentiable in q, k, v and residual.
+    """
+    _check_qkv(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        _fail(f"q has {q.shape[1]} heads but the context has {k.shape[1]}")
+    if k.shape[2] == 0:
+        _fail("the context is empty (Lk = 0)")
+    _check_key_lengths(context_lengths, q, k)
+    if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype
+                                 or residual.device != q.device):
+        _fail(f"residual must match q {tuple(q.shape)} {q.dtype} on {q.device}, got "
+              f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = cross_attention_op(q, k, v, context_lengths, residual, scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,194 @@
+"""Cross-attention over a short context (at most 256 keys), the U-Net pattern: thousands of image
+tokens attend to a few dozen text tokens.
+
+The whole K and V of one (batch, head) fit on chip, so a program loads them once and then sweeps
+``ROW_BLOCKS`` query blocks against them with a one-shot softmax (no online rescaling). Queries,
+keys, values, the output and an optional residual are read through strides, so a (B, C, H, W)
+or channels-last feature map is used in place: no permute, no contiguous copy. The output is
+``attention + residual`` when a residual is given.
+
+The backward recomputes each query block's probabilities from the saved log-sum-exp; with every
+key of a row in one tile, the softmax correction ``rowsum(P * dP)`` needs no output. A program
+writes dQ for its rows and a partial dK/dV summed over its rows only; the partials of the query
+chunks are then added up by the caller (no atomics: deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_CONTEXT = 256
+
+
+@triton.jit
+def _scores(q, k, ctx_len, offs_n, qk_scale, PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return tl.where((offs_n < ctx_len)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _cross_fwd(
+    Q, K, V, O, R, LSE, CTX,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    srb, srh, srm, srd,
+    H, Lq, Lk, D, qk_scale,
+    HAS_CTX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kv_valid = (offs_n < Lk)[:, None] & d_valid[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_valid, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_valid, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    ctx_len = Lk
+    if HAS_CTX:
+        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
+    for r in range(ROW_BLOCKS):
+        offs_m = (chunk * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Lq
+        io_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=io_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        s = _scores(q, k, ctx_len, offs_n, qk_scale, PRECISION)
+        row_max = tl.max(s, 1)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        p = tl.math.exp2(s - row_max[:, None])
+        total = tl.sum(p, 1)
+        seen = total > 0
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.where(seen, total, 1.0)[:, None]
+        if HAS_RESIDUAL:
+            out += tl.load(R + b * srb + h * srh + offs_m[:, None] * srm + offs_d[None, :] * srd,
+                           mask=io_mask, other=0.0).to(tl.float32)
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=io_mask)
+        lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _cross_bwd(
+    Q, K, V, DO, LSE, CTX, DQ, DK_PART, DV_PART,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    H, Lq, Lk, D, qk_scale, sm_scale,
+    HAS_CTX: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    kv_valid = (offs_n < Lk)[:, None] & d_valid[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_valid, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_valid, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    ctx_len = Lk
+    if HAS_CTX:
+        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for r in range(ROW_BLOCKS):
+        offs_m = (chunk * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Lq
+        io_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=io_mask, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                     mask=io_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        p = tl.math.exp2(_scores(q, k, ctx_len, offs_n, qk_scale, PRECISION) - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        # A row's keys all sit in this tile, so the softmax-backward correction rowsum(dO * O)
+        # equals rowsum(P * dP) exactly, without reading O (which may hold a residual).
+        delta = tl.sum(p * dp, 1)
+        ds = p * (dp - delta[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=io_mask)
+    part = (chunk.to(tl.int64) * tl.num_programs(1) + bh) * BLOCK_N * BLOCK_D
+    tile = offs_n[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(DK_PART + part + tile, dk * sm_scale)
+    tl.store(DV_PART + part + tile, dv)
+
+
+def _launch_shape(lq, head_dim, lk, batch_heads, interpreted):
+    block_n = max(16, triton.next_power_of_2(lk))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = 16 if interpreted else (64 if block_n * block_d <= 128 * 64 else 32)
+    row_blocks_total = triton.cdiv(lq, block_m)
+    # enough programs to fill the GPU, each sweeping several query blocks against its K/V
+    target = 4 if interpreted else 4 * 132
+    chunks = max(1, min(row_blocks_total, triton.cdiv(target, batch_heads)))
+    return block_m, block_n, block_d, triton.cdiv(row_blocks_total, chunks)
+
+
+def _common(q, context_lengths, residual, interpreted):
+    upcast = q.dtype == torch.float32 or (interpreted and q.dtype == torch.bfloat16)
+    return dict(HAS_CTX=context_lengths is not None, HAS_RESIDUAL=residual is not None,
+                PRECISION="ieee" if upcast else "tf32", UPCAST=upcast)
+
+
+def forward(q, k, v, out, lse, context_lengths, residual, scale, interpreted=False):
+    """q/out/residual (B, H, Lq, D) strided views; k/v (B, H, Lk <= 256, D); lse (B, H, Lq) fp32."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
+    grid = (triton.cdiv(triton.cdiv(Lq, block_m), row_blocks), B * H)
+    r = residual if residual is not None else q
+    _cross_fwd[grid](
+        q, k, v, out, r, lse, context_lengths if context_lengths is not None else q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *r.stride(),
+        H, Lq, Lk, D, scale * 1.4426950408889634,
+        **_common(q, context_lengths, residual, interpreted), ROW_BLOCKS=row_blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def backward(do, q, k, v, lse, context_lengths, dq, scale, interpreted=False):
+    """Fills dq; returns (dk, dv) float32 (B, H, Lk, D), summed over the query chunks."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
+    chunks = triton.cdiv(triton.cdiv(Lq, block_m), row_blocks)
+    dk_part = torch.empty(chunks, B, H, block_n, block_d, device=q.device, dtype=torch.float32)
+    dv_part = torch.empty_like(dk_part)
+    common = _common(q, context_lengths, None, interpreted)
+    common.pop("HAS_RESIDUAL")
+    _cross_bwd[(chunks, B * H)](
+        q, k, v, do, lse, context_lengths if context_lengths is not None else q, dq,
+        dk_part, dv_part,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, Lq, Lk, D, scale * 1.4426950408889634, scale, **common, ROW_BLOCKS=row_blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+    dk = dk_part.sum(0)[:, :, :Lk, :D]
+    dv = dv_part.sum(0)[:, :, :Lk, :D]
+    return dk, dv

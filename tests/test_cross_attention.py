@@ -1,0 +1,150 @@
+"""U-Net cross-attention: the short-context kernel, the SpatialTransformer block, diffusers."""
+
+import warnings
+
+import pytest
+import torch
+from tolerance import FLOORS, max_error
+
+import fastseq
+from fastseq.integrations import diffusers as fastseq_diffusers
+from fastseq.reference import attention as ref
+
+BACKENDS = [b for b in ("triton",) if b in fastseq.available_backends("cpu")] or ["reference"]
+
+
+def _check(name, got, truth, low, factor=2.0):
+    err, ref_err = max_error(got, truth), max_error(low, truth)
+    bound = factor * ref_err + FLOORS[low.dtype] * max(1.0, truth.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layout):
+    heads, batch, height, width, context = 2, 2, 5, 7, 13  # 35 query tokens: ragged
+    x = torch.randn(batch, heads * head_dim, height, width, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    k64 = torch.randn(batch, heads, context, head_dim, dtype=torch.float64)
+    v64 = torch.randn(batch, heads, context, head_dim, dtype=torch.float64)
+    lengths = torch.tensor([context, 4])
+    xs, k, v = (t.to(dtype).requires_grad_() for t in (x, k64, v64))
+    q = fastseq.feature_map_heads(xs, heads)
+    residual = q  # the feature map itself, as in a residual block
+    with fastseq.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = fastseq.cross_attention(q, k, v, context_lengths=lengths, residual=residual)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (xs, k, v), grad)
+    assert out.stride() == q.stride(), "the output keeps the feature map's layout"
+
+    leaves64 = [t.detach().requires_grad_() for t in (x, k64, v64)]
+    q64 = fastseq.feature_map_heads(leaves64[0], heads)
+    truth = ref.attention(q64, leaves64[1], leaves64[2], key_lengths=lengths)[0] + q64
+    want = torch.autograd.grad(truth, leaves64, grad.double())
+    low_leaves = [t.detach().requires_grad_() for t in (xs, k, v)]
+    q_low = fastseq.feature_map_heads(low_leaves[0], heads)
+    low = ref.attention(q_low, low_leaves[1], low_leaves[2], key_lengths=lengths,
+                        compute_dtype=dtype)[0] + q_low
+    low_grads = torch.autograd.grad(low, low_leaves, grad)
+    _check("out", out, truth, low)
+    for name, g, w, lo in zip(("dx", "dk", "dv"), got, want, low_grads, strict=True):
+        _check(name, g, w, lo, factor=3.0)
+
+
+@pytest.mark.parametrize("context", [1, 77, 256])
+def test_context_lengths_from_one_to_256(context):
+    q = torch.randn(1, 2, 33, 64)
+    k, v = torch.randn(1, 2, context, 64), torch.randn(1, 2, context, 64)
+    out = fastseq.cross_attention(q, k, v)
+    torch.testing.assert_close(out, ref.attention(q, k, v)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_long_context_falls_back_to_the_attention_kernel(backend):
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (9, 300, 300))
+    residual = torch.randn_like(q)
+    with fastseq.use_backend(backend):
+        out = fastseq.cross_attention(q, k, v, residual=residual)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = ref.attention(q, k, v)[0] + residual
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="Lk = 0"):
+        fastseq.cross_attention(q, q[:, :, :0], q[:, :, :0])
+    with pytest.raises(ValueError, match="context has 1"):
+        fastseq.cross_attention(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="dtype"):
+        fastseq.cross_attention(q, q.half(), q.half())
+    with pytest.raises(ValueError, match="residual must match"):
+        fastseq.cross_attention(q, q, q, residual=q[:, :1])
+    with pytest.raises(ValueError, match="divisible by heads"):
+        fastseq.feature_map_heads(torch.randn(1, 10, 2, 2), 3)
+
+
+class _PlainBlock(torch.nn.Module):
+    """The same SpatialTransformer computed with torch ops only (attention by softmax)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    @staticmethod
+    def _attend(module, x, context):
+        def heads(t):
+            return t.unflatten(-1, (module.heads, module.head_dim)).transpose(1, 2)
+        source = x if context is None else context
+        q, k, v = heads(module.to_q(x)), heads(module.to_k(source)), heads(module.to_v(source))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / module.head_dim**0.5, dim=-1)
+        return module.to_out((probs @ v).transpose(1, 2).flatten(2))
+
+    def forward(self, x, context):
+        st = self.block
+        batch, _, height, width = x.shape
+        h = st.proj_in(st.norm(x)).flatten(2).transpose(1, 2)
+        for blk in st.blocks:
+            h = self._attend(blk.attn1, blk.norm1(h), None) + h
+            h = self._attend(blk.attn2, blk.norm2(h), context) + h
+            h = blk.ff(blk.norm3(h)) + h
+        return st.proj_out(h.transpose(1, 2).unflatten(2, (height, width))) + x
+
+
+def test_spatial_transformer_matches_plain_block():
+    block = fastseq.nn.SpatialTransformer(64, heads=2, head_dim=40, depth=2, context_dim=48,
+                                          num_groups=8).double()
+    x = torch.randn(2, 64, 6, 5, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 11, 48, dtype=torch.float64)
+    out = block(x, context)
+    want = _PlainBlock(block)(x, context)
+    torch.testing.assert_close(out, want)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (w,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g, w)
+
+
+def test_diffusers_unet_with_fastseq_processor_matches_default():
+    diffusers = pytest.importorskip("diffusers")  # a test extra; see pyproject.toml
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    sample = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        want = unet(sample, 10, encoder_hidden_states=text).sample
+        fastseq_diffusers.install(unet)
+        got = unet(sample, 10, encoder_hidden_states=text).sample
+    processors = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert processors == {"AttnProcessor"}
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
