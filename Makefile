@@ -5,7 +5,7 @@
 PY ?= .venv/bin/python
 TORCH ?= torch==2.14.1
 TOOLS = numpy ninja setuptools wheel pybind11 pytest pytest-benchmark hypothesis expecttest ruff \
-        matplotlib tqdm transformers
+        matplotlib tqdm transformers diffusers
 SOURCES = setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 PYTEST_ARGS ?=
 

@@ -1,0 +1,130 @@
+"""LSTM: ``fastseq.nn.LSTM`` against ``torch.nn.LSTM`` (cuDNN / oneDNN) and the eager loop.
+
+All three hold the same weights. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
+backward with a fixed upstream gradient). Padding cases compare three ways to run a batch of
+unequal lengths: fastseq with ``lengths=``, torch on a ``PackedSequence``, and both on the padded
+batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastseq
+from fastseq.bench import Case
+from fastseq.reference import lstm as reference
+
+SUITE = "lstm"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    dtype: torch.dtype
+    batch: int
+    steps: int
+    input_size: int
+    hidden: int
+    layers: int = 1
+    bidirectional: bool = False
+    padding: str | None = None  # None, "lengths" (fastseq lengths= vs torch packed)
+
+    def label(self):
+        parts = [_DTYPE_NAMES[self.dtype], f"B{self.batch}", f"T{self.steps}", f"I{self.input_size}",
+                 f"H{self.hidden}"]
+        if self.layers > 1:
+            parts.append(f"L{self.layers}")
+        if self.bidirectional:
+            parts.append("bidir")
+        if self.padding:
+            parts.append(f"padded:{self.padding}")
+        return " ".join(parts)
+
+
+def _modules(shape, device):
+    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
+    theirs = torch.nn.LSTM(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
+    ours = fastseq.nn.LSTM(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _eager(module, x):
+    """torch.nn.LSTM's weights run through the plain-PyTorch reference loop (1 layer, 1 direction)."""
+    batch = x.shape[1]
+    zeros = x.new_zeros(batch, module.hidden_size)
+    return reference.lstm_layer(x, zeros, zeros, module.weight_ih_l0, module.weight_hh_l0,
+                                module.bias_ih_l0 + module.bias_hh_l0)[0]
+
+
+def _timed(run, pass_, x):
+    if pass_ == "fwd":
+        def forward():
+            with torch.no_grad():
+                return run(x)
+        return forward
+    grad = None
+
+    def step():
+        nonlocal grad
+        out = run(x)
+        grad = torch.randn_like(out) if grad is None else grad
+        return torch.autograd.grad(out, x, grad)
+
+    return step
+
+
+def _case(shape, pass_, device):
+    ours, theirs = _modules(shape, device)
+    x = torch.randn(shape.steps, shape.batch, shape.input_size, device=device, dtype=shape.dtype,
+                    requires_grad=pass_ != "fwd")
+    variants = {}
+    if shape.padding:
+        lengths = torch.linspace(shape.steps // 4, shape.steps, shape.batch).long()
+        variants["fastseq"] = _timed(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x)
+        variants["torch_packed"] = _timed(
+            lambda t: theirs(pack_padded_sequence(t, lengths, enforce_sorted=False))[0].data,
+            pass_, x)
+        variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x)
+    else:
+        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
+        variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x)
+        if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
+            variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x)
+    return Case(suite=SUITE, name=f"{pass_} {shape.label()}",
+                params={"pass": pass_, **{f.name: str(getattr(shape, f.name))
+                                          for f in dataclasses.fields(shape)}},
+                dtype=shape.dtype, variants=variants)
+
+
+def _shapes(device, quick):
+    if device.type == "cuda":
+        base = Shape(torch.float16, batch=64, steps=256, input_size=512, hidden=512)
+        shapes = [base, dataclasses.replace(base, dtype=torch.bfloat16),
+                  dataclasses.replace(base, hidden=1024, input_size=1024),
+                  dataclasses.replace(base, bidirectional=True, layers=2),
+                  dataclasses.replace(base, hidden=500, input_size=500),
+                  dataclasses.replace(base, padding="lengths")]
+        return shapes[:2] if quick else shapes
+    headline = Shape(torch.float32, batch=16, steps=128, input_size=128, hidden=256)
+    if quick:
+        return [dataclasses.replace(headline, batch=4, steps=16, hidden=64, input_size=32)]
+    return [
+        headline,
+        dataclasses.replace(headline, batch=1),
+        dataclasses.replace(headline, batch=64),
+        dataclasses.replace(headline, hidden=128),
+        dataclasses.replace(headline, hidden=1024, batch=8, steps=64),
+        dataclasses.replace(headline, steps=512, batch=8),
+        dataclasses.replace(headline, layers=2, bidirectional=True),
+        dataclasses.replace(headline, padding="lengths"),
+    ]
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """fwd and fwd+bwd over the shape sweep of ``device``."""
+    return [_case(shape, pass_, device) for shape in _shapes(device, quick)
+            for pass_ in ("fwd", "fwd+bwd")]
