@@ -1,0 +1,161 @@
+"""Command line: ``python -m fastseq {bench,profile,info}`` (also installed as ``fastseq``).
+
+    python -m fastseq bench [suite ...] [--quick] [--out DIR] [--device cpu|cuda]
+    python -m fastseq profile [suite ...] [--snapshot] [--out DIR] [--device cpu|cuda]
+    python -m fastseq info
+
+``bench`` times every case of the suites (all of them when none is named) and writes JSON,
+Markdown and plots to ``benchmarks/results/<device>/`` (or ``--out``). ``profile`` sweeps the
+suites' memory cases. ``info`` says what this installation can run. The device defaults to CUDA
+when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+OUT_HELP = "folder for the reports (default: benchmarks/results/<device-slug>, relative)"
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastseq: --device cuda, but torch sees no CUDA GPU")
+    return device
+
+
+def _suites(names: list[str]) -> list[str]:
+    from fastseq.bench.runner import available_suites, load_suite
+
+    if not names:
+        return available_suites()
+    for name in names:
+        try:
+            load_suite(name)
+        except (ValueError, ImportError) as error:
+            raise SystemExit(f"fastseq: {error}") from error
+    return names
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run and report the benchmark suites; exit status 1 if an op of ours failed on some case."""
+    from fastseq.bench import report
+    from fastseq.bench.runner import run_suite, suite_label
+
+    device, names = _device(args.device), _suites(args.suites)
+    meta = report.environment(device)
+    print(report.describe(meta))
+    failed = False
+    for name in names:
+        label = suite_label(name)
+        results = run_suite(name, device, quick=args.quick)
+        print(f"\n{label}\n{report.format_table(results)}")
+        folder = report.results_dir(device, args.out)
+        stem = f"{label}-quick" if args.quick else label
+        paths = report.write_reports(label, results, meta, folder, stem, quick=args.quick)
+        print("wrote " + ", ".join(str(p) for p in paths))
+        failed |= any(r.ours.error for r in results)
+    return int(failed)
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Run the suites' peak-memory sweeps; print, plot and save them."""
+    from fastseq.bench import report
+    from fastseq.bench.runner import load_suite, suite_label
+    from fastseq.profiling import sweep
+
+    device, names = _device(args.device), _suites(args.suites)
+    meta = report.environment(device)
+    print(report.describe(meta))
+    folder = report.results_dir(device, args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        label = suite_label(name)
+        if not hasattr(load_suite(name), "memory_cases"):
+            print(f"\n{label}: no memory_cases(device), nothing to profile")
+            continue
+        snapshot = folder / f"{label}_memory_snapshot.pickle" if args.snapshot else None
+        rows = sweep.run_sweep(name, device, snapshot=snapshot)
+        print(f"\n{label}: peak memory above the inputs\n{sweep.format_table(rows)}")
+        paths = sweep.write_sweep(rows, meta, label, sweep.sweep_parameter(name, rows), folder)
+        if snapshot is not None and snapshot.exists():
+            paths.append(snapshot)
+            print(f"allocator snapshot: open {snapshot} in https://pytorch.org/memory_viz")
+        print("wrote " + ", ".join(str(p) for p in paths))
+    if args.snapshot and device.type != "cuda":
+        print("--snapshot records the CUDA allocator; nothing was recorded on the CPU")
+    return 0
+
+
+def info_lines() -> list[str]:
+    """What ``python -m fastseq info`` prints: versions, devices, builds, backends."""
+    import platform
+
+    import fastseq
+    from fastseq import _backend, _extension
+    from fastseq.bench.report import device_name, triton_version
+    from fastseq.bench.runner import available_suites
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    lines = [
+        f"fastseq            {fastseq.__version__}",
+        f"python             {platform.python_version()}",
+        f"torch              {torch.__version__}",
+        f"triton             {triton_version() or 'not installed'}",
+        f"CUDA (torch)       {torch.version.cuda or 'none (CPU-only build)'}",
+        f"default device     {_device(None)}",
+    ]
+    lines += [f"{str(d) + ' name':<18} {device_name(d)}" for d in devices]
+    lines += [
+        f"C++ CPU kernels    {'built' if _extension.cpu_built() else 'not built'}",
+        f"CUDA kernels       {'built' if _extension.cuda_built() else 'not built'}",
+        f"Triton interpreter {'on' if _backend.triton_interpreted() else 'off'} (TRITON_INTERPRET)",
+    ]
+    lines += [
+        f"{'backends ' + d.type:<18} {', '.join(_backend.available_backends(d))}" for d in devices
+    ]
+    lines.append(f"benchmark suites   {', '.join(available_suites()) or 'none found'}")
+    return lines
+
+
+def info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastseq", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_common(command, help_text, run):
+        sub = commands.add_parser(command, help=help_text, description=help_text)
+        sub.add_argument("suites", nargs="*", help="suite names (default: all), e.g. rotary")
+        sub.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+        sub.add_argument("--out", type=Path, help=OUT_HELP)
+        sub.set_defaults(run=run)
+        return sub
+
+    with_common("bench", "time the benchmark suites", bench).add_argument(
+        "--quick", action="store_true", help="small shapes and short timings (a smoke test)"
+    )
+    with_common("profile", "peak-memory sweeps of the suites", profile).add_argument(
+        "--snapshot", action="store_true", help="CUDA: also dump an allocator history snapshot"
+    )
+    commands.add_parser("info", help="versions, devices, builds, backends").set_defaults(run=info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m fastseq`` and the ``fastseq`` console script."""
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

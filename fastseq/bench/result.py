@@ -1,0 +1,116 @@
+"""What a benchmark case measured, and the figures derived from it.
+
+:func:`summarize` turns raw measurements (a :class:`~fastseq.bench.timing.Timing` and a peak
+memory per variant) into a :class:`CaseResult`: throughput of each variant (GB/s from the bytes
+it moves, TFLOP/s from its flops), its bandwidth as a fraction of the copy's, and the speedup of
+ours over each baseline (baseline median / ours median: 2.0 means ours takes half the time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastseq.bench.case import Case
+from fastseq.bench.timing import Timing
+
+
+@dataclass
+class VariantResult:
+    """One variant of one case. Times in ms, throughput in GB/s (1e9 B/s) and TFLOP/s, memory in
+    bytes. Fields are ``None`` where they do not apply or the variant did not run (see ``error``).
+    """
+
+    name: str
+    role: str
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    gb_per_s: float | None = None
+    tflop_per_s: float | None = None
+    fraction_of_copy: float | None = None
+    peak_bytes: int | None = None
+    timing_method: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class CaseResult:
+    """All variants of one case, and the speedups of ours over each baseline that ran."""
+
+    suite: str
+    name: str
+    params: dict[str, Any]
+    dtype: str
+    bytes_moved: int | None
+    flops: int | None
+    variants: list[VariantResult]
+    speedups: dict[str, float] = field(default_factory=dict)
+
+    def variant(self, name: str) -> VariantResult | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def ours(self) -> VariantResult:
+        return next(v for v in self.variants if v.role == "ours")
+
+
+def summarize(
+    case: Case,
+    timings: dict[str, Timing],
+    peaks: dict[str, int],
+    errors: dict[str, str],
+) -> CaseResult:
+    """Combine the measurements of ``case``'s variants into a :class:`CaseResult`.
+
+    Variants in ``case.skipped`` or ``errors`` appear with their reason and no figures.
+    """
+    reasons = {**case.skipped, **errors}
+    variants = [
+        _variant_result(case, name, timings.get(name), peaks.get(name), reasons.get(name))
+        for name in [*case.variants, *case.skipped]
+    ]
+    _add_fraction_of_copy(variants)
+    return CaseResult(
+        suite=case.suite,
+        name=case.name,
+        params=dict(case.params),
+        dtype=str(case.dtype).removeprefix("torch."),
+        bytes_moved=case.bytes_moved,
+        flops=case.flops,
+        variants=variants,
+        speedups=_speedups(variants),
+    )
+
+
+def _variant_result(case, name, timing, peak, error) -> VariantResult:
+    result = VariantResult(name=name, role=case.role(name), peak_bytes=peak, error=error)
+    if timing is None or error is not None:
+        return result
+    result.median_ms, result.iqr_ms = timing.median_ms, timing.iqr_ms
+    result.timing_method = timing.method
+    seconds = timing.median_ms / 1000
+    if case.bytes_of(name):
+        result.gb_per_s = case.bytes_of(name) / seconds / 1e9
+    if case.flops_of(name):
+        result.tflop_per_s = case.flops_of(name) / seconds / 1e12
+    return result
+
+
+def _add_fraction_of_copy(variants: list[VariantResult]) -> None:
+    copy = next((v for v in variants if v.role == "copy" and v.gb_per_s), None)
+    if copy is None:
+        return
+    for v in variants:
+        if v.gb_per_s is not None:
+            v.fraction_of_copy = v.gb_per_s / copy.gb_per_s
+
+
+def _speedups(variants: list[VariantResult]) -> dict[str, float]:
+    ours = next((v for v in variants if v.role == "ours"), None)
+    if ours is None or ours.median_ms is None:
+        return {}
+    return {
+        v.name: v.median_ms / ours.median_ms
+        for v in variants
+        if v.role == "baseline" and v.median_ms is not None
+    }

@@ -1,0 +1,101 @@
+"""Find benchmark suites and run their cases: every variant of a case back to back, in one process.
+
+A suite is a module ``fastseq.benchmarks.bench_<name>`` (the repository's ``benchmarks/`` folder,
+installed under that name) with ``cases(device, quick) -> list[Case]``. From a source checkout
+that is not installed, ``benchmarks.bench_<name>`` is found from the repository root instead. A
+dotted name (``mypackage.bench_mine``) names a suite module anywhere on the path.
+
+Variants of one case run one after the other, so they see the same machine state (clocks,
+other load) as far as it stays put. A variant that raises is reported with the error rather than
+ending the run: a baseline that cannot run (say ``torch.compile`` without a compiler) should not
+hide the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+from tqdm.auto import tqdm
+
+from fastseq.bench.case import Case
+from fastseq.bench.result import CaseResult, summarize
+from fastseq.bench.timing import Timing, time_fn
+from fastseq.profiling.memory import peak_memory
+
+SUITE_PACKAGES = ("fastseq.benchmarks", "benchmarks")
+SUITE_PREFIX = "bench_"
+
+
+def _suite_package() -> ModuleType | None:
+    for name in SUITE_PACKAGES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def available_suites() -> list[str]:
+    """Names of the suites found (``"rotary"`` for ``bench_rotary``), sorted."""
+    package = _suite_package()
+    if package is None:
+        return []
+    names = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    return sorted(n.removeprefix(SUITE_PREFIX) for n in names if n.startswith(SUITE_PREFIX))
+
+
+def suite_label(name: str) -> str:
+    """Short name of a suite for reports: ``"rotary"`` for ``rotary`` and ``pkg.bench_rotary``."""
+    return name.rpartition(".")[2].removeprefix(SUITE_PREFIX)
+
+
+def load_suite(name: str) -> ModuleType:
+    """Import suite ``name`` (short or dotted); raises ``ValueError`` listing the known suites."""
+    if "." in name:
+        return importlib.import_module(name)
+    package = _suite_package()
+    if package is None or name not in available_suites():
+        raise ValueError(f"unknown benchmark suite {name!r}; available: {available_suites()}")
+    return importlib.import_module(f"{package.__name__}.{SUITE_PREFIX}{name}")
+
+
+def measure_variant(fn, device: torch.device, *, quick: bool) -> tuple[Timing, int]:
+    """Time ``fn`` and then take its peak memory (bytes above entry) in one more call."""
+    timing = time_fn(fn, device, quick=quick)
+    return timing, peak_memory(fn, device=device)
+
+
+def run_case(case: Case, device: torch.device, *, quick: bool = False, progress=None) -> CaseResult:
+    """Measure every variant of ``case``; ``progress`` (a tqdm bar) advances once per variant."""
+    timings, peaks, errors = {}, {}, {}
+    for name, fn in case.variants.items():
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name} | {name}", refresh=True)
+        try:
+            timings[name], peaks[name] = measure_variant(fn, device, quick=quick)
+        except Exception as error:  # reported per variant; see the module docstring
+            errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+        if progress is not None:
+            progress.update()
+    return summarize(case, timings, peaks, errors)
+
+
+def run_cases(
+    cases: Iterable[Case], device: torch.device, *, quick: bool = False, desc: str = ""
+) -> list[CaseResult]:
+    """Run ``cases`` in order under one progress bar (on stderr); returns their results."""
+    cases = list(cases)
+    total = sum(len(c.variants) for c in cases)
+    with tqdm(total=total, desc=desc, unit="variant", leave=False, dynamic_ncols=True) as bar:
+        return [run_case(case, device, quick=quick, progress=bar) for case in cases]
+
+
+def run_suite(name: str, device: torch.device | str, *, quick: bool = False) -> list[CaseResult]:
+    """Build suite ``name``'s cases for ``device`` and run them all."""
+    device = torch.device(device)
+    suite = load_suite(name)
+    return run_cases(suite.cases(device, quick), device, quick=quick, desc=suite_label(name))

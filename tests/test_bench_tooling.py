@@ -1,0 +1,218 @@
+"""The benchmark and profiling tooling: peak memory, derived figures, reports, the command line.
+
+Nothing here checks speed; the synthetic suite's variants take microseconds.
+"""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from fastseq.__main__ import main
+from fastseq.bench import Case
+from fastseq.bench.report import device_slug
+from fastseq.bench.result import summarize
+from fastseq.bench.timing import Timing
+from fastseq.profiling import peak_memory
+from fastseq.profiling.memory import peak_of_running_sum
+
+MIB = 2**20
+
+
+def _mib_tensor():
+    return torch.empty(MIB, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# peak_memory
+# --------------------------------------------------------------------------------------------
+
+
+def test_peak_memory_three_allocations_one_freed():
+    def three_then_free_one():
+        a, b, c = _mib_tensor(), _mib_tensor(), _mib_tensor()
+        del b
+        return a, c
+
+    assert peak_memory(three_then_free_one, device="cpu") == 3 * MIB
+
+
+def test_peak_memory_orders_frees_before_later_allocations():
+    def one_at_a_time():
+        for _ in range(4):
+            x = _mib_tensor()
+            del x
+        return _mib_tensor()
+
+    assert peak_memory(one_at_a_time, device="cpu") == MIB
+
+
+def test_peak_memory_ignores_what_was_live_at_entry():
+    x = torch.zeros(2 * MIB, dtype=torch.uint8)  # 2 MiB input, one 2 MiB output
+    assert peak_memory(torch.add, x, x) == 2 * MIB
+
+
+def test_peak_memory_counts_autograd_saved_tensors_and_gradients():
+    w = torch.ones(MIB // 4, requires_grad=True)  # 1 MiB of float32
+
+    def forward_backward():
+        loss = (w * w).sum()  # w*w: 1 MiB, freed after the backward
+        (grad,) = torch.autograd.grad(loss, w)  # 1 MiB, returned
+        return grad
+
+    assert 2 * MIB <= peak_memory(forward_backward, device="cpu") < 3 * MIB
+
+
+def test_peak_of_running_sum_sorts_by_time():
+    # Listed out of order: +3 at t=0, -3 at t=1, +1 at t=2 gives a peak of 3, not 4.
+    assert peak_of_running_sum([(2, 1), (0, 3), (1, -3)]) == 3
+    assert peak_of_running_sum([(0, -5)]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Figures derived from timings
+# --------------------------------------------------------------------------------------------
+
+
+def _synthetic_case(**overrides):
+    fields = dict(
+        suite="tiny", name="case", params={"n": 1}, dtype=torch.float32,
+        variants={"fastseq": int, "eager": int, "copy": int},
+        copy="copy", bytes_moved=4_000_000, copy_bytes=2_000_000, flops=8_000_000_000,
+        skipped={"compiled": "no compiler"},
+    )
+    return Case(**{**fields, **overrides})
+
+
+def test_summarize_speedups_bandwidth_and_fraction_of_copy():
+    timings = {
+        "fastseq": Timing(median_ms=2.0, iqr_ms=0.1, method="test"),
+        "eager": Timing(median_ms=6.0, iqr_ms=0.1, method="test"),
+        "copy": Timing(median_ms=0.5, iqr_ms=0.1, method="test"),
+    }
+    result = summarize(_synthetic_case(), timings, {"fastseq": 10, "eager": 30, "copy": 0}, {})
+    ours, eager, copy = (result.variant(n) for n in ("fastseq", "eager", "copy"))
+    assert result.speedups == {"eager": pytest.approx(3.0)}
+    assert ours.gb_per_s == pytest.approx(2.0)  # 4 MB in 2 ms
+    assert copy.gb_per_s == pytest.approx(4.0)  # its own 2 MB in 0.5 ms
+    assert ours.fraction_of_copy == pytest.approx(0.5)
+    assert eager.fraction_of_copy == pytest.approx(4 / 6 / 4)
+    assert ours.tflop_per_s == pytest.approx(4.0) and copy.tflop_per_s is None
+    assert (ours.role, eager.role, copy.role) == ("ours", "baseline", "copy")
+    assert result.variant("compiled").error == "no compiler"
+
+
+def test_summarize_reports_a_failed_baseline_without_a_speedup():
+    timings = {"fastseq": Timing(1.0, 0.0, "test"), "copy": Timing(1.0, 0.0, "test")}
+    result = summarize(_synthetic_case(), timings, {}, {"eager": "RuntimeError: boom"})
+    assert result.speedups == {}
+    assert result.variant("eager").error == "RuntimeError: boom"
+    assert result.variant("eager").median_ms is None
+
+
+def test_case_rejects_unknown_variant_names():
+    with pytest.raises(ValueError, match="named but not given"):
+        _synthetic_case(baselines=("eager", "missing"))
+
+
+def test_device_slug(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_slug("cuda") == "nvidia-h100-80gb-hbm3"
+    assert device_slug("cpu") == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# The command line on a synthetic suite
+# --------------------------------------------------------------------------------------------
+
+TINY_SUITE = '''
+import torch
+from fastseq.bench import Case
+
+MIB = 2**20
+
+
+def cases(device, quick):
+    x = torch.ones(1024, device=device)
+    buffer = torch.empty_like(x)
+    return [Case(
+        suite="tiny", name="sum n1024", params={"n": 1024}, dtype=torch.float32,
+        variants={
+            "fastseq": lambda: x.sum(),
+            "eager": lambda: (x * 1).sum(),
+            "broken": lambda: 1 / 0,
+            "copy": lambda: buffer.copy_(x),
+        },
+        copy="copy", bytes_moved=2 * x.nbytes, skipped={"compiled": "torch.compile unavailable"},
+    )]
+
+
+def memory_cases(device):
+    return [
+        Case(suite="tiny", name=f"alloc {m} MiB", params={"MiB": m}, dtype=torch.uint8,
+             variants={"fastseq": lambda m=m: torch.empty(m * MIB, dtype=torch.uint8)})
+        for m in (1, 2)
+    ]
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    """A suite module ``tiny_suites.bench_tiny`` importable for the duration of this module."""
+    import sys
+
+    root = tmp_path_factory.mktemp("suites")
+    (root / "tiny_suites").mkdir()
+    (root / "tiny_suites" / "__init__.py").write_text("")
+    (root / "tiny_suites" / "bench_tiny.py").write_text(textwrap.dedent(TINY_SUITE))
+    sys.path.insert(0, str(root))
+    yield "tiny_suites.bench_tiny"
+    sys.path.remove(str(root))
+
+
+def test_bench_command_writes_reports(tiny_suite, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["bench", tiny_suite, "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sum n1024" in printed and "ZeroDivisionError" in printed
+
+    names = {p.name for p in out.iterdir()}
+    assert {"tiny-quick.json", "tiny-quick.md", "tiny-quick_speedup.png",
+            "tiny-quick_bandwidth.png"} <= names
+    report = json.loads((out / "tiny-quick.json").read_text())
+    meta = report["metadata"]
+    for key in ("device_name", "torch", "triton", "cuda", "python", "cpu_count", "timestamp",
+                "command"):
+        assert key in meta
+    assert report["suite"] == "tiny" and report["quick"] is True
+
+    (case,) = report["cases"]
+    variants = {v["name"]: v for v in case["variants"]}
+    ours, eager, copy = variants["fastseq"], variants["eager"], variants["copy"]
+    assert case["speedups"]["eager"] == pytest.approx(eager["median_ms"] / ours["median_ms"])
+    assert ours["gb_per_s"] == pytest.approx(2 * 4096 / (ours["median_ms"] / 1e3) / 1e9)
+    assert ours["fraction_of_copy"] == pytest.approx(ours["gb_per_s"] / copy["gb_per_s"])
+    assert ours["peak_bytes"] >= 0
+    assert variants["broken"]["error"].startswith("ZeroDivisionError")
+    assert variants["compiled"]["error"] == "torch.compile unavailable"
+
+    markdown = (out / "tiny-quick.md").read_text()
+    assert "| sum n1024 | fastseq |" in markdown
+
+
+def test_profile_command_measures_memory_cases(tiny_suite, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["profile", tiny_suite, "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "tiny_memory.json").read_text())
+    assert report["sweep"] == "MiB"
+    assert [r["peak_bytes"] for r in report["rows"]] == [MIB, 2 * MIB]
+    assert (out / "tiny_memory.png").stat().st_size > 0
+    assert "alloc 2 MiB" in capsys.readouterr().out
+
+
+def test_info_command(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    for field in ("torch", "triton", "C++ CPU kernels", "backends cpu", "Triton interpreter"):
+        assert field in printed
