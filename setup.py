@@ -52,12 +52,12 @@ def _extensions():
 
     with_cuda = _want_cuda(torch.version.cuda is not None, cuda_home)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch adds (C++20 for torch 2.14)
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         cxx.append("-DFASTSEQ_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-DFASTSEQ_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-DFASTSEQ_WITH_CUDA"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension
         include_dirs = _extra_cuda_includes()

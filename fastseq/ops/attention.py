@@ -134,9 +134,14 @@ def attention_backward_op(
     scale: float,
     dropout_p: float,
     seed: int,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of :func:`attention_op` given the gradient of its output."""
-    if _use_triton(q, v):
+    """Gradients (dq, dk, dv) of :func:`attention_op` given the gradient of its output.
+
+    ``use_kernel`` says whether the forward ran the Triton kernel: the backward must run the same
+    implementation (dropout masks differ between them).
+    """
+    if use_kernel:
         from fastseq.kernels import attention as kernels
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -173,7 +178,7 @@ def _rotate_back(dq, dk, cos, sin, key_lengths, interleaved, bottom_right):
 
 @attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
-      bottom_right, scale, dropout_p, seed):
+      bottom_right, scale, dropout_p, seed, use_kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -181,7 +186,7 @@ def _setup(ctx, inputs, output):
     q, k, v, attn_mask, key_lengths, cos, sin, *config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin)
-    ctx.config = config
+    ctx.config = (*config, _use_triton(q, v))  # the forward's choice, made in the same context
 
 
 def _backward(ctx, grad_out, grad_lse):

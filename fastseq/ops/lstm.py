@@ -181,10 +181,12 @@ def lstm_layer_grad_op(
     grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor, x: torch.Tensor,
     h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     w_hr: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, gates: torch.Tensor,
-    cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
+    cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool, backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent)."""
-    backend = _backend.choose("lstm", x.device, _unsupported(x))
+    """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent).
+
+    ``backend`` is the one the forward ran: what it saved is in that backend's format.
+    """
     args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
             pre_proj, y, has_bias)
     if backend == "cpu":
@@ -196,7 +198,7 @@ def lstm_layer_grad_op(
 
 @lstm_layer_grad_op.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-      pre_proj, y, has_bias):
+      pre_proj, y, has_bias, backend):
     return [torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
             torch.empty_like(w_hh), x.new_empty(4 * c0.shape[1] if has_bias else 0),
             torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0)]
@@ -207,13 +209,14 @@ def _setup(ctx, inputs, output):
     y, _, _, gates, cells, pre_proj = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
+    ctx.backend = _backend.choose("lstm", x.device, _unsupported(x))  # the forward's choice
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
     grads = lstm_layer_grad_op(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(),
                                x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
-                               pre_proj, y, ctx.has_bias)
+                               pre_proj, y, ctx.has_bias, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
     return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None,
             gw_hr if w_hr is not None else None, None, None)
