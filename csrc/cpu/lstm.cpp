@@ -1,0 +1,1025 @@
+// One LSTM layer (one direction) on CPU: `fastseq::lstm_layer_forward` and `_backward`.
+//
+// Forward: the input projection of every step is one GEMM, written straight into the (T, B, 4H)
+// gates buffer with the bias folded in. Each step then adds h_{t-1} W_hh^T into its slice and
+// runs a fused pointwise cell that turns the pre-activations into activations in place and writes
+// c_t and m_t = o * tanh(c_t) (the step's output y_t, or with a projection the input of one more
+// GEMM, y_t = m_t W_hr^T).
+//
+// Backward: through time in reverse processing order, a fused pointwise cell per step turns
+// (dm, dc) into d pre (kept for all steps) and dc_{t-1}, and one GEMM gives dh_{t-1} = d pre W_hh.
+// Whatever does not feed the recurrence (grad_x and the weight gradients) waits for the end,
+// where it is a few large GEMMs over all steps at once.
+//
+// The recurrent GEMMs are small (B rows) and run T times against the same weights, which a BLAS
+// call would repack every time. For float32 on AVX2 they use W_hh packed once per call into
+// 16-column panels and a register-tiled kernel; in the forward the panels of the four gates of a
+// block of 16 hidden units are adjacent, so one task computes that block's pre-activations and
+// runs its cell while they are in L1, and a step is one parallel region. Other dtypes and CPUs
+// take the same plan through ATen GEMMs.
+//
+// The pointwise math is AVX2 intrinsics under a function-level target attribute: the extension is
+// compiled for the baseline ISA, where at::vec::Vectorized falls back to one std::exp call per
+// element, which would cost more than the GEMMs at small batch. The AVX2 code runs when ATen
+// reports AVX2 or better, so ATEN_CPU_CAPABILITY=default selects the portable path (for testing).
+//
+// Padding (`lengths`): step t is padding for sequence b when t >= lengths[b]; there the state is
+// carried unchanged and y is zero, and in the backward d pre is zero while dh and dc pass through.
+// The reverse direction walks t = T-1 .. 0, so each sequence starts at its own last valid step,
+// where the state before it is h0 although the previous step's y (padding) is zero: h0 W_hh^T is
+// added to that step's pre-activations up front, and the recurrence can always read h_{t-1}
+// from y.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTSEQ_LSTM_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace fastseq::lstm {
+namespace {
+
+using at::Tensor;
+
+// Below about this much work a parallel region costs more (fork and join, a few microseconds
+// with 2 threads) than it saves.
+constexpr int64_t kMinParallelFlops = 1 << 18;
+constexpr int64_t kFlopsPerCell = 40;  // pointwise cell, per hidden unit (transcendentals)
+
+int64_t grain_for(int64_t flops_per_item) {
+  return std::max<int64_t>(1, kMinParallelFlops / std::max<int64_t>(flops_per_item, 1));
+}
+
+bool is_active(const int64_t* lengths, int64_t b, int64_t t) {
+  return lengths == nullptr || t < lengths[b];
+}
+
+// ----------------------------------------------------------------------------------------------
+// Pointwise cell, scalar: the portable path, the tail of the vector path, and the whole of double.
+// A row's four gate blocks i, f, g, o lie `gs` (= H) apart; these cover columns [j, n).
+
+template <typename T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// g: pre-activations in, activations out.
+template <typename scalar_t>
+void forward_cells_scalar(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
+                          int64_t gs, int64_t n, int64_t j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (; j < n; ++j) {
+    const acc_t i = sigmoid(acc_t(g[j]));
+    const acc_t f = sigmoid(acc_t(g[gs + j]));
+    const acc_t gg = std::tanh(acc_t(g[2 * gs + j]));
+    const acc_t o = sigmoid(acc_t(g[3 * gs + j]));
+    const acc_t cn = f * acc_t(c_prev[j]) + i * gg;
+    g[j] = i;
+    g[gs + j] = f;
+    g[2 * gs + j] = gg;
+    g[3 * gs + j] = o;
+    c[j] = cn;
+    m[j] = o * std::tanh(cn);
+  }
+}
+
+// One row of the backward cell, pointers at the row's first column. dm = dm_in (+ dm_add when
+// given); with `consume`, dm_in (the dh carry) is zeroed once read, for the GEMM that follows to
+// accumulate into.
+template <typename scalar_t>
+struct BackwardRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* gates;   // activations, gate blocks gs apart
+  const scalar_t* c;       // c_t
+  const scalar_t* c_prev;  // c_{t-1}
+  scalar_t* dm_in;
+  const scalar_t* dm_add;  // or null
+  bool consume;
+  acc_t* dc;               // dc_t in, dc_{t-1} out
+  scalar_t* dpre;          // out, gate blocks gs apart
+};
+
+template <typename scalar_t>
+void backward_cells_scalar(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n, int64_t j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (; j < n; ++j) {
+    const acc_t i = r.gates[j], f = r.gates[gs + j], g = r.gates[2 * gs + j];
+    const acc_t o = r.gates[3 * gs + j];
+    const acc_t tc = std::tanh(acc_t(r.c[j]));
+    acc_t dm = r.dm_in[j];
+    if (r.dm_add != nullptr) {
+      dm += acc_t(r.dm_add[j]);
+    }
+    if (r.consume) {
+      r.dm_in[j] = scalar_t(0);
+    }
+    const acc_t dc = r.dc[j] + dm * o * (acc_t(1) - tc * tc);
+    r.dpre[j] = dc * g * i * (acc_t(1) - i);
+    r.dpre[gs + j] = dc * acc_t(r.c_prev[j]) * f * (acc_t(1) - f);
+    r.dpre[2 * gs + j] = dc * i * (acc_t(1) - g * g);
+    r.dpre[3 * gs + j] = dm * tc * o * (acc_t(1) - o);
+    r.dc[j] = dc * f;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// AVX2 + FMA: the vector cell (float and bfloat16 storage, float math) and the packed GEMM.
+
+#ifdef FASTSEQ_LSTM_AVX2
+#define FASTSEQ_AVX2 __attribute__((target("avx2,fma")))
+#define FASTSEQ_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+
+namespace avx2 {
+
+FASTSEQ_AVX2_INLINE __m256 load(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+FASTSEQ_AVX2_INLINE __m256 load(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+FASTSEQ_AVX2_INLINE void store(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+
+// Round to nearest even, as c10::BFloat16's constructor does; NaN stays NaN.
+FASTSEQ_AVX2_INLINE void store(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  r = _mm256_srli_epi32(r, 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// exp(x) for |x| <= 87 (clamped there), Cephes' expf: x = n ln2 + r, exp(r) by a degree-6
+// polynomial, 2^n by building the exponent bits. About 1 ulp. The clamp keeps 2^n normal, and
+// the gate activations below lose nothing by it.
+FASTSEQ_AVX2_INLINE __m256 exp(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+FASTSEQ_AVX2_INLINE __m256 sigmoid(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.f));
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp(neg)));
+}
+
+// Cephes' tanhf: an odd polynomial below |x| = 0.625, where (1 - e) / (1 + e) with
+// e = exp(-2|x|) would cancel; that form above, where it is exact to about 2 ulp.
+FASTSEQ_AVX2_INLINE __m256 tanh(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 e = exp(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
+  const __m256 big_abs = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 big = _mm256_or_ps(big_abs, _mm256_and_ps(sign_bit, x));
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+template <typename scalar_t>
+FASTSEQ_AVX2 void forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
+                                int64_t gs, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 i = sigmoid(load(g + j));
+    const __m256 f = sigmoid(load(g + gs + j));
+    const __m256 gg = tanh(load(g + 2 * gs + j));
+    const __m256 o = sigmoid(load(g + 3 * gs + j));
+    const __m256 cn = _mm256_fmadd_ps(f, load(c_prev + j), _mm256_mul_ps(i, gg));
+    store(g + j, i);
+    store(g + gs + j, f);
+    store(g + 2 * gs + j, gg);
+    store(g + 3 * gs + j, o);
+    store(c + j, cn);
+    store(m + j, _mm256_mul_ps(o, tanh(cn)));
+  }
+  forward_cells_scalar(g, c_prev, c, m, gs, n, j);
+}
+
+template <typename scalar_t>
+FASTSEQ_AVX2 void backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 i = load(r.gates + j);
+    const __m256 f = load(r.gates + gs + j);
+    const __m256 g = load(r.gates + 2 * gs + j);
+    const __m256 o = load(r.gates + 3 * gs + j);
+    const __m256 tc = tanh(load(r.c + j));
+    __m256 dm = load(r.dm_in + j);
+    if (r.dm_add != nullptr) {
+      dm = _mm256_add_ps(dm, load(r.dm_add + j));
+    }
+    if (r.consume) {
+      store(r.dm_in + j, _mm256_setzero_ps());
+    }
+    const __m256 dm_o = _mm256_mul_ps(dm, o);
+    const __m256 dc =
+        _mm256_fmadd_ps(dm_o, _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(r.dc + j));
+    const __m256 di = _mm256_mul_ps(_mm256_mul_ps(dc, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
+    const __m256 df = _mm256_mul_ps(_mm256_mul_ps(dc, load(r.c_prev + j)),
+                                    _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
+    const __m256 dg = _mm256_mul_ps(_mm256_mul_ps(dc, i), _mm256_fnmadd_ps(g, g, one));
+    const __m256 dout = _mm256_mul_ps(_mm256_mul_ps(dm_o, tc), _mm256_sub_ps(one, o));
+    store(r.dpre + j, di);
+    store(r.dpre + gs + j, df);
+    store(r.dpre + 2 * gs + j, dg);
+    store(r.dpre + 3 * gs + j, dout);
+    _mm256_storeu_ps(r.dc + j, _mm256_mul_ps(dc, f));
+  }
+  backward_cells_scalar(r, gs, n, j);
+}
+
+// C[0:MR, 0:16] += A[0:MR, 0:K] * P[0:K, 0:16], P one packed panel (16 floats per k). MR rows
+// give 2 MR independent FMA chains; fewer than about 8 cannot hide the FMA latency, so with one
+// or two rows k is split over KU accumulator sets.
+template <int MR>
+FASTSEQ_AVX2 void micro_kernel(int64_t K, const float* A, int64_t lda, const float* P, float* C,
+                               int64_t ldc) {
+  constexpr int KU = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  // C is read only after the k loop; in the forward it is the step's slice of the input
+  // projection, long out of cache by now. Fetching it meanwhile hides the misses.
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + 15), _MM_HINT_T0);
+  }
+  __m256 acc[KU][MR][2];
+#pragma GCC unroll 4
+  for (int u = 0; u < KU; ++u) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+    }
+  }
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; ++u) {
+      const __m256 b0 = _mm256_loadu_ps(P + 16 * (k + u));
+      const __m256 b1 = _mm256_loadu_ps(P + 16 * (k + u) + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(A + r * lda + k + u);
+        acc[u][r][0] = _mm256_fmadd_ps(a, b0, acc[u][r][0]);
+        acc[u][r][1] = _mm256_fmadd_ps(a, b1, acc[u][r][1]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(P + 16 * k);
+    const __m256 b1 = _mm256_loadu_ps(P + 16 * k + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      acc[0][r][0] = _mm256_fmadd_ps(a, b0, acc[0][r][0]);
+      acc[0][r][1] = _mm256_fmadd_ps(a, b1, acc[0][r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    __m256 s0 = _mm256_loadu_ps(C + r * ldc);
+    __m256 s1 = _mm256_loadu_ps(C + r * ldc + 8);
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; ++u) {
+      s0 = _mm256_add_ps(s0, acc[u][r][0]);
+      s1 = _mm256_add_ps(s1, acc[u][r][1]);
+    }
+    _mm256_storeu_ps(C + r * ldc, s0);
+    _mm256_storeu_ps(C + r * ldc + 8, s1);
+  }
+}
+
+FASTSEQ_AVX2 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, int64_t lda,
+                                    const float* P, float* C, int64_t ldc) {
+  switch (rows) {
+    case 6: return micro_kernel<6>(K, A, lda, P, C, ldc);
+    case 5: return micro_kernel<5>(K, A, lda, P, C, ldc);
+    case 4: return micro_kernel<4>(K, A, lda, P, C, ldc);
+    case 3: return micro_kernel<3>(K, A, lda, P, C, ldc);
+    case 2: return micro_kernel<2>(K, A, lda, P, C, ldc);
+    default: return micro_kernel<1>(K, A, lda, P, C, ldc);
+  }
+}
+
+// C[0:M, 0:n] += A[0:M, 0:K] * P[0:K, 0:n] for one panel P (K x 16, columns past n zero). The
+// rows stream past the panel 6 at a time, over K in blocks of 256 so that the panel's block
+// (16 KiB) stays in L1 for all of them.
+FASTSEQ_AVX2 void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, const float* P,
+                             float* C, int64_t ldc, int64_t n) {
+  constexpr int64_t kRows = 6;
+  constexpr int64_t kDepth = 256;
+  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+    const int64_t depth = std::min(kDepth, K - k0);
+    const float* Pk = P + k0 * 16;
+    for (int64_t m = 0; m < M; m += kRows) {
+      const int64_t rows = std::min(kRows, M - m);
+      const float* Am = A + m * lda + k0;
+      if (n == 16) {
+        micro_kernel_rows(rows, depth, Am, lda, Pk, C + m * ldc, ldc);
+        continue;
+      }
+      // A ragged last panel: through a full-width tile, as C has no room past column n.
+      alignas(32) float tile[kRows * 16] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(tile + r * 16, C + (m + r) * ldc, n * sizeof(float));
+      }
+      micro_kernel_rows(rows, depth, Am, lda, Pk, tile, 16);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(C + (m + r) * ldc, tile + r * 16, n * sizeof(float));
+      }
+    }
+  }
+}
+
+}  // namespace avx2
+
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return has;
+}
+#endif  // FASTSEQ_LSTM_AVX2
+
+template <typename scalar_t>
+constexpr bool kVectorCell =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+void forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m, int64_t gs,
+                   int64_t n) {
+#ifdef FASTSEQ_LSTM_AVX2
+  if constexpr (kVectorCell<scalar_t>) {
+    if (cpu_has_avx2()) {
+      return avx2::forward_cells(g, c_prev, c, m, gs, n);
+    }
+  }
+#endif
+  forward_cells_scalar(g, c_prev, c, m, gs, n, 0);
+}
+
+template <typename scalar_t>
+void backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
+#ifdef FASTSEQ_LSTM_AVX2
+  if constexpr (kVectorCell<scalar_t>) {
+    if (cpu_has_avx2()) {
+      return avx2::backward_cells(r, gs, n);
+    }
+  }
+#endif
+  backward_cells_scalar(r, gs, n, 0);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The cell over a block of rows and hidden units of one step, padding included.
+
+// gates (B, 4H): pre-activations in, activations out; c_prev, c, m: (B, H). Padding rows carry
+// c_prev over and get m = 0, so that y (or its projection) is zero there.
+template <typename scalar_t>
+struct ForwardStep {
+  scalar_t* gates;
+  const scalar_t* c_prev;
+  scalar_t* c;
+  scalar_t* m;
+  const int64_t* lengths;
+  int64_t t, H;
+};
+
+template <typename scalar_t>
+void forward_rows(const ForwardStep<scalar_t>& s, int64_t b0, int64_t b1, int64_t j0,
+                  int64_t j1) {
+  const int64_t H = s.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o = b * H + j0;
+    if (is_active(s.lengths, b, s.t)) {
+      forward_cells(s.gates + b * 4 * H + j0, s.c_prev + o, s.c + o, s.m + o, H, j1 - j0);
+    } else {
+      std::copy(s.c_prev + o, s.c_prev + o + (j1 - j0), s.c + o);
+      std::fill_n(s.m + o, j1 - j0, scalar_t(0));
+    }
+  }
+}
+
+// dpre (B, 4H) is zero on padding rows, where dc and dm_in (the dh carry) pass through.
+template <typename scalar_t>
+struct BackwardStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* gates;
+  const scalar_t* c;
+  const scalar_t* c_prev;
+  scalar_t* dm_in;         // (B, H)
+  const scalar_t* dm_add;  // (B, H) or null
+  bool consume;
+  acc_t* dc;               // (B, H)
+  scalar_t* dpre;          // (B, 4H)
+  const int64_t* lengths;
+  int64_t t, H;
+};
+
+template <typename scalar_t>
+void backward_rows(const BackwardStep<scalar_t>& s, int64_t b0, int64_t b1, int64_t j0,
+                   int64_t j1) {
+  const int64_t H = s.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    scalar_t* dpre = s.dpre + b * 4 * H + j0;
+    if (!is_active(s.lengths, b, s.t)) {
+      for (int64_t q = 0; q < 4; ++q) {
+        std::fill_n(dpre + q * H, j1 - j0, scalar_t(0));
+      }
+      continue;
+    }
+    const int64_t o = b * H + j0;
+    const BackwardRow<scalar_t> row{s.gates + b * 4 * H + j0, s.c + o, s.c_prev + o,
+                                    s.dm_in + o, s.dm_add == nullptr ? nullptr : s.dm_add + o,
+                                    s.consume, s.dc + o, dpre};
+    backward_cells(row, H, j1 - j0);
+  }
+}
+
+// Cell over all of a step, parallel over rows (the ATen path).
+template <typename scalar_t>
+void forward_cell_step(const ForwardStep<scalar_t>& s, int64_t B) {
+  at::parallel_for(0, B, grain_for(s.H * kFlopsPerCell), [&](int64_t b0, int64_t b1) {
+    forward_rows(s, b0, b1, 0, s.H);
+  });
+}
+
+template <typename scalar_t>
+void backward_cell_step(const BackwardStep<scalar_t>& s, int64_t B) {
+  at::parallel_for(0, B, grain_for(s.H * kFlopsPerCell), [&](int64_t b0, int64_t b1) {
+    backward_rows(s, b0, b1, 0, s.H);
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// W_hh packed for the recurrent GEMMs (float32, AVX2): 16-column panels, 16 floats per k.
+
+constexpr int64_t kPanel = 16;
+
+int64_t panel_count(int64_t n) {
+  return (n + kPanel - 1) / kPanel;
+}
+
+// Forward, B operand W_hh^T (P x 4H): panel (u, q) holds columns q H + [16 u, 16 u + 16), gate q
+// of units block u, so one block's four gates are adjacent. Shape (ceil(H/16), 4, P, 16).
+Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P) {
+  const int64_t NB = panel_count(H);
+  Tensor packed = at::zeros({NB, 4, P, kPanel}, w_hh.options());
+  float* dst = packed.data_ptr<float>();
+  const float* src = w_hh.const_data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t q = 0; q < 4; ++q) {
+        float* panel = dst + (u * 4 + q) * P * kPanel;
+        for (int64_t col = 0; col < std::min(kPanel, H - u * kPanel); ++col) {
+          const float* row = src + (q * H + u * kPanel + col) * P;
+          for (int64_t k = 0; k < P; ++k) {
+            panel[k * kPanel + col] = row[k];
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// Backward, B operand W_hh (4H x P): panel v holds columns [16 v, 16 v + 16) of P.
+// Shape (ceil(P/16), 4H, 16).
+Tensor pack_column_panels(const Tensor& w, int64_t K, int64_t N) {
+  const int64_t NP = panel_count(N);
+  Tensor packed = at::zeros({NP, K, kPanel}, w.options());
+  float* dst = packed.data_ptr<float>();
+  const float* src = w.const_data_ptr<float>();
+  at::parallel_for(0, NP, 1, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t n = std::min(kPanel, N - v * kPanel);
+      for (int64_t k = 0; k < K; ++k) {
+        std::memcpy(dst + (v * K + k) * kPanel, src + k * N + v * kPanel, n * sizeof(float));
+      }
+    }
+  });
+  return packed;
+}
+
+// The float32 AVX2 path applies (ATen GEMMs otherwise).
+template <typename scalar_t>
+bool use_packed() {
+#ifdef FASTSEQ_LSTM_AVX2
+  return std::is_same_v<scalar_t, float> && cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+// dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh packed by pack_column_panels.
+void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B, int64_t K,
+                   int64_t P, int64_t v0, int64_t v1) {
+#ifdef FASTSEQ_LSTM_AVX2
+  for (int64_t v = v0; v < v1; ++v) {
+    avx2::gemm_panel(B, K, dpre, K, packed + v * K * kPanel, dh + v * kPanel, P,
+                     std::min(kPanel, P - v * kPanel));
+  }
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// Argument checks.
+
+struct Sizes {
+  int64_t T, B, I, H, P;
+};
+
+void check_tensor(const Tensor& t, const char* name, at::IntArrayRef sizes,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == sizes, "lstm_layer: ", name, " must have shape ", sizes, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "lstm_layer: ", name, " must have dtype ", dtype,
+              " (that of x), got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "lstm_layer: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "lstm_layer: ", name, " must be contiguous");
+}
+
+// The lengths as a pointer (null when not given), after checking them against batch and steps.
+const int64_t* check_lengths(const std::optional<Tensor>& lengths, const Sizes& s) {
+  if (!lengths.has_value() || !lengths->defined()) {
+    return nullptr;
+  }
+  check_tensor(*lengths, "lengths", {s.B}, at::kLong);
+  const int64_t* len = lengths->const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    TORCH_CHECK(len[b] >= 0 && len[b] <= s.T, "lstm_layer: lengths[", b, "] = ", len[b],
+                " is outside [0, ", s.T, "]");
+  }
+  return len;
+}
+
+// Shapes common to forward and backward, checked against x, the weights and the initial state.
+Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                  const Tensor& w_hh, const std::optional<Tensor>& w_hr) {
+  TORCH_CHECK(x.dim() == 3, "lstm_layer: x must be (T, B, I), got ", x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
+              "lstm_layer: w_ih must be (4H, I), got ", w_ih.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "lstm_layer: x must be float32, float64 or bfloat16, got ", dtype);
+  Sizes s{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_ih.size(0) / 4};
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2, "lstm_layer: w_hr must be (P, H), got ", w_hr->sizes());
+    s.P = w_hr->size(0);
+    check_tensor(*w_hr, "w_hr", {s.P, s.H}, dtype);
+  }
+  check_tensor(x, "x", {s.T, s.B, s.I}, dtype);
+  check_tensor(h0, "h0", {s.B, s.P}, dtype);
+  check_tensor(c0, "c0", {s.B, s.H}, dtype);
+  check_tensor(w_ih, "w_ih", {4 * s.H, s.I}, dtype);
+  check_tensor(w_hh, "w_hh", {4 * s.H, s.P}, dtype);
+  return s;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward.
+
+// A reverse sequence shorter than T starts at step lengths[b] - 1 from h0, but the recurrence
+// reads the previous step's y there, which is padding (zero): add h0 W_hh^T to that step's
+// pre-activations instead.
+template <typename scalar_t>
+void add_reverse_start_state(const Sizes& s, const Tensor& gates, const Tensor& h0,
+                             const Tensor& w_hh, const int64_t* lengths) {
+  const bool any = std::any_of(lengths, lengths + s.B, [&](int64_t l) { return l > 0 && l < s.T; });
+  if (!any) {
+    return;
+  }
+  const Tensor start = at::mm(h0, w_hh.t());
+  const scalar_t* src = start.const_data_ptr<scalar_t>();
+  scalar_t* dst = gates.data_ptr<scalar_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (lengths[b] > 0 && lengths[b] < s.T) {
+      scalar_t* row = dst + ((lengths[b] - 1) * s.B + b) * 4 * s.H;
+      for (int64_t j = 0; j < 4 * s.H; ++j) {
+        row[j] += src[b * 4 * s.H + j];
+      }
+    }
+  }
+}
+
+// h_n: the output of each sequence's last processed valid step, or h0 for empty sequences.
+template <typename scalar_t>
+Tensor final_hidden(const Sizes& s, const Tensor& y, const Tensor& h0, const int64_t* lengths,
+                    bool reverse) {
+  if (lengths == nullptr) {
+    return s.T == 0 ? h0.clone() : y.select(0, reverse ? 0 : s.T - 1).clone();
+  }
+  Tensor h_n = at::empty_like(h0);
+  for (int64_t b = 0; b < s.B; ++b) {
+    const scalar_t* src = lengths[b] == 0
+                              ? h0.const_data_ptr<scalar_t>() + b * s.P
+                              : y.const_data_ptr<scalar_t>() +
+                                    ((reverse ? 0 : lengths[b] - 1) * s.B + b) * s.P;
+    std::memcpy(h_n.data_ptr<scalar_t>() + b * s.P, src, s.P * sizeof(scalar_t));
+  }
+  return h_n;
+}
+
+// One step on packed weights: each task takes blocks of 16 units, computes their four gates'
+// pre-activations for all rows and runs their cell while they are hot.
+void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, const Tensor& packed,
+                         int64_t B, int64_t P) {
+#ifdef FASTSEQ_LSTM_AVX2
+  const int64_t H = cell.H;
+  const float* w = packed.const_data_ptr<float>();
+  const int64_t flops_per_block = B * kPanel * (8 * P + kFlopsPerCell);
+  at::parallel_for(0, panel_count(H), grain_for(flops_per_block), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
+      for (int64_t q = 0; q < 4; ++q) {
+        avx2::gemm_panel(B, P, h_prev, P, w + (u * 4 + q) * P * kPanel, cell.gates + q * H + j0,
+                         4 * H, n);
+      }
+      forward_rows(cell, 0, B, j0, j0 + n);
+    }
+  });
+#endif
+}
+
+// One step: gates_t += h_prev W_hh^T, then the cell; on packed weights when given (float32).
+template <typename scalar_t>
+void forward_step(const ForwardStep<scalar_t>& cell, const Tensor& g_t, const Tensor& h_prev,
+                  const Tensor& w_hh, const Tensor& w_packed) {
+  const int64_t B = h_prev.size(0);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (w_packed.defined()) {
+      return forward_step_packed(cell, h_prev.const_data_ptr<float>(), w_packed, B,
+                                 h_prev.size(1));
+    }
+  }
+  g_t.addmm_(h_prev, w_hh.t());
+  forward_cell_step(cell, B);
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
+    const Sizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& bias, const std::optional<Tensor>& w_hr,
+    const int64_t* lengths, bool reverse, bool save) {
+  const auto opts = x.options();
+  const bool proj = w_hr.has_value();
+  // Pre-activations of every step; each step turns its slice into activations in place.
+  Tensor gates = at::empty({s.T, s.B, 4 * s.H}, opts);
+  Tensor gates2d = gates.view({s.T * s.B, 4 * s.H});
+  const Tensor x2d = x.view({s.T * s.B, s.I});
+  if (bias.has_value()) {
+    at::addmm_out(gates2d, *bias, x2d, w_ih.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih.t());
+  }
+  if (reverse && lengths != nullptr) {
+    add_reverse_start_state<scalar_t>(s, gates, h0, w_hh, lengths);
+  }
+  Tensor y = at::empty({s.T, s.B, s.P}, opts);
+  // Without saving, c alternates between two buffers and m (projection input) reuses one.
+  Tensor cells = at::empty({save ? s.T : 2, s.B, s.H}, opts);
+  Tensor hidden = proj ? at::empty({save ? s.T : 1, s.B, s.H}, opts) : at::empty({0}, opts);
+  const Tensor w_packed = use_packed<scalar_t>() ? pack_gate_panels(w_hh, s.H, s.P) : Tensor();
+  Tensor h_prev = h0;
+  Tensor c_prev = c0;
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = reverse ? s.T - 1 - k : k;
+    const Tensor g_t = gates.select(0, t);
+    const Tensor c_t = cells.select(0, save ? t : k % 2);
+    Tensor y_t = y.select(0, t);
+    const Tensor m_t = proj ? hidden.select(0, save ? t : 0) : y_t;
+    const ForwardStep<scalar_t> cell{g_t.data_ptr<scalar_t>(), c_prev.const_data_ptr<scalar_t>(),
+                                     c_t.data_ptr<scalar_t>(), m_t.data_ptr<scalar_t>(),
+                                     lengths, t, s.H};
+    forward_step(cell, g_t, h_prev, w_hh, w_packed);
+    if (proj) {
+      at::mm_out(y_t, m_t, w_hr->t());
+    }
+    h_prev = y_t;
+    c_prev = c_t;
+  }
+  Tensor h_n = final_hidden<scalar_t>(s, y, h0, lengths, reverse);
+  Tensor c_n = c_prev.clone();
+  if (!save) {
+    return {y, h_n, c_n, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  return {y, h_n, c_n, gates, cells, hidden};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths, bool reverse, bool save_for_backward) {
+  // The GEMMs inside are implementation detail: keep autograd (and its per-call cost) out of
+  // them however the op is called.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", {4 * s.H}, x.scalar_type());
+  }
+  const int64_t* len = check_lengths(lengths, s);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward", [&] {
+    out = forward_impl<scalar_t>(s, x, h0, c0, w_ih, w_hh, bias, w_hr, len, reverse,
+                                 save_for_backward);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward.
+
+// The operand of the weight-gradient GEMM: rows (t, b) of [x_t | h_prev | 1] (the ones column
+// only with a bias), so that dpre^T times it is [grad_w_ih | grad_w_hh | grad_bias] in one GEMM
+// (one pass over dpre instead of three). h_prev is the previous processed step's y, or h0 at each
+// sequence's first processed step; on padding rows (dpre = 0) any finite value does.
+template <typename scalar_t>
+Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, const Tensor& h0,
+                           const int64_t* lengths, bool reverse, bool has_bias) {
+  const int64_t width = s.I + s.P + (has_bias ? 1 : 0);
+  Tensor out = at::empty({s.T * s.B, width}, x.options());
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  const scalar_t* ys = y.const_data_ptr<scalar_t>();
+  const scalar_t* h0s = h0.const_data_ptr<scalar_t>();
+  at::parallel_for(0, s.T, grain_for(s.B * width), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        const int64_t t_prev = reverse ? t + 1 : t - 1;
+        const bool first = t_prev < 0 || t_prev >= s.T ||
+                           (reverse && lengths != nullptr && t_prev >= lengths[b]);
+        scalar_t* row = dst + (t * s.B + b) * width;
+        std::memcpy(row, xs + (t * s.B + b) * s.I, s.I * sizeof(scalar_t));
+        std::memcpy(row + s.I, first ? h0s + b * s.P : ys + (t_prev * s.B + b) * s.P,
+                    s.P * sizeof(scalar_t));
+        if (has_bias) {
+          row[s.I + s.P] = scalar_t(1);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+struct BackwardInputs {
+  const Tensor& grad_y;
+  const Tensor& grad_h_n;
+  const Tensor& grad_c_n;
+  const Tensor& x;
+  const Tensor& h0;
+  const Tensor& c0;
+  const Tensor& w_ih;
+  const Tensor& w_hh;
+  const std::optional<Tensor>& w_hr;
+  const Tensor& gates;
+  const Tensor& cells;
+  const Tensor& hidden;
+  const Tensor& y;
+};
+
+// The state the backward carries through time.
+template <typename scalar_t>
+struct BackwardState {
+  using acc_t = at::opmath_type<scalar_t>;
+  Tensor dpre;    // (T, B, 4H), every step
+  Tensor dh;      // (B, P)
+  Tensor dc;      // (B, H), in acc_t
+  Tensor dh_all;  // (T, B, P), with a projection: dh_t of active rows, for grad_w_hr
+  Tensor dm;      // (B, H), with a projection
+};
+
+template <typename scalar_t>
+BackwardStep<scalar_t> backward_cell_args(const Sizes& s, const BackwardInputs& in,
+                                          BackwardState<scalar_t>& st, const int64_t* lengths,
+                                          bool reverse, int64_t k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t t = reverse ? s.T - 1 - k : k;
+  const Tensor& c_prev = k == 0 ? in.c0 : in.cells.select(0, reverse ? t + 1 : t - 1);
+  const bool proj = in.w_hr.has_value();
+  const int64_t step = t * s.B;
+  return BackwardStep<scalar_t>{
+      in.gates.const_data_ptr<scalar_t>() + step * 4 * s.H,
+      in.cells.const_data_ptr<scalar_t>() + step * s.H,
+      c_prev.const_data_ptr<scalar_t>(),
+      proj ? st.dm.template data_ptr<scalar_t>() : st.dh.template data_ptr<scalar_t>(),
+      proj ? nullptr : in.grad_y.const_data_ptr<scalar_t>() + step * s.P,
+      /*consume=*/!proj,
+      st.dc.template data_ptr<acc_t>(),
+      st.dpre.template data_ptr<scalar_t>() + step * 4 * s.H,
+      lengths,
+      t,
+      s.H};
+}
+
+// Projection backward, before the GEMM dm = dh_t W_hr: dh_t = dh + grad_y[t] on active rows
+// (zero on padding rows, which do not touch W_hr), and the carry dh restarts from zero there.
+template <typename scalar_t>
+void projection_grad_step(const Tensor& dh_t, const Tensor& dh, const Tensor& grad_y_t,
+                          const int64_t* lengths, int64_t t) {
+  const int64_t P = dh.size(1);
+  auto* out = dh_t.data_ptr<scalar_t>();
+  auto* carry = dh.data_ptr<scalar_t>();
+  const auto* gy = grad_y_t.const_data_ptr<scalar_t>();
+  for (int64_t b = 0; b < dh.size(0); ++b) {
+    scalar_t* o = out + b * P;
+    if (!is_active(lengths, b, t)) {
+      std::fill_n(o, P, scalar_t(0));
+      continue;
+    }
+    scalar_t* d = carry + b * P;
+    const scalar_t* g = gy + b * P;
+    for (int64_t j = 0; j < P; ++j) {
+      o[j] = d[j] + g[j];
+      d[j] = scalar_t(0);
+    }
+  }
+}
+
+// Without a projection on packed weights the two halves of consecutive steps fuse: a task owning
+// units [16 u, 16 u + 16) first finishes dh for those units from the previous step's dpre (the
+// GEMM's columns are the units, as P = H), then runs their cell. One parallel region per step.
+void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardState<float>& st,
+                          const int64_t* lengths, bool reverse) {
+  const Tensor packed = pack_column_panels(in.w_hh, 4 * s.H, s.P);
+  const float* w = packed.const_data_ptr<float>();
+  float* dh = st.dh.data_ptr<float>();
+  const float* prev = nullptr;  // dpre of the step done last, whose dh GEMM is pending
+  const int64_t flops_per_block = s.B * kPanel * (8 * s.H + kFlopsPerCell);
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const BackwardStep<float> cell = backward_cell_args(s, in, st, lengths, reverse, k);
+    at::parallel_for(0, panel_count(s.H), grain_for(flops_per_block), [&](int64_t u0, int64_t u1) {
+      if (prev != nullptr) {
+        packed_grad_h(prev, w, dh, s.B, 4 * s.H, s.P, u0, u1);
+      }
+      backward_rows(cell, 0, s.B, u0 * kPanel, std::min(u1 * kPanel, s.H));
+    });
+    prev = cell.dpre;
+  }
+  if (prev != nullptr) {
+    at::parallel_for(0, panel_count(s.P), grain_for(s.B * kPanel * 8 * s.H),
+                     [&](int64_t v0, int64_t v1) {
+                       packed_grad_h(prev, w, dh, s.B, 4 * s.H, s.P, v0, v1);
+                     });
+  }
+}
+
+// dh += dpre_t W_hh over the whole step; on packed weights when given (float32). Active rows of
+// dh were zeroed by the cell (or the projection step); padding rows keep their carry.
+template <typename scalar_t>
+void grad_h_step(const Sizes& s, const Tensor& dh, const Tensor& dpre_t, const Tensor& w_hh,
+                 const Tensor& w_packed) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (w_packed.defined()) {
+      at::parallel_for(0, panel_count(s.P), grain_for(s.B * kPanel * 8 * s.H),
+                       [&](int64_t v0, int64_t v1) {
+                         packed_grad_h(dpre_t.const_data_ptr<float>(),
+                                       w_packed.const_data_ptr<float>(), dh.data_ptr<float>(),
+                                       s.B, 4 * s.H, s.P, v0, v1);
+                       });
+      return;
+    }
+  }
+  dh.addmm_(dpre_t, w_hh);
+}
+
+// The general loop: [projection,] cell, then dh += dpre_t W_hh, each over the whole step.
+template <typename scalar_t>
+void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scalar_t>& st,
+                   const int64_t* lengths, bool reverse) {
+  const bool proj = in.w_hr.has_value();
+  const Tensor w_packed =
+      use_packed<scalar_t>() ? pack_column_panels(in.w_hh, 4 * s.H, s.P) : Tensor();
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const int64_t t = reverse ? s.T - 1 - k : k;
+    if (proj) {
+      const Tensor dh_t = st.dh_all.select(0, t);
+      projection_grad_step<scalar_t>(dh_t, st.dh, in.grad_y.select(0, t), lengths, t);
+      at::mm_out(st.dm, dh_t, *in.w_hr);
+    }
+    backward_cell_step(backward_cell_args(s, in, st, lengths, reverse, k), s.B);
+    grad_h_step<scalar_t>(s, st.dh, st.dpre.select(0, t), in.w_hh, w_packed);
+  }
+}
+
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>,
+                         std::optional<Tensor>>;
+
+template <typename scalar_t>
+Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* lengths,
+                    bool reverse, bool has_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto opts = in.x.options();
+  const bool proj = in.w_hr.has_value();
+  BackwardState<scalar_t> st;
+  st.dpre = at::empty({s.T, s.B, 4 * s.H}, opts);
+  st.dh = in.grad_h_n.clone();
+  st.dc = in.grad_c_n.to(c10::CppTypeToScalarType<acc_t>::value, /*non_blocking=*/false,
+                         /*copy=*/true);
+  if (proj) {
+    st.dh_all = at::empty({s.T, s.B, s.P}, opts);
+    st.dm = at::empty({s.B, s.H}, opts);
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!proj && use_packed<float>()) {
+      backward_loop_packed(s, in, st, lengths, reverse);
+    } else {
+      backward_loop(s, in, st, lengths, reverse);
+    }
+  } else {
+    backward_loop(s, in, st, lengths, reverse);
+  }
+  const Tensor dpre2d = st.dpre.view({s.T * s.B, 4 * s.H});
+  Tensor grad_x = at::mm(dpre2d, in.w_ih).view({s.T, s.B, s.I});
+  const Tensor grad_w = at::mm(
+      dpre2d.t(), weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias));
+  Tensor grad_w_ih = grad_w.narrow(1, 0, s.I).contiguous();
+  Tensor grad_w_hh = grad_w.narrow(1, s.I, s.P).contiguous();
+  std::optional<Tensor> grad_bias;
+  if (has_bias) {
+    grad_bias = grad_w.select(1, s.I + s.P).contiguous();
+  }
+  std::optional<Tensor> grad_w_hr;
+  if (proj) {
+    grad_w_hr = at::mm(st.dh_all.view({s.T * s.B, s.P}).t(), in.hidden.view({s.T * s.B, s.H}));
+  }
+  Tensor grad_c0 = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());
+  return {grad_x, st.dh, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n,
+                          const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                          const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                          const std::optional<Tensor>& lengths, bool reverse, const Tensor& gates,
+                          const Tensor& cells, const Tensor& hidden, const Tensor& y,
+                          bool has_bias) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
+  const auto dtype = x.scalar_type();
+  check_tensor(grad_y, "grad_y", {s.T, s.B, s.P}, dtype);
+  check_tensor(grad_h_n, "grad_h_n", {s.B, s.P}, dtype);
+  check_tensor(grad_c_n, "grad_c_n", {s.B, s.H}, dtype);
+  check_tensor(gates, "gates", {s.T, s.B, 4 * s.H}, dtype);
+  check_tensor(cells, "cells", {s.T, s.B, s.H}, dtype);
+  if (w_hr.has_value()) {
+    check_tensor(hidden, "hidden", {s.T, s.B, s.H}, dtype);
+  }
+  check_tensor(y, "y", {s.T, s.B, s.P}, dtype);
+  const int64_t* len = check_lengths(lengths, s);
+  const BackwardInputs in{grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                          gates, cells, hidden, y};
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "lstm_layer_backward", [&] {
+    out = backward_impl<scalar_t>(s, in, len, reverse, has_bias);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fastseq::lstm
+
+TORCH_LIBRARY_IMPL(fastseq, CPU, m) {
+  m.impl("lstm_layer_forward", &fastseq::lstm::lstm_layer_forward);
+  m.impl("lstm_layer_backward", &fastseq::lstm::lstm_layer_backward);
+}

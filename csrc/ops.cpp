@@ -1,0 +1,48 @@
+// The `fastseq._C` extension: the schemas of every C++ op (`torch.ops.fastseq.*`), and a small
+// Python module describing the build.
+//
+// Kernels register their implementations per backend next to their code: csrc/cpu/*.cpp with
+// TORCH_LIBRARY_IMPL(fastseq, CPU, ...), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(fastseq, CUDA, ...).
+
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastseq, m) {
+  // Rotates q (B, N, Hq, D) and k (B, N, Hk, D) into q_out and k_out (which may be q and k: in
+  // place) by the angles of each token's position; see csrc/rotary_args.h for the arguments.
+  m.def(
+      "rotary_kernel(Tensor(a!) q_out, Tensor(b!) k_out, Tensor q, Tensor k, Tensor cos, Tensor sin, "
+      "Tensor? positions, int offset, int rotary_dim, bool interleaved, bool conjugate) -> ()");
+  // One LSTM layer, one direction, over x (T, B, I) from (h0 (B, P), c0 (B, H)); bias = b_ih + b_hh,
+  // w_hr (P, H) for projections, lengths (B,) for padded batches; see csrc/cpu/lstm.cpp. Returns
+  // y, h_n, c_n and, when save_for_backward, the activated gates, the cells and (with w_hr) the
+  // projection inputs that lstm_layer_backward takes.
+  m.def(
+      "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "Tensor? w_hr, Tensor? lengths, bool reverse, bool save_for_backward) -> (Tensor y, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor gates, "
+      "Tensor cells, Tensor hidden, Tensor y, bool has_bias) -> (Tensor grad_x, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
+}
+
+namespace {
+
+bool cuda_built() {
+#ifdef FASTSEQ_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastseq compiled kernels; importing this module registers torch.ops.fastseq.*";
+  m.def("cuda_built", &cuda_built, "True when the extension was compiled with its CUDA kernels");
+  m.def("openmp_threads", &at::get_num_threads, "Threads the CPU kernels run on (at::get_num_threads)");
+}
