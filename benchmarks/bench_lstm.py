@@ -77,6 +77,13 @@ def _timed(run, pass_, x):
     return step
 
 
+def _forced(module, backend):
+    def run(t):
+        with fastseq.use_backend(backend):
+            return module(t)[0]
+    return run
+
+
 def _case(shape, pass_, device):
     ours, theirs = _modules(shape, device)
     x = torch.randn(shape.steps, shape.batch, shape.input_size, device=device, dtype=shape.dtype,
@@ -91,6 +98,8 @@ def _case(shape, pass_, device):
         variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x)
     else:
         variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
+        if device.type == "cuda":  # the persistent kernel is opt-in until measured against triton
+            variants["fastseq_persistent"] = _timed(_forced(ours, "cuda"), pass_, x)
         variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x)
         if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
             variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x)

@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cuda/lstm_plan.h"
+
 TORCH_LIBRARY(fastseq, m) {
   // Rotates q (B, N, Hq, D) and k (B, N, Hk, D) into q_out and k_out (which may be q and k: in
   // place) by the angles of each token's position; see csrc/rotary_args.h for the arguments.
@@ -27,6 +29,17 @@ TORCH_LIBRARY(fastseq, m) {
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor gates, "
       "Tensor cells, Tensor hidden, Tensor y, bool has_bias) -> (Tensor grad_x, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
+  // The recurrence of one LSTM layer without projection, in one persistent launch (CUDA only; see
+  // csrc/cuda/lstm.cu): pre_x (T, B, 4H) = x W_ih^T + bias, h0 and c0 (B, H), w_hh (4H, H).
+  // Returns y, h_n, c_n, the activated gates and the float32 cells; the backward returns d pre
+  // (T, B, 4H) for the weight-gradient GEMMs, and the gradients of h0 and c0.
+  m.def(
+      "lstm_recurrence_forward(Tensor pre_x, Tensor h0, Tensor c0, Tensor w_hh, Tensor? lengths, "
+      "bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor c0, "
+      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells) -> (Tensor grad_pre, "
+      "Tensor grad_h0, Tensor grad_c0)");
 }
 
 namespace {
@@ -44,5 +57,7 @@ bool cuda_built() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastseq compiled kernels; importing this module registers torch.ops.fastseq.*";
   m.def("cuda_built", &cuda_built, "True when the extension was compiled with its CUDA kernels");
+  m.def("lstm_persistent_units", &fastseq::lstm::plan_units, "Hidden units per block of the persistent "
+        "LSTM kernels (hidden, element_size, sms, smem_per_block, smem_per_sm); 0 when they cannot run");
   m.def("openmp_threads", &at::get_num_threads, "Threads the CPU kernels run on (at::get_num_threads)");
 }

@@ -40,7 +40,8 @@ def _run(module, x, hx, backend=None, leaf=None):
     with fastseq.use_backend(backend):
         y, (h, c) = module(x, hx)
     data = y.data if hasattr(y, "batch_sizes") else y
-    loss = (data * torch.linspace(-1, 1, data.shape[-1], dtype=data.dtype)).sum() + h.square().sum() + c.sum()
+    weights = torch.linspace(-1, 1, data.shape[-1], dtype=data.dtype, device=data.device)
+    loss = (data * weights).sum() + h.square().sum() + c.sum()
     grads = torch.autograd.grad(loss, leaves + params)
     return (data, h, c), grads
 
@@ -224,3 +225,136 @@ def test_compile_fullgraph():
     y, _ = compiled(x)
     y.sum().backward()
     torch.testing.assert_close(y, lstm(x)[0])
+
+
+GPU_CASES = {
+    "ragged_hidden": dict(input_size=13, hidden=19, kwargs={}),
+    "two_layers_bidirectional": dict(input_size=13, hidden=19, kwargs=dict(num_layers=2, bidirectional=True)),
+    "wide_hidden": dict(input_size=64, hidden=700, kwargs={}),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_gpu_backends_within_tolerance_rule(backend, dtype, case, with_lengths):
+    """Outputs and gradients on the GPU against float64 on the CPU, within the tolerance rule with
+    torch.nn.LSTM (cuDNN) in the same dtype as the low-precision reference."""
+    spec = GPU_CASES[case]
+    truth, ours = _pair(input_size=spec["input_size"], hidden=spec["hidden"], **spec["kwargs"])
+    low, _ = _pair(input_size=spec["input_size"], hidden=spec["hidden"], **spec["kwargs"])
+    low.load_state_dict(truth.state_dict())
+    ours.to("cuda", dtype), low.to("cuda", dtype)
+    batch, steps = 5, 11
+    x64 = torch.randn(steps, batch, spec["input_size"], dtype=torch.float64, requires_grad=True)
+    x = x64.detach().to("cuda", dtype).requires_grad_()
+    lengths = torch.tensor([11, 3, 1, 0, 7]) if with_lengths else None
+
+    def run(module, inp, use=None):
+        if lengths is None:
+            return _run(module, inp, None, use)
+        if module is ours:  # fastseq: lengths=; torch: the same batch packed
+            with fastseq.use_backend(use):
+                y, (h, c) = module(inp, lengths=lengths)
+        else:
+            packed = pack_padded_sequence(inp, lengths.clamp(min=1), enforce_sorted=False)
+            y, (h, c) = module(packed)
+            y, _ = pad_packed_sequence(y, total_length=steps)
+        keep = (lengths > 0).to(y.device)
+        loss = (y * keep[:, None]).sum() + (h.square() * keep[:, None]).sum() + (c * keep[:, None]).sum()
+        return (y * keep[:, None], h * keep[:, None], c * keep[:, None]), torch.autograd.grad(
+            loss, [inp, *module.parameters()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the forced backend really runs
+        got_out, got_grads = run(ours, x, backend)
+    truth_out, truth_grads = run(truth, x64)
+    low_out, low_grads = run(low, x.detach().requires_grad_())
+    cpu = [t.cpu() for t in got_out], [t.cpu() for t in got_grads]
+    low_cpu = [t.cpu() for t in low_out], [t.cpu() for t in low_grads]
+    _compare(cpu[0], truth_out, low_cpu[0])
+    _compare(cpu[1][:1], truth_grads[:1], low_cpu[1][:1])
+    for g, t, lo in zip(cpu[1][1:], truth_grads[1:], low_cpu[1][1:], strict=True):
+        assert_within_rule(g, t, lo, "weight grad", factor=3.0)
+
+
+@pytest.mark.skipif(not _extension.cuda_built(), reason="extension built without its CUDA kernels")
+def test_persistent_kernel_plan():
+    """Hidden units per block of the persistent kernel, for an H100 (132 SMs, 227 KiB per block)."""
+    plan = _extension.load().lstm_persistent_units
+    h100 = (132, 227 * 1024, 228 * 1024)  # SMs, shared memory per block, per SM
+    assert plan(256, 2, *h100) == 1  # 256 blocks of one unit: two per SM fit
+    assert plan(1024, 2, *h100) == 4  # 256 blocks of 4 units, 32 KiB each
+    assert plan(1024, 4, *h100) == 4  # float32: 64 KiB a block, still two per SM
+    assert plan(4096, 2, *h100) == 0  # would need 8 units x 4096 x 4 gates: too big
+
+
+def _layer_norm_lstm_by_hand(module, x, lengths):
+    """The LayerNorm-LSTM written out step by step, one sequence at a time, from the module's
+    parameters (float64): the oracle for LayerNormLSTM's wiring of layers, directions and lengths."""
+    def ln(v, weight, bias=None):
+        v = (v - v.mean(-1, keepdim=True)) / (v.var(-1, unbiased=False, keepdim=True) + module.eps).sqrt()
+        return v * weight + (0 if bias is None else bias)
+
+    p = dict(module.named_parameters())
+    outputs = []
+    for b in range(x.shape[1]):
+        seq = x[: int(lengths[b]), b]
+        for layer in range(module.num_layers):
+            outs = []
+            for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
+                def w(name, suffix=suffix, layer=layer):
+                    return p[f"{name}_l{layer}{suffix}"]
+                h = c = torch.zeros(module.hidden_size, dtype=x.dtype)
+                ys = {}
+                order = range(len(seq) - 1, -1, -1) if suffix else range(len(seq))
+                for t in order:
+                    pre = (ln(w("weight_ih") @ seq[t], w("layernorm_ih_weight"))
+                           + ln(w("weight_hh") @ h, w("layernorm_hh_weight")) + w("bias_ih") + w("bias_hh"))
+                    i, f, g, o = pre.chunk(4)
+                    c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+                    h = o.sigmoid() * ln(c, w("layernorm_c_weight"), w("layernorm_c_bias")).tanh()
+                    ys[t] = h
+                outs.append(torch.stack([ys[t] for t in range(len(seq))]) if len(seq)
+                            else seq.new_zeros(0, module.hidden_size))
+            seq = torch.cat(outs, -1)
+        outputs.append(seq)
+    return outputs
+
+
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True)], ids=["one", "two_bidir"])
+def test_layer_norm_lstm_matches_step_by_step_oracle(config):
+    torch.manual_seed(0)
+    module = fastseq.nn.LayerNormLSTM(5, 7, **config).double()
+    with torch.no_grad():  # move the LayerNorms off the identity so that they are exercised
+        for name, param in module.named_parameters():
+            if name.startswith("layernorm_"):
+                param.add_(torch.randn_like(param) * 0.3)
+    x = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 1, 0])
+    y, (h, c) = module(x, lengths=lengths)
+    want = _layer_norm_lstm_by_hand(module, x, lengths)
+    for b, seq in enumerate(want):
+        torch.testing.assert_close(y[: len(seq), b], seq)
+        assert torch.equal(y[len(seq):, b], torch.zeros_like(y[len(seq):, b]))
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    grads = torch.autograd.grad((y * weights).sum(), [x, *module.parameters()])
+    want_loss = sum((seq * weights[: len(seq), b]).sum() for b, seq in enumerate(want) if len(seq))
+    want_grads = torch.autograd.grad(want_loss, [x, *module.parameters()])
+    for name, g, w in zip(["x", *dict(module.named_parameters())], grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_layer_norm_lstm_state_dict_and_compile():
+    module = fastseq.nn.LayerNormLSTM(5, 6, num_layers=2, batch_first=True)
+    names = set(module.state_dict())
+    assert {"weight_ih_l1", "bias_hh_l0", "layernorm_ih_weight_l0", "layernorm_c_bias_l1"} <= names
+    assert set(torch.nn.LSTM(5, 6, num_layers=2).state_dict()) <= names
+    assert torch.equal(module.layernorm_c_weight_l0, torch.ones(6))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 5, requires_grad=True)
+    y, _ = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, module(x)[0])

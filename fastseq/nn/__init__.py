@@ -2,7 +2,7 @@
 
 from fastseq.nn import functional
 from fastseq.nn.attention import Attention, KVCache
-from fastseq.nn.lstm import LSTM, LSTMCell
+from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
@@ -13,6 +13,7 @@ __all__ = [
     "Attention",
     "CrossAttention",
     "KVCache",
+    "LayerNormLSTM",
     "LSTMCell",
     "MultiheadAttention",
     "RopeScaling",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastseq.ops.lstm import lstm_layer
+from fastseq.ops.lstm import layer_norm_lstm_layer, lstm_layer
 
 
 def _fail(message):
@@ -135,6 +135,11 @@ class LSTM(nn.Module):
         w_hr = getattr(self, f"weight_hr_l{layer}{suffix}") if self.proj_size else None
         return w_ih, w_hh, bias, w_hr
 
+    def _layer(self, x, h0, c0, layer, suffix, lengths):
+        """One layer in one direction (``suffix`` "" or "_reverse"): (y, h_n, c_n)."""
+        return lstm_layer(x, h0, c0, *self._weights(layer, suffix), lengths=lengths,
+                          reverse=bool(suffix))
+
     def _run_layers(self, x, h0, c0, lengths):
         directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
@@ -142,8 +147,7 @@ class LSTM(nn.Module):
             outs = []
             for d in range(directions):
                 index = layer * directions + d
-                y, h, c = lstm_layer(x, h0[index], c0[index], *self._weights(layer, "_reverse" * d),
-                                     lengths=lengths, reverse=d == 1)
+                y, h, c = self._layer(x, h0[index], c0[index], layer, "_reverse" * d, lengths)
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -151,6 +155,46 @@ class LSTM(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, torch.stack(h_n), torch.stack(c_n)
+
+
+class LayerNormLSTM(LSTM):
+    """LayerNorm-LSTM (Ba et al. 2016; haste's LayerNormLSTM) with ``LSTM``'s interface.
+
+    Each layer and direction has, besides LSTM's weights and biases, LayerNorm gains for the input
+    and the recurrent projection (``layernorm_ih_weight_l{k}``, ``layernorm_hh_weight_l{k}``, 4H)
+    and a LayerNorm for the cell before its tanh (``layernorm_c_weight_l{k}``,
+    ``layernorm_c_bias_l{k}``, H), initialised to the identity. Gates keep torch's (i, f, g, o)
+    order. Takes everything ``LSTM`` takes except ``proj_size``; ``eps`` is the LayerNorm epsilon.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+        self.eps = eps
+        factory = dict(device=device, dtype=dtype)
+        for layer in range(num_layers):
+            for suffix in ("", "_reverse")[: 2 if bidirectional else 1]:
+                for name, size, value in (("layernorm_ih_weight", 4 * hidden_size, 1.0),
+                                          ("layernorm_hh_weight", 4 * hidden_size, 1.0),
+                                          ("layernorm_c_weight", hidden_size, 1.0),
+                                          ("layernorm_c_bias", hidden_size, 0.0)):
+                    self.register_parameter(f"{name}_l{layer}{suffix}",
+                                            nn.Parameter(torch.full((size,), value, **factory)))
+
+    def reset_parameters(self):
+        """LSTM's uniform initialisation for the weights and biases; LayerNorms to the identity."""
+        super().reset_parameters()
+        for name, param in self.named_parameters():
+            if name.startswith("layernorm_"):
+                nn.init.constant_(param, 0.0 if "_bias_" in name else 1.0)
+
+    def _layer(self, x, h0, c0, layer, suffix, lengths):
+        w_ih, w_hh, bias, _ = self._weights(layer, suffix)
+        norms = [getattr(self, f"layernorm_{n}_l{layer}{suffix}")
+                 for n in ("ih_weight", "hh_weight", "c_weight", "c_bias")]
+        return layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, *norms, lengths=lengths,
+                                     reverse=bool(suffix), eps=self.eps)
 
 
 class LSTMCell(nn.LSTMCell):

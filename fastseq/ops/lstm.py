@@ -7,6 +7,10 @@ The forward runs the whole recurrence and returns ``(y, h_n, c_n)`` plus what th
   the input projection of all steps, one GEMM and a fused vectorised cell per step, and backward
   through time in C++ with the weight gradients as GEMMs over all steps;
 * ``triton``: the same plan driven from Python, cuBLAS GEMMs plus the fused Triton cell;
+* ``cuda``: the input projection and weight gradients as cuBLAS GEMMs, and the whole recurrence
+  in one persistent kernel with W_hh kept in shared memory (``lstm_recurrence_forward`` /
+  ``_backward``, csrc/cuda/lstm.cu); no projections, and only where the weights fit on chip.
+  Chosen when forced (``use_backend("cuda")``): the default on the GPU stays ``triton``;
 * ``reference``: the same plan with the cell written in PyTorch.
 
 Padding is handled by ``lengths`` (B,): steps at or past ``lengths[b]`` keep the state and output
@@ -23,15 +27,32 @@ from fastseq.reference import lstm as reference
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _unsupported(x) -> dict[str, str]:
+def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
     reasons = {}
     if x.dtype not in KERNEL_DTYPES:
-        reasons["triton"] = reasons["cpu"] = f"dtype {x.dtype}"
+        reasons["triton"] = reasons["cpu"] = reasons["cuda"] = f"dtype {x.dtype}"
     if x.dtype == torch.float16:
         reasons["cpu"] = "float16 (the C++ layer takes float32 and bfloat16)"
     if not _extension.cpu_built() or not hasattr(torch.ops.fastseq, "lstm_layer_forward"):
         reasons["cpu"] = "the C++ LSTM layer is not built"
-    return reasons
+    if x.device.type == "cuda":
+        reasons.setdefault("cuda", _persistent_unsupported(x, w_hh, w_hr))
+    return {name: why for name, why in reasons.items() if why}
+
+
+def _persistent_unsupported(x, w_hh, w_hr) -> str | None:
+    """Why the persistent CUDA kernel cannot run this layer, or None."""
+    ext = _extension.load()
+    if not _extension.cuda_built() or not hasattr(ext, "lstm_persistent_units"):
+        return "the CUDA kernels are not built"
+    if w_hr is not None:
+        return "projections (proj_size)"
+    props = torch.cuda.get_device_properties(x.device)
+    hidden = w_hh.shape[1]
+    units = ext.lstm_persistent_units(hidden, x.element_size(), props.multi_processor_count,
+                                      props.shared_memory_per_block_optin,
+                                      props.shared_memory_per_multiprocessor)
+    return None if units else f"hidden size {hidden}: W_hh does not fit on chip"
 
 
 def cell_dtype(dtype):
@@ -64,11 +85,23 @@ def _active(lengths, t, like):
     return None if lengths is None else (t < lengths)[:, None]
 
 
+def _input_projection(x, w_ih, bias):
+    """x W_ih^T + bias for every step at once: (T, B, 4H)."""
+    flat = x.flatten(0, 1)
+    pre = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
+    return pre.view(x.shape[0], x.shape[1], -1)
+
+
+def _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse):
+    y, h_n, c_n, gates, cells = torch.ops.fastseq.lstm_recurrence_forward(
+        _input_projection(x, w_ih, bias), h0, c0, w_hh, lengths, reverse)
+    return y, h_n, c_n, gates, cells, x.new_empty(0)
+
+
 def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
-    pre_x = (x.flatten(0, 1) @ w_ih.t() if bias is None
-             else torch.addmm(bias, x.flatten(0, 1), w_ih.t())).view(steps, batch, -1)
+    pre_x = _input_projection(x, w_ih, bias)
     y = x.new_zeros(steps, batch, h0.shape[1])
     gates = x.new_empty(steps, batch, 4 * hidden)
     # The cell state is carried in float32 whatever the input dtype: it integrates over every
@@ -135,14 +168,31 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
         if dh_all is not None:
             dh_all[t] = dh_t
         dh, dc = dh_prev, dc_prev
+    gx, gw_ih, gw_hh, gbias, gw_hr = _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths,
+                                                 reverse, has_bias)
+    return gx, dh, dc.to(c0.dtype), gw_ih, gw_hh, gbias, gw_hr
+
+
+def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
+                         gates, cells, pre_proj, y, has_bias):
+    dpre_all, dh0, dc0 = torch.ops.fastseq.lstm_recurrence_backward(
+        grad_y, grad_h_n, grad_c_n, c0, w_hh, lengths, reverse, gates, cells)
+    gx, gw_ih, gw_hh, gbias, _ = _gemm_grads(dpre_all, None, x, h0, w_ih, y, pre_proj, lengths,
+                                             reverse, has_bias)
+    return gx, dh0, dc0, gw_ih, gw_hh, gbias, None
+
+
+def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, has_bias):
+    """What does not feed the recurrence, over all steps at once: (grad_x, grad_w_ih, grad_w_hh,
+    grad_bias, grad_w_hr) from d pre (T, B, 4H) and, with a projection, dh (T, B, P)."""
     flat = dpre_all.flatten(0, 1)
     h_prev_all = _previous(y, h0, lengths, reverse)
     grad_x = (flat @ w_ih).view_as(x)
     grad_w_ih = flat.t() @ x.flatten(0, 1)
     grad_w_hh = flat.t() @ h_prev_all.flatten(0, 1)
     grad_bias = flat.sum(0) if has_bias else None
-    grad_w_hr = dh_all.flatten(0, 1).t() @ pre_proj.flatten(0, 1) if w_hr is not None else None
-    return grad_x, dh, dc.to(c0.dtype), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+    grad_w_hr = dh_all.flatten(0, 1).t() @ pre_proj.flatten(0, 1) if dh_all is not None else None
+    return grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 
 
 @torch.library.custom_op("fastseq::lstm_layer", mutates_args=())
@@ -152,10 +202,12 @@ def lstm_layer_op(
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer over contiguous x (T, B, I); returns (y, h_n, c_n, gates, cells, pre_proj)."""
-    backend = _backend.choose("lstm", x.device, _unsupported(x))
+    backend = _backend.choose("lstm", x.device, _unsupported(x, w_hh, w_hr))
     if backend == "cpu":
         return tuple(torch.ops.fastseq.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr,
                                                           lengths, reverse, True))
+    if backend == "cuda":
+        return _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse)
     forward, _ = _cells(backend)
     return _loop_forward(forward, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse)
 
@@ -171,7 +223,7 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
 
 def _cells_like(x, steps, batch, hidden):
     """Saved cell states: float32 for the Python-driven loop, x's dtype for the C++ layer."""
-    cpp = x.device.type == "cpu" and "cpu" not in _unsupported(x)
+    cpp = x.device.type == "cpu" and "cpu" not in _unsupported(x, None, None)
     dtype = x.dtype if cpp else cell_dtype(x.dtype)
     return x.new_empty(steps, batch, hidden, dtype=dtype)
 
@@ -191,6 +243,8 @@ def lstm_layer_grad_op(
             pre_proj, y, has_bias)
     if backend == "cpu":
         grads = torch.ops.fastseq.lstm_layer_backward(*args)
+    elif backend == "cuda":
+        grads = _persistent_backward(*args)
     else:
         grads = _loop_backward(_cells(backend)[1], *args)
     return [g if g is not None else x.new_empty(0) for g in grads]
@@ -209,7 +263,7 @@ def _setup(ctx, inputs, output):
     y, _, _, gates, cells, pre_proj = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
-    ctx.backend = _backend.choose("lstm", x.device, _unsupported(x))  # the forward's choice
+    ctx.backend = _backend.choose("lstm", x.device, _unsupported(x, w_hh, w_hr))  # the forward's
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
@@ -235,3 +289,16 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     tensors = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
     y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse)
     return y, h_n, c_n
+
+
+def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                          lengths=None, reverse=False, eps=1e-5):
+    """One LayerNorm-LSTM layer; returns ``(y (T, B, H), h_n (B, H), c_n (B, H))``. Differentiable.
+
+    Shapes as :func:`lstm_layer` (no projection), plus the LayerNorm gains ``ln_ih``, ``ln_hh``
+    (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); formulas in
+    :func:`fastseq.reference.lstm.layer_norm_lstm_layer`. Runs as PyTorch ops on every device
+    (autograd, ``torch.compile``); it has no fused kernel yet.
+    """
+    return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight,
+                                           ln_c_bias, lengths, reverse, eps)

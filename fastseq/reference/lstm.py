@@ -55,3 +55,38 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
             ys[t] = h_new
         h, c = h_new, c_new
     return torch.stack(ys), h, c
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last dimension, with a gain and an optional shift."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                          lengths=None, reverse=False, eps=1e-5):
+    """One layer of the LayerNorm-LSTM (Ba et al. 2016, as haste's LayerNormLSTM) over x (T, B, I).
+
+    ``pre = LN(x W_ih^T) * ln_ih + LN(h W_hh^T) * ln_hh + bias`` with gates in torch's order
+    (i, f, g, o), ``c = f c + i g`` (the carried, un-normalised state), and
+    ``h = o tanh(LN(c) * ln_c_weight + ln_c_bias)``. The input and recurrent projections are
+    normalised separately over their 4H features; the cell over its H. ``lengths`` as in
+    :func:`lstm_layer`. Returns (y (T, B, H), h_n, c_n); differentiable by autograd.
+    """
+    steps, batch, _ = x.shape
+    pre_x = layer_norm(x.flatten(0, 1) @ w_ih.t(), ln_ih, eps=eps).view(steps, batch, -1)
+    if bias is not None:
+        pre_x = pre_x + bias
+    h, c = h0, c0
+    ys = [None] * steps
+    for t in step_order(steps, reverse):
+        i, f, g, o = (pre_x[t] + layer_norm(h @ w_hh.t(), ln_hh, eps=eps)).chunk(4, dim=-1)
+        c_new = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h_new = o.sigmoid() * layer_norm(c_new, ln_c_weight, ln_c_bias, eps).tanh()
+        if lengths is not None:
+            active = (t < lengths)[:, None]
+            c_new, h_new = torch.where(active, c_new, c), torch.where(active, h_new, h)
+            ys[t] = torch.where(active, h_new, 0)
+        else:
+            ys[t] = h_new
+        h, c = h_new, c_new
+    return torch.stack(ys), h, c

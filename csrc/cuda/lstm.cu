@@ -1,0 +1,362 @@
+// LSTM recurrence, CUDA persistent kernels: `fastseq::lstm_recurrence_forward` and `_backward`.
+//
+// The input projection (one GEMM over all steps) and the weight gradients (GEMMs over all steps)
+// stay with cuBLAS in fastseq/ops/lstm.py; what cannot be batched over time is the recurrence,
+// and that is what these kernels run, the whole sequence in one launch.
+//
+// Each thread block owns U consecutive hidden units j0 .. j0+U-1 for all batch rows, for the whole
+// sequence, and keeps the slice of W_hh it needs in shared memory across all steps: in the forward
+// the 4U rows (gates i, f, g, o of its units), in the backward the U columns (dh_{t-1}[j] sums
+// d pre over all 4H gate rows). Steps are separated by a grid-wide barrier (cooperative launch),
+// so the grid is sized to fit on the device at once: about one block per SM.
+//
+// Inside a block, warp w takes batch rows w, w + warps, ...; its lanes stride over the reduction
+// dimension with coalesced loads of h (or d pre) and conflict-free reads of the shared slice, and
+// a butterfly reduction leaves every sum in every lane; lane u then runs the cell of unit j0 + u.
+// A (batch, unit) pair is always handled by the same thread, so the carried state it reads back
+// from global memory (cells, the dh/dc carries) was written by itself: no barrier needed for it.
+//
+// Numerics follow the Python-driven loop of the other backends: float math, the cell state
+// carried in float32, h and the activated gates stored in the input dtype.
+//
+// Padding (`lengths`): step t is padding for row b when t >= lengths[b]; there the state is carried
+// unchanged, y is zero, d pre is zero and dh / dc pass through. The reverse direction walks
+// t = T-1 .. 0, so a sequence's padding comes first and its state is still (h0, c0) when its last
+// valid step starts.
+//
+// Tensor cores are not used: per step each block does a (B x H) by (H x 4U) product, small enough
+// that the barrier and the reads of h dominate at the sizes this kernel is chosen for.
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include "cuda/lstm_plan.h"
+
+namespace fastseq::lstm {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+struct Recurrence {
+  int64_t steps, batch, hidden;
+  bool reverse;
+  const int64_t* lengths;  // (B,) or nullptr
+};
+
+__device__ __forceinline__ bool is_active(const Recurrence& r, int64_t b, int64_t t) {
+  return r.lengths == nullptr || t < r.lengths[b];
+}
+
+// The t of the i-th step in processing order.
+__device__ __forceinline__ int64_t step_at(const Recurrence& r, int64_t i) {
+  return r.reverse ? r.steps - 1 - i : i;
+}
+
+__device__ __forceinline__ float sigmoidf(float x) {
+  return 1.f / (1.f + __expf(-x));
+}
+
+template <int N>
+__device__ __forceinline__ void warp_sum_all(float (&acc)[N]) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], offset);
+  }
+}
+
+// acc[u] for lane u, without dynamic register indexing.
+template <int N>
+__device__ __forceinline__ float pick(const float (&acc)[N], int index) {
+  float v = 0.f;
+#pragma unroll
+  for (int n = 0; n < N; ++n) v = (n == index) ? acc[n] : v;
+  return v;
+}
+
+template <typename scalar_t>
+struct ForwardArgs {
+  Recurrence r;
+  const scalar_t* pre_x;  // (T, B, 4H): x W_ih^T + bias
+  const scalar_t* h0;     // (B, H)
+  const scalar_t* c0;     // (B, H)
+  const scalar_t* w_hh;   // (4H, H)
+  scalar_t* y;            // (T, B, H)
+  scalar_t* gates;        // (T, B, 4H), activated
+  float* cells;           // (T, B, H)
+  scalar_t* h_buf;        // (2, B, H): h before / after the current step
+};
+
+template <typename scalar_t, int U>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t> a) {
+  extern __shared__ unsigned char smem_bytes[];
+  auto* w = reinterpret_cast<scalar_t*>(smem_bytes);  // (4U, H): row gate * U + u
+  const Recurrence& r = a.r;
+  const int64_t H = r.hidden, B = r.batch;
+  const int64_t j0 = int64_t(blockIdx.x) * U;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+
+  for (int64_t idx = threadIdx.x; idx < 4 * U * H; idx += kThreads) {
+    const int64_t row = idx / H, k = idx % H, gate = row / U, j = j0 + row % U;
+    w[idx] = j < H ? a.w_hh[(gate * H + j) * H + k] : scalar_t(0);
+  }
+  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < B * H;
+       idx += int64_t(gridDim.x) * kThreads) {
+    a.h_buf[idx] = a.h0[idx];
+  }
+  cg::grid_group grid = cg::this_grid();
+  grid.sync();
+
+  const int64_t j = j0 + lane;
+  const bool owner = lane < U && j < H;
+  for (int64_t i = 0; i < r.steps; ++i) {
+    const int64_t t = step_at(r, i), t_prev = step_at(r, i - 1);
+    const scalar_t* h_in = a.h_buf + (i % 2) * B * H;
+    scalar_t* h_out = a.h_buf + ((i + 1) % 2) * B * H;
+    for (int64_t b = warp; b < B; b += kWarps) {
+      float acc[4 * U] = {};
+      for (int64_t k = lane; k < H; k += 32) {
+        const float hk = static_cast<float>(h_in[b * H + k]);
+#pragma unroll
+        for (int n = 0; n < 4 * U; ++n) acc[n] += static_cast<float>(w[n * H + k]) * hk;
+      }
+      warp_sum_all(acc);
+      if (!owner) continue;
+      const int64_t row = t * B + b;
+      const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j]) : a.cells[(t_prev * B + b) * H + j];
+      scalar_t* g_out = a.gates + row * 4 * H + j;
+      if (!is_active(r, b, t)) {
+        for (int gate = 0; gate < 4; ++gate) g_out[gate * H] = scalar_t(0);
+        a.cells[row * H + j] = c_prev;
+        h_out[b * H + j] = h_in[b * H + j];
+        a.y[row * H + j] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* pre = a.pre_x + row * 4 * H + j;
+      float act[4];
+#pragma unroll
+      for (int gate = 0; gate < 4; ++gate) {
+        const float z = pick(acc, gate * U + lane) + static_cast<float>(pre[gate * H]);
+        act[gate] = gate == 2 ? tanhf(z) : sigmoidf(z);
+        g_out[gate * H] = static_cast<scalar_t>(act[gate]);
+      }
+      const float c = act[1] * c_prev + act[0] * act[2];
+      const scalar_t h = static_cast<scalar_t>(act[3] * tanhf(c));
+      a.cells[row * H + j] = c;
+      h_out[b * H + j] = h;
+      a.y[row * H + j] = h;
+    }
+    grid.sync();
+  }
+}
+
+template <typename scalar_t>
+struct BackwardArgs {
+  Recurrence r;
+  const scalar_t* grad_y;  // (T, B, H)
+  const scalar_t* c0;      // (B, H)
+  const scalar_t* w_hh;    // (4H, H)
+  const scalar_t* gates;   // (T, B, 4H), activated
+  const float* cells;      // (T, B, H)
+  scalar_t* grad_pre;      // (T, B, 4H)
+  float* dh;               // (B, H): dh carried into the current step, grad_h_n at first
+  float* dc;               // (B, H): dc carried, grad_c_n at first
+};
+
+// dh_{t}[b, j] = sum_r d pre_{t+1}[b, r] W_hh[r, j] for the step processed just before (s), or the
+// carried dh when s was padding for row b. Writes it to the dh carry.
+template <typename scalar_t, int U>
+__device__ void carry_dh(const BackwardArgs<scalar_t>& a, const scalar_t* w, int64_t s, int64_t b,
+                         int lane, int64_t j, bool owner) {
+  const Recurrence& r = a.r;
+  const int64_t H = r.hidden, B = r.batch;
+  float acc[U] = {};
+  const scalar_t* dpre = a.grad_pre + (s * B + b) * 4 * H;
+  for (int64_t k = lane; k < 4 * H; k += 32) {
+    const float d = static_cast<float>(dpre[k]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc[u] += static_cast<float>(w[u * 4 * H + k]) * d;
+  }
+  warp_sum_all(acc);
+  if (owner && is_active(r, b, s)) a.dh[b * H + j] = pick(acc, lane);
+}
+
+template <typename scalar_t, int U>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_t> a) {
+  extern __shared__ unsigned char smem_bytes[];
+  auto* w = reinterpret_cast<scalar_t*>(smem_bytes);  // (U, 4H): W_hh[:, j0 + u] as row u
+  const Recurrence& r = a.r;
+  const int64_t H = r.hidden, B = r.batch;
+  const int64_t j0 = int64_t(blockIdx.x) * U;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+
+  for (int64_t idx = threadIdx.x; idx < U * 4 * H; idx += kThreads) {
+    const int64_t u = idx / (4 * H), k = idx % (4 * H);
+    w[idx] = j0 + u < H ? a.w_hh[k * H + j0 + u] : scalar_t(0);
+  }
+  __syncthreads();
+
+  const int64_t j = j0 + lane;
+  const bool owner = lane < U && j < H;
+  cg::grid_group grid = cg::this_grid();
+  // Backward visits the steps in the reverse of the forward's processing order: i = T-1 .. 0.
+  for (int64_t i = r.steps - 1; i >= 0; --i) {
+    const int64_t t = step_at(r, i);
+    for (int64_t b = warp; b < B; b += kWarps) {
+      if (i < r.steps - 1) carry_dh<scalar_t, U>(a, w, step_at(r, i + 1), b, lane, j, owner);
+      if (!owner) continue;
+      const int64_t row = t * B + b;
+      scalar_t* dpre = a.grad_pre + row * 4 * H + j;
+      if (!is_active(r, b, t)) {
+        for (int gate = 0; gate < 4; ++gate) dpre[gate * H] = scalar_t(0);
+        continue;  // dh and dc pass through
+      }
+      const float dh = a.dh[b * H + j] + static_cast<float>(a.grad_y[row * H + j]);
+      const scalar_t* g = a.gates + row * 4 * H + j;
+      const float gi = static_cast<float>(g[0]), gf = static_cast<float>(g[H]);
+      const float gg = static_cast<float>(g[2 * H]), go = static_cast<float>(g[3 * H]);
+      const float c = a.cells[row * H + j];
+      const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
+                                  : a.cells[(step_at(r, i - 1) * B + b) * H + j];
+      const float tanh_c = tanhf(c);
+      const float dc = a.dc[b * H + j] + dh * go * (1.f - tanh_c * tanh_c);
+      dpre[0] = static_cast<scalar_t>(dc * gg * gi * (1.f - gi));
+      dpre[H] = static_cast<scalar_t>(dc * c_prev * gf * (1.f - gf));
+      dpre[2 * H] = static_cast<scalar_t>(dc * gi * (1.f - gg * gg));
+      dpre[3 * H] = static_cast<scalar_t>(dh * tanh_c * go * (1.f - go));
+      a.dc[b * H + j] = dc * gf;
+      a.dh[b * H + j] = dh;  // read back only if the next step is padding (then it passes through)
+    }
+    grid.sync();
+  }
+  for (int64_t b = warp; b < B && r.steps > 0; b += kWarps) {
+    carry_dh<scalar_t, U>(a, w, step_at(r, 0), b, lane, j, owner);  // dh0
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch: pick U, check the whole grid can be resident, launch cooperatively.
+
+template <typename Args>
+void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (hidden + units - 1) / units;
+  TORCH_CHECK(blocks <= int64_t(per_sm) * sms, "fastseq lstm_recurrence: ", blocks,
+              " blocks of ", units, " hidden units cannot all be resident (", per_sm, " per SM x ",
+              sms, " SMs); fastseq.ops.lstm should have chosen another backend");
+  void* params[] = {&args};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks),
+                                             dim3(kThreads), params, smem,
+                                             at::cuda::getCurrentCUDAStream()));
+}
+
+#define FASTSEQ_LSTM_UNITS(units, KERNEL, ...)                                   \
+  switch (units) {                                                               \
+    case 1: launch(KERNEL<scalar_t, 1>, __VA_ARGS__); break;                     \
+    case 2: launch(KERNEL<scalar_t, 2>, __VA_ARGS__); break;                     \
+    case 4: launch(KERNEL<scalar_t, 4>, __VA_ARGS__); break;                     \
+    case 8: launch(KERNEL<scalar_t, 8>, __VA_ARGS__); break;                     \
+    default: TORCH_CHECK(false, "fastseq lstm_recurrence: bad unit count ", units); \
+  }
+
+// float, half and bfloat16 (the kernels' float math gains nothing for double).
+#define FASTSEQ_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)              \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+void check_inputs(const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(h0.is_contiguous() && c0.is_contiguous() && w_hh.is_contiguous(),
+              "fastseq lstm_recurrence: h0, c0 and w_hh must be contiguous");
+  TORCH_CHECK(w_hh.size(0) == 4 * w_hh.size(1) && h0.size(1) == w_hh.size(1),
+              "fastseq lstm_recurrence: w_hh must be (4H, H) with H = h0.size(1) (no projection)");
+  TORCH_CHECK(!lengths || (lengths->scalar_type() == at::kLong && lengths->is_cuda()),
+              "fastseq lstm_recurrence: lengths must be int64 on the GPU");
+}
+
+int plan_or_fail(int64_t hidden, const at::Tensor& like) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int units = plan_units(hidden, like.element_size(), prop->multiProcessorCount,
+                               prop->sharedMemPerBlockOptin, prop->sharedMemPerMultiprocessor);
+  TORCH_CHECK(units > 0, "fastseq lstm_recurrence: hidden size ", hidden,
+              " does not fit on chip for the persistent kernel");
+  return units;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& pre_x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& lengths, bool reverse) {
+  check_inputs(h0, c0, w_hh, lengths);
+  TORCH_CHECK(pre_x.is_contiguous() && pre_x.dim() == 3, "fastseq lstm_recurrence: pre_x (T, B, 4H)");
+  c10::cuda::CUDAGuard guard(pre_x.device());
+  const int64_t T = pre_x.size(0), B = pre_x.size(1), H = h0.size(1);
+  auto y = at::empty({T, B, H}, pre_x.options());
+  auto gates = at::empty({T, B, 4 * H}, pre_x.options());
+  auto cells = at::empty({T, B, H}, pre_x.options().dtype(at::kFloat));
+  auto h_buf = at::empty({2, B, H}, pre_x.options());
+  if (T == 0 || B == 0) return {y, h0.clone(), c0.clone(), gates, cells};
+  const int units = plan_or_fail(H, pre_x);
+  const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+  FASTSEQ_DISPATCH_KERNEL_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
+    ForwardArgs<scalar_t> args{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
+                               c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                               y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                               cells.data_ptr<float>(), h_buf.data_ptr<scalar_t>()};
+    const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
+    FASTSEQ_LSTM_UNITS(units, forward_kernel, args, H, units, smem);
+  });
+  const int64_t last = reverse ? 0 : T - 1;
+  return {y, h_buf[T % 2].clone(), cells[last].to(c0.scalar_type()), gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+    bool reverse, const at::Tensor& gates, const at::Tensor& cells) {
+  check_inputs(grad_h_n, c0, w_hh, lengths);
+  TORCH_CHECK(grad_y.is_contiguous() && gates.is_contiguous() && cells.is_contiguous() &&
+                  cells.scalar_type() == at::kFloat,
+              "fastseq lstm_recurrence_backward: grad_y, gates and float32 cells, contiguous");
+  c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t T = grad_y.size(0), B = grad_y.size(1), H = c0.size(1);
+  auto grad_pre = at::empty({T, B, 4 * H}, gates.options());
+  auto dh = grad_h_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  auto dc = grad_c_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  if (T > 0 && B > 0) {
+    const int units = plan_or_fail(H, gates);
+    const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+    FASTSEQ_DISPATCH_KERNEL_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+      BackwardArgs<scalar_t> args{r, grad_y.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                  w_hh.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                  cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
+                                  dh.data_ptr<float>(), dc.data_ptr<float>()};
+      const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
+      FASTSEQ_LSTM_UNITS(units, backward_kernel, args, H, units, smem);
+    });
+  }
+  return {grad_pre, dh.to(grad_h_n.scalar_type()), dc.to(grad_c_n.scalar_type())};
+}
+
+}  // namespace
+}  // namespace fastseq::lstm
+
+TORCH_LIBRARY_IMPL(fastseq, CUDA, m) {
+  m.impl("lstm_recurrence_forward", &fastseq::lstm::forward);
+  m.impl("lstm_recurrence_backward", &fastseq::lstm::backward);
+}
