@@ -148,3 +148,21 @@ def test_diffusers_unet_with_fastseq_processor_matches_default():
     processors = {type(p).__name__ for p in unet.attn_processors.values()}
     assert processors == {"AttnProcessor"}
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_install_on_a_transformer_block_and_on_a_model_without_attention():
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(0)
+    block = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                               norm_num_groups=8, cross_attention_dim=12).eval()
+    x, text = torch.randn(2, 16, 5, 3), torch.randn(2, 7, 12)
+    with torch.no_grad():
+        want = block(x, encoder_hidden_states=text).sample
+        got = fastseq_diffusers.install(block)(x, encoder_hidden_states=text).sample
+    assert all(type(m.processor).__module__.startswith("fastseq") for m in block.modules()
+               if isinstance(m, diffusers.models.attention_processor.Attention))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="no diffusers Attention module inside Linear"):
+        fastseq_diffusers.install(torch.nn.Linear(2, 2))
