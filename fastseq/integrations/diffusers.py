@@ -71,7 +71,8 @@ def install(model: torch.nn.Module) -> torch.nn.Module:
     """Set :class:`AttnProcessor` on every diffusers ``Attention`` module inside ``model`` (a U-Net,
     a ``Transformer2DModel``, a single block...); returns ``model``."""
     processor = AttnProcessor()
-    attention_modules = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    attention_modules = [m for m in model.modules()
+                         if hasattr(m, "set_processor") and hasattr(m, "processor")]
     if not attention_modules:
         raise ValueError(f"fastseq install: no diffusers Attention module inside {type(model).__name__}")
     for module in attention_modules:

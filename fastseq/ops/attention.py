@@ -2,8 +2,12 @@
 
 The forward op returns ``(out, lse)``; its autograd runs ``torch.ops.fastseq.attention_backward``.
 Backends: ``triton`` (the fused FlashAttention-2-style kernels; on CUDA, or on CPU tensors under the
-Triton interpreter) and the plain-PyTorch path (``reference``; also what the ``cpu`` backend runs
-for now), which materialises the score matrix and is differentiated by recomputation.
+Triton interpreter); ``cpu``, which delegates to torch's own fused CPU kernel (the flash-attention
+kernel behind ``F.scaled_dot_product_attention``, which also returns the log-sum-exp), with masks,
+key lengths and bottom-right causality folded into one additive mask, GQA by repeating k/v, and
+rotary applied before and undone on the gradients after; and ``reference``, the plain-PyTorch path,
+which materialises the score matrix and is differentiated by recomputation. Dropout on the CPU
+takes the reference path: its mask is a function of ``seed`` there, as in the Triton kernel.
 
 :func:`attention` is the native API; it checks inputs and brings masks to the canonical form
 (broadcast views, no copies) before calling the op.
@@ -38,8 +42,11 @@ def _unsupported(q, v) -> dict[str, str]:
     return {} if reason is None else {"triton": reason, "cuda": reason}
 
 
-def _use_triton(q, v) -> bool:
-    return _backend.choose("attention", q.device, _unsupported(q, v)) == "triton"
+def attention_backend(q, v, dropout_p) -> str:
+    unsupported = _unsupported(q, v)
+    if dropout_p > 0:
+        unsupported["cpu"] = "dropout (torch's CPU kernel draws its own mask)"
+    return _backend.choose("attention", q.device, unsupported)
 
 
 @torch.library.custom_op("fastseq::attention", mutates_args=())
@@ -63,7 +70,11 @@ def attention_op(
     ``attn_mask`` is None or already expanded to (B, H, Lq, Lk) (stride-0 views are fine);
     ``cos``/``sin`` are None or (S, R/2) rotary tables applied to q and k inside the kernel.
     """
-    if _use_triton(q, v):
+    backend = attention_backend(q, v, dropout_p)
+    if backend == "cpu":
+        return _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+                            bottom_right, scale)
+    if backend == "triton":
         from fastseq.kernels import attention as kernels
 
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
@@ -109,6 +120,86 @@ def _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, ca
                                seed=seed, scale=scale)
 
 
+def _unbroadcast(mask):
+    """The smallest tensor that expands back to ``mask``: stride-0 dimensions narrowed to one."""
+    for dim, stride in enumerate(mask.stride()):
+        if stride == 0:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right):
+    """``(is_causal, mask)`` for torch's CPU kernel: top-left causality alone stays a flag; any other
+    visibility rule becomes an additive mask in q's dtype, broadcast to (B, H, Lq, Lk)."""
+    batch, heads, lq, _ = q.shape
+    lk = k.shape[2]
+    if attn_mask is None and key_lengths is None and not (causal and bottom_right and lq != lk):
+        return causal, None
+    if key_lengths is not None or causal:
+        seen = reference.visibility(batch, lq, lk, causal=causal, bottom_right=bottom_right,
+                                    key_lengths=key_lengths, device=q.device)
+    else:
+        seen = None
+    bias = None
+    if attn_mask is not None:
+        small = _unbroadcast(attn_mask)
+        if small.dtype == torch.bool:
+            seen = small if seen is None else seen & small
+        else:
+            bias = small.to(q.dtype)
+    if seen is not None:
+        if bias is None:
+            bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~seen, float("-inf"))
+    return False, bias.expand(batch, heads, lq, lk)
+
+
+def _repeat_heads(t, heads):
+    """k or v (B, Hk, L, D) with each head repeated for its group of query heads: (B, H, L, D)."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
+                 bottom_right, scale):
+    if cos is not None:
+        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
+                               q.device)
+        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
+        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
+    is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
+    heads = q.shape[1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _repeat_heads(k, heads), _repeat_heads(v, heads), 0.0, is_causal, attn_mask=mask,
+        scale=scale)
+    if mask is not None:  # rows that see no key: torch's kernel leaves lse 0, ours says -inf
+        lse = lse.masked_fill((mask == float("-inf")).all(-1), float("-inf"))
+    # The kernel's outputs are (B, L, H) in memory; the op promises dense (B, H, L) tensors.
+    return out.contiguous(), lse.float().contiguous()
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved,
+                  causal, bottom_right, scale):
+    q_in, k_in = q, k
+    if cos is not None:
+        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
+                               q.device)
+        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
+        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
+    is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype, torch.float32))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, _repeat_heads(k, heads), _repeat_heads(v, heads), out, lse, 0.0, is_causal,
+        attn_mask=mask, scale=scale)
+    if heads != kv_heads:
+        dk = dk.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
+        dv = dv.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
+    if cos is not None:
+        dq, dk = dq.contiguous(), dk.contiguous()
+        _rotate_back(dq, dk, cos, sin, key_lengths, rotary_interleaved, bottom_right)
+    return dq.to(q_in.dtype), dk.to(k_in.dtype), dv.to(v.dtype)
+
+
 @attention_op.register_fake
 def _(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal, bottom_right, scale,
       dropout_p, seed):
@@ -134,14 +225,17 @@ def attention_backward_op(
     scale: float,
     dropout_p: float,
     seed: int,
-    use_kernel: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of :func:`attention_op` given the gradient of its output.
 
-    ``use_kernel`` says whether the forward ran the Triton kernel: the backward must run the same
-    implementation (dropout masks differ between them).
+    ``backend`` is the one the forward ran: the backward must run the same implementation
+    (dropout masks differ between them).
     """
-    if use_kernel:
+    if backend == "cpu":
+        return _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
+                             rotary_interleaved, causal, bottom_right, scale)
+    if backend == "triton":
         from fastseq.kernels import attention as kernels
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -178,7 +272,7 @@ def _rotate_back(dq, dk, cos, sin, key_lengths, interleaved, bottom_right):
 
 @attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
-      bottom_right, scale, dropout_p, seed, use_kernel):
+      bottom_right, scale, dropout_p, seed, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -186,7 +280,8 @@ def _setup(ctx, inputs, output):
     q, k, v, attn_mask, key_lengths, cos, sin, *config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin)
-    ctx.config = (*config, _use_triton(q, v))  # the forward's choice, made in the same context
+    dropout_p = config[-2]
+    ctx.config = (*config, attention_backend(q, v, dropout_p))  # the forward's, same context
 
 
 def _backward(ctx, grad_out, grad_lse):

@@ -14,8 +14,7 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention_op
-from fastseq.ops.attention import _use_triton as _use_attention_kernel
+from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention_backend, attention_op
 
 MAX_CONTEXT = 256
 
@@ -78,7 +77,7 @@ def cross_attention_backward_op(
         attn, attn_lse = _general(q, k, v, context_lengths, scale)
         return torch.ops.fastseq.attention_backward(
             grad_out, q, k, v, attn, attn_lse, None, context_lengths, None, None, False, False,
-            False, scale, 0.0, 0, _use_attention_kernel(q, v))
+            False, scale, 0.0, 0, attention_backend(q, v, 0.0))
     from fastseq.kernels import cross_attention as kernels
 
     dq = torch.empty_like(q)
