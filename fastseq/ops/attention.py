@@ -108,13 +108,18 @@ def _rotate_bhnd(x, cos, sin, positions, interleaved, conjugate=False):
     return rotated.transpose(1, 2)
 
 
+def _rotated(q, k, cos, sin, key_lengths, interleaved, bottom_right):
+    """q and k rotated by the rotary tables (as they are when there are none)."""
+    if cos is None:
+        return q, k
+    qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right, q.device)
+    return (_rotate_bhnd(q, cos, sin, qpos, interleaved),
+            _rotate_bhnd(k, cos, sin, None, interleaved))
+
+
 def _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                bottom_right, scale, dropout_p, seed):
-    if cos is not None:
-        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
-                               q.device)
-        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
-        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
+    q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
     return reference.attention(q, k, v, causal=causal, bottom_right=bottom_right,
                                attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p,
                                seed=seed, scale=scale)
@@ -161,11 +166,7 @@ def _repeat_heads(t, heads):
 
 def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                  bottom_right, scale):
-    if cos is not None:
-        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
-                               q.device)
-        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
-        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
+    q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads = q.shape[1]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -180,11 +181,7 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
 def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved,
                   causal, bottom_right, scale):
     q_in, k_in = q, k
-    if cos is not None:
-        qpos = query_positions(q.shape[0], q.shape[2], k.shape[2], key_lengths, bottom_right,
-                               q.device)
-        q = _rotate_bhnd(q, cos, sin, qpos, rotary_interleaved)
-        k = _rotate_bhnd(k, cos, sin, None, rotary_interleaved)
+    q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads, kv_heads = q.shape[1], k.shape[1]
     lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype, torch.float32))

@@ -1,7 +1,8 @@
 """Attention decoding over a KV cache, and the in-place cache append.
 
 ``torch.ops.fastseq.attention_decode`` runs the split-KV Triton kernels for a few query rows per
-sequence against a long cache, bottom-right causal and aligned to each sequence's cache length.
+sequence against a long cache, bottom-right causal and aligned to each sequence's cache length (on
+the CPU, torch's fused CPU kernel, as the attention op does).
 It is an inference op: with inputs that require grad, :func:`attention_decode` runs the general
 (differentiable) attention op with the same semantics instead.
 """
@@ -13,7 +14,14 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention, attention_op
+from fastseq.ops.attention import (
+    _check_key_lengths,
+    _check_qkv,
+    _cpu_forward,
+    _fail,
+    attention,
+    attention_op,
+)
 from fastseq.reference import attention as reference
 
 MAX_DECODE_ROWS = 16
@@ -34,6 +42,9 @@ def attention_decode_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode q (B, H, Lq <= 16, D) against caches (B, Hk, S, D); returns (out, lse (B, H, Lq))."""
     backend = _backend.choose("attention_decode", q.device, _decode_unsupported(q))
+    if backend == "cpu":
+        return _cpu_forward(q, k_cache, v_cache, None, cache_lengths, None, None, False, True, True,
+                            scale)
     if backend != "triton" or q.shape[2] > MAX_DECODE_ROWS:
         out, lse = reference.attention(q, k_cache, v_cache, causal=True, bottom_right=True,
                                        key_lengths=cache_lengths, scale=scale)
