@@ -17,7 +17,6 @@ from fastseq import _backend
 from fastseq.ops.attention import (
     _check_key_lengths,
     _check_qkv,
-    _cpu_forward,
     _fail,
     attention,
     attention_op,
@@ -43,8 +42,7 @@ def attention_decode_op(
     """Decode q (B, H, Lq <= 16, D) against caches (B, Hk, S, D); returns (out, lse (B, H, Lq))."""
     backend = _backend.choose("attention_decode", q.device, _decode_unsupported(q))
     if backend == "cpu":
-        return _cpu_forward(q, k_cache, v_cache, None, cache_lengths, None, None, False, True, True,
-                            scale)
+        return _cpu_decode(q, k_cache, v_cache, cache_lengths, scale)
     if backend != "triton" or q.shape[2] > MAX_DECODE_ROWS:
         out, lse = reference.attention(q, k_cache, v_cache, causal=True, bottom_right=True,
                                        key_lengths=cache_lengths, scale=scale)
@@ -57,6 +55,24 @@ def attention_decode_op(
         kernels.decode(q, k_cache, v_cache, cache_lengths, out, lse, scale,
                        interpreted=_backend.triton_interpreted())
     return out, lse
+
+
+def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
+    """Decoding through torch's fused CPU kernel, with each GQA group's query heads folded into the
+    query rows, (B, Hk, G Lq, D), so that the caches are read as they are rather than repeated."""
+    batch, heads, rows, dim = q.shape
+    kv_heads, size = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    seen = reference.visibility(batch, rows, size, causal=True, bottom_right=True,
+                                key_lengths=cache_lengths, device=q.device)
+    seen = seen.repeat(1, 1, group, 1)  # row g Lq + i is query row i of head g of the group
+    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(batch, kv_heads, group * rows, dim), k_cache, v_cache, 0.0, False,
+        attn_mask=mask.expand(batch, kv_heads, group * rows, size), scale=scale)
+    lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # rows that see no key, as elsewhere
+    return (out.reshape(batch, heads, rows, dim).contiguous(),
+            lse.float().reshape(batch, heads, rows).contiguous())
 
 
 @attention_decode_op.register_fake
