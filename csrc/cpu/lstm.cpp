@@ -44,6 +44,8 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "onednn_linear.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_LSTM_AVX2 1
 #include <immintrin.h>
@@ -706,14 +708,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   const auto opts = x.options();
   const bool proj = w_hr.has_value();
   // Pre-activations of every step; each step turns its slice into activations in place.
-  Tensor gates = at::empty({s.T, s.B, 4 * s.H}, opts);
-  Tensor gates2d = gates.view({s.T * s.B, 4 * s.H});
-  const Tensor x2d = x.view({s.T * s.B, s.I});
-  if (bias.has_value()) {
-    at::addmm_out(gates2d, *bias, x2d, w_ih.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
-  }
+  Tensor gates = cpu::linear(x.view({s.T * s.B, s.I}), w_ih, bias).view({s.T, s.B, 4 * s.H});
   if (reverse && lengths != nullptr) {
     add_reverse_start_state<scalar_t>(s, gates, h0, w_hh, lengths);
   }
@@ -971,9 +966,10 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     backward_loop(s, in, st, lengths, reverse);
   }
   const Tensor dpre2d = st.dpre.view({s.T * s.B, 4 * s.H});
-  Tensor grad_x = at::mm(dpre2d, in.w_ih).view({s.T, s.B, s.I});
-  const Tensor grad_w = at::mm(
-      dpre2d.t(), weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias));
+  Tensor grad_x = cpu::linear(dpre2d, in.w_ih.t()).view({s.T, s.B, s.I});
+  const Tensor grad_w = cpu::linear(
+      dpre2d.t(),
+      weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias).t());
   Tensor grad_w_ih = grad_w.narrow(1, 0, s.I).contiguous();
   Tensor grad_w_hh = grad_w.narrow(1, s.I, s.P).contiguous();
   std::optional<Tensor> grad_bias;
