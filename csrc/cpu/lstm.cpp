@@ -36,6 +36,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -45,6 +46,7 @@
 #include <torch/library.h>
 
 #include "onednn_linear.h"
+#include "packed_gemm_avx512.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_LSTM_AVX2 1
@@ -383,6 +385,12 @@ bool cpu_has_avx2() {
   }();
   return has;
 }
+
+// ATen's AVX512 level (avx512f, bw, vl, dq); ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 kernels.
+bool cpu_has_avx512() {
+  static const bool has = at::get_cpu_capability() == "AVX512";
+  return has;
+}
 #endif  // FASTSEQ_LSTM_AVX2
 
 template <typename scalar_t>
@@ -559,6 +567,18 @@ bool use_packed() {
 void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B, int64_t K,
                    int64_t P, int64_t v0, int64_t v1) {
 #ifdef FASTSEQ_LSTM_AVX2
+  if (cpu_has_avx512()) {
+    // Up to four full panels per pass; a ragged last panel (its own mask) alone.
+    const int64_t full = P / kPanel;
+    for (int64_t v = v0; v < v1;) {
+      const int np = v < full ? static_cast<int>(std::min<int64_t>({4, v1 - v, full - v})) : 1;
+      const cpu::avx512::Panels panels{packed + v * K * kPanel, K * kPanel, dh + v * kPanel,
+                                       kPanel, P, std::min(kPanel, P - v * kPanel)};
+      cpu::avx512::gemm_panels(B, K, dpre, K, panels, np);
+      v += np;
+    }
+    return;
+  }
   for (int64_t v = v0; v < v1; ++v) {
     avx2::gemm_panel(B, K, dpre, K, packed + v * K * kPanel, dh + v * kPanel, P,
                      std::min(kPanel, P - v * kPanel));
@@ -675,9 +695,15 @@ void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, co
   at::parallel_for(0, panel_count(H), grain_for(flops_per_block), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
-      for (int64_t q = 0; q < 4; ++q) {
-        avx2::gemm_panel(B, P, h_prev, P, w + (u * 4 + q) * P * kPanel, cell.gates + q * H + j0,
-                         4 * H, n);
+      if (cpu_has_avx512()) {
+        const cpu::avx512::Panels gates{w + u * 4 * P * kPanel, P * kPanel, cell.gates + j0, H,
+                                        4 * H, n};
+        cpu::avx512::gemm_panels(B, P, h_prev, P, gates, 4);
+      } else {
+        for (int64_t q = 0; q < 4; ++q) {
+          avx2::gemm_panel(B, P, h_prev, P, w + (u * 4 + q) * P * kPanel,
+                           cell.gates + q * H + j0, 4 * H, n);
+        }
       }
       forward_rows(cell, 0, B, j0, j0 + n);
     }
@@ -766,32 +792,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 // ----------------------------------------------------------------------------------------------
 // Backward.
 
-// The operand of the weight-gradient GEMM: rows (t, b) of [x_t | h_prev | 1] (the ones column
-// only with a bias), so that dpre^T times it is [grad_w_ih | grad_w_hh | grad_bias] in one GEMM
-// (one pass over dpre instead of three). h_prev is the previous processed step's y, or h0 at each
-// sequence's first processed step; on padding rows (dpre = 0) any finite value does.
+// The operand of the weight-gradient GEMM, transposed: columns (t, b) of [x_t | h_prev | 1]^T
+// (the ones row only with a bias), so that it times dpre is [grad_w_ih | grad_w_hh | grad_bias]^T
+// in one GEMM (one pass over dpre instead of three). Transposed, both operands of that GEMM run
+// along (t, b), the layout oneDNN's matmul takes without a reorder. h_prev is the previous
+// processed step's y, or h0 at each sequence's first processed step; on padding rows (dpre = 0)
+// any finite value does.
 template <typename scalar_t>
 Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, const Tensor& h0,
                            const int64_t* lengths, bool reverse, bool has_bias) {
   const int64_t width = s.I + s.P + (has_bias ? 1 : 0);
-  Tensor out = at::empty({s.T * s.B, width}, x.options());
+  const int64_t cols = s.T * s.B;
+  Tensor out = at::empty({width, cols}, x.options());
   scalar_t* dst = out.data_ptr<scalar_t>();
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const scalar_t* ys = y.const_data_ptr<scalar_t>();
   const scalar_t* h0s = h0.const_data_ptr<scalar_t>();
   at::parallel_for(0, s.T, grain_for(s.B * width), [&](int64_t t0, int64_t t1) {
+    std::vector<const scalar_t*> h_prev(s.B);
     for (int64_t t = t0; t < t1; ++t) {
+      const int64_t t_prev = reverse ? t + 1 : t - 1;
       for (int64_t b = 0; b < s.B; ++b) {
-        const int64_t t_prev = reverse ? t + 1 : t - 1;
         const bool first = t_prev < 0 || t_prev >= s.T ||
                            (reverse && lengths != nullptr && t_prev >= lengths[b]);
-        scalar_t* row = dst + (t * s.B + b) * width;
-        std::memcpy(row, xs + (t * s.B + b) * s.I, s.I * sizeof(scalar_t));
-        std::memcpy(row + s.I, first ? h0s + b * s.P : ys + (t_prev * s.B + b) * s.P,
-                    s.P * sizeof(scalar_t));
-        if (has_bias) {
-          row[s.I + s.P] = scalar_t(1);
+        h_prev[b] = first ? h0s + b * s.P : ys + (t_prev * s.B + b) * s.P;
+      }
+      // For each feature the B entries of a step are adjacent in the output.
+      scalar_t* col = dst + t * s.B;
+      const scalar_t* x_t = xs + t * s.B * s.I;
+      for (int64_t c = 0; c < s.I; ++c) {
+        for (int64_t b = 0; b < s.B; ++b) {
+          col[c * cols + b] = x_t[b * s.I + c];
         }
+      }
+      for (int64_t c = 0; c < s.P; ++c) {
+        for (int64_t b = 0; b < s.B; ++b) {
+          col[(s.I + c) * cols + b] = h_prev[b][c];
+        }
+      }
+      if (has_bias) {
+        std::fill_n(col + (s.I + s.P) * cols, s.B, scalar_t(1));
       }
     }
   });
@@ -967,14 +1007,14 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   }
   const Tensor dpre2d = st.dpre.view({s.T * s.B, 4 * s.H});
   Tensor grad_x = cpu::linear(dpre2d, in.w_ih.t()).view({s.T, s.B, s.I});
-  const Tensor grad_w = cpu::linear(
-      dpre2d.t(),
-      weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias).t());
-  Tensor grad_w_ih = grad_w.narrow(1, 0, s.I).contiguous();
-  Tensor grad_w_hh = grad_w.narrow(1, s.I, s.P).contiguous();
+  const Tensor grad_w_t = cpu::linear(
+      weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias),
+      dpre2d.t());
+  Tensor grad_w_ih = grad_w_t.narrow(0, 0, s.I).t().contiguous();
+  Tensor grad_w_hh = grad_w_t.narrow(0, s.I, s.P).t().contiguous();
   std::optional<Tensor> grad_bias;
   if (has_bias) {
-    grad_bias = grad_w.select(1, s.I + s.P).contiguous();
+    grad_bias = grad_w_t.select(0, s.I + s.P).contiguous();
   }
   std::optional<Tensor> grad_w_hr;
   if (proj) {

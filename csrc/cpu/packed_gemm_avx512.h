@@ -1,0 +1,146 @@
+// The LSTM's recurrent GEMM on AVX-512: C_p += A B_p for up to four packed 16-column panels B_p
+// at once, float32.
+//
+// The panels are the layout csrc/cpu/lstm.cpp packs W_hh into: K rows of 16 floats, one zmm per
+// k. Doing several panels in one pass (the forward's four gates of a block of units, or four
+// column blocks of dh in the backward) reads each element of A once per pass instead of once per
+// panel, which at the LSTM's few rows (the batch) is what bounds an AVX2 kernel. Columns of the
+// last panel past `n` are zero in the packing; C is read and written under a mask there, as it
+// has no room past column n.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTSEQ_PACKED_GEMM_AVX512 1
+#include <immintrin.h>
+
+namespace fastseq::cpu::avx512 {
+
+#define FASTSEQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+// Where the panels and their outputs are: panel p at P + p * p_stride, its C block at
+// C + p * c_stride (row stride ldc); only the first n columns of each C block are written.
+struct Panels {
+  const float* P;
+  int64_t p_stride;
+  float* C;
+  int64_t c_stride;
+  int64_t ldc;
+  int64_t n;
+};
+
+// acc[r][p] += A[r, k] B_p[k, :] for one k.
+template <int MR, int NP>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
+    __m512 (&acc)[MR][NP], const float* A, int64_t lda, const Panels& w, int64_t k) {
+  __m512 b[NP];
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    b[p] = _mm512_loadu_ps(w.P + p * w.p_stride + 16 * k);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+    }
+  }
+}
+
+// C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
+// about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
+template <int MR, int NP>
+FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w) {
+  constexpr int kTiles = MR * NP;
+  constexpr int KU = std::min(4, (8 + kTiles - 1) / kTiles);
+  const __mmask16 mask = static_cast<__mmask16>((1u << w.n) - 1u);
+  // C is read only after the k loop; in the forward it is the step's slice of the input
+  // projection, long out of cache by now. Fetching it meanwhile hides the misses.
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(w.C + p * w.c_stride + r * w.ldc), _MM_HINT_T0);
+    }
+  }
+  __m512 acc[KU][MR][NP];
+#pragma GCC unroll 4
+  for (int u = 0; u < KU; ++u) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        acc[u][r][p] = _mm512_setzero_ps();
+      }
+    }
+  }
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; ++u) {
+      fma_step<MR, NP>(acc[u], A, lda, w, k + u);
+    }
+  }
+  for (; k < K; ++k) {
+    fma_step<MR, NP>(acc[0], A, lda, w, k);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      float* c = w.C + p * w.c_stride + r * w.ldc;
+      __m512 s = _mm512_maskz_loadu_ps(mask, c);
+#pragma GCC unroll 4
+      for (int u = 0; u < KU; ++u) {
+        s = _mm512_add_ps(s, acc[u][r][p]);
+      }
+      _mm512_mask_storeu_ps(c, mask, s);
+    }
+  }
+}
+
+template <int NP>
+FASTSEQ_AVX512 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, int64_t lda,
+                                      const Panels& w) {
+  switch (rows) {
+    case 6: return micro_kernel<6, NP>(K, A, lda, w);
+    case 5: return micro_kernel<5, NP>(K, A, lda, w);
+    case 4: return micro_kernel<4, NP>(K, A, lda, w);
+    case 3: return micro_kernel<3, NP>(K, A, lda, w);
+    case 2: return micro_kernel<2, NP>(K, A, lda, w);
+    default: return micro_kernel<1, NP>(K, A, lda, w);
+  }
+}
+
+// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels 6 at a
+// time, over k in blocks small enough that the panels' block (32 KiB) stays in L1 for all of them.
+FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int64_t lda,
+                                       const Panels& w, int np) {
+  constexpr int64_t kRows = 6;
+  const int64_t depth = 512 / np;
+  for (int64_t k0 = 0; k0 < K; k0 += depth) {
+    const int64_t kd = std::min(depth, K - k0);
+    Panels block = w;
+    block.P = w.P + 16 * k0;
+    for (int64_t m = 0; m < M; m += kRows) {
+      const int64_t rows = std::min(kRows, M - m);
+      const float* Am = A + m * lda + k0;
+      Panels tile = block;
+      tile.C = w.C + m * w.ldc;
+      switch (np) {
+        case 4: micro_kernel_rows<4>(rows, kd, Am, lda, tile); break;
+        case 3: micro_kernel_rows<3>(rows, kd, Am, lda, tile); break;
+        case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile); break;
+        default: micro_kernel_rows<1>(rows, kd, Am, lda, tile); break;
+      }
+    }
+  }
+}
+
+#undef FASTSEQ_AVX512
+
+}  // namespace fastseq::cpu::avx512
+#endif
