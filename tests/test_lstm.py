@@ -1,5 +1,8 @@
 """LSTM: fastseq.nn.LSTM / LSTMCell against torch.nn.LSTM / LSTMCell holding the same weights."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -100,6 +103,41 @@ def test_low_precision_within_tolerance_rule(backend, dtype, config):
     for g, t, lo in zip(got_grads[1:], truth_grads[1:], low_grads[1:], strict=True):
         # weight gradients sum over every step: summation order alone moves them
         assert_within_rule(g, t, lo, "weight grad", factor=3.0 * scale)
+
+
+@pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
+@pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64)])
+def test_cpp_layer_on_ragged_panels(batch, hidden):
+    """The C++ layer's recurrent GEMM works on 16-column panels, up to four at a time, over rows
+    in blocks of 6: sizes off every multiple, float32 against the float64 truth."""
+    kwargs = dict(input_size=11, hidden=hidden, bidirectional=True)
+    truth_lstm, ours = _pair(**kwargs)
+    low_lstm, _ = _pair(**kwargs)
+    low_lstm.load_state_dict(truth_lstm.state_dict())
+    ours.float(), low_lstm.float()
+    x64 = torch.randn(5, batch, 11, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().float().requires_grad_()
+    got_out, got_grads = _run(ours, x, None, "cpu")
+    truth_out, truth_grads = _run(truth_lstm, x64, None)
+    low_out, low_grads = _run(low_lstm, x.detach().requires_grad_(), None)
+    _compare(got_out, truth_out, low_out)
+    _compare(got_grads[:1], truth_grads[:1], low_grads[:1])
+    for g, t, lo in zip(got_grads[1:], truth_grads[1:], low_grads[1:], strict=True):
+        assert_within_rule(g, t, lo, "weight grad", factor=3.0)
+
+
+@pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpp_layer_under_lower_cpu_capabilities(capability):
+    """The AVX2 and portable paths, which an AVX-512 machine never takes by itself: ATen reads
+    ATEN_CPU_CAPABILITY once per process, so the ragged-panel test runs in a child."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{here}/test_lstm.py::test_cpp_layer_on_ragged_panels"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,10 +13,12 @@
 //
 // The recurrent GEMMs are small (B rows) and run T times against the same weights, which a BLAS
 // call would repack every time. For float32 on AVX2 they use W_hh packed once per call into
-// 16-column panels and a register-tiled kernel; in the forward the panels of the four gates of a
-// block of 16 hidden units are adjacent, so one task computes that block's pre-activations and
-// runs its cell while they are in L1, and a step is one parallel region. Other dtypes and CPUs
-// take the same plan through ATen GEMMs.
+// 16-column panels and a register-tiled kernel (on AVX-512 one that takes four panels per pass,
+// csrc/cpu/packed_gemm_avx512.h); in the forward the panels of the four gates of a block of 16
+// hidden units are adjacent, so one task computes that block's pre-activations and runs its cell
+// while they are in L1, and a step is one parallel region. Other dtypes and CPUs take the same
+// plan through ATen GEMMs. The whole-sequence GEMMs go through oneDNN where torch carries it
+// (csrc/cpu/onednn_linear.h).
 //
 // The pointwise math is AVX2 intrinsics under a function-level target attribute: the extension is
 // compiled for the baseline ISA, where at::vec::Vectorized falls back to one std::exp call per
