@@ -69,12 +69,18 @@ def _(q, k, v, context_lengths, residual, scale):
 @torch.library.custom_op("fastseq::cross_attention_backward", mutates_args=())
 def cross_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-    context_lengths: torch.Tensor | None, scale: float,
+    context_lengths: torch.Tensor | None, scale: float, out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`cross_attention_op` (the residual's gradient is ``grad_out``)."""
+    """(dq, dk, dv) of :func:`cross_attention_op` (the residual's gradient is ``grad_out``).
+
+    ``out`` is the forward's output when it holds the attention alone (no residual added), else
+    None; the general path needs it and recomputes it when it is not given.
+    """
     if not _use_kernel(q, k):
-        # The saved output may include a residual: recompute the attention alone.
-        attn, attn_lse = _general(q, k, v, context_lengths, scale)
+        if out is None:
+            attn, attn_lse = _general(q, k, v, context_lengths, scale)
+        else:
+            attn, attn_lse = out, lse
         return torch.ops.fastseq.attention_backward(
             grad_out, q, k, v, attn, attn_lse, None, context_lengths, None, None, False, False,
             False, scale, 0.0, 0, attention_backend(q, v, 0.0))
@@ -89,19 +95,22 @@ def cross_attention_backward_op(
 
 
 @cross_attention_backward_op.register_fake
-def _(grad_out, q, k, v, lse, context_lengths, scale):
+def _(grad_out, q, k, v, lse, context_lengths, scale, out):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, context_lengths, residual, scale = inputs
-    ctx.save_for_backward(q, k, v, output[1], context_lengths)
+    # The general path's backward needs the attention alone: keep the output when it is that.
+    attn = output[0] if residual is None and not _use_kernel(q, k) else None
+    ctx.save_for_backward(q, k, v, output[1], context_lengths, attn)
     ctx.scale, ctx.has_residual = scale, residual is not None
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, lse, context_lengths = ctx.saved_tensors
-    dq, dk, dv = cross_attention_backward_op(grad_out, q, k, v, lse, context_lengths, ctx.scale)
+    q, k, v, lse, context_lengths, attn = ctx.saved_tensors
+    dq, dk, dv = cross_attention_backward_op(grad_out, q, k, v, lse, context_lengths, ctx.scale,
+                                             attn)
     return dq, dk, dv, None, grad_out if ctx.has_residual else None, None
 
 
