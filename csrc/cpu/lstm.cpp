@@ -49,6 +49,7 @@
 
 #include "onednn_linear.h"
 #include "packed_gemm_avx512.h"
+#include "parallel_steps.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_LSTM_AVX2 1
@@ -686,31 +687,61 @@ Tensor final_hidden(const Sizes& s, const Tensor& y, const Tensor& h0, const int
   return h_n;
 }
 
-// One step on packed weights: each task takes blocks of 16 units, computes their four gates'
-// pre-activations for all rows and runs their cell while they are hot.
-void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, const Tensor& packed,
-                         int64_t B, int64_t P) {
+// Unit block u of one step on packed weights: the four gates' pre-activations of units
+// [16 u, 16 u + 16) for all rows, then their cell while they are hot.
+void forward_block(const ForwardStep<float>& cell, const float* h_prev, const float* w, int64_t B,
+                   int64_t P, int64_t u) {
 #ifdef FASTSEQ_LSTM_AVX2
   const int64_t H = cell.H;
+  const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
+  if (cpu_has_avx512()) {
+    const cpu::avx512::Panels gates{w + u * 4 * P * kPanel, P * kPanel, cell.gates + j0, H, 4 * H,
+                                    n};
+    cpu::avx512::gemm_panels(B, P, h_prev, P, gates, 4);
+  } else {
+    for (int64_t q = 0; q < 4; ++q) {
+      avx2::gemm_panel(B, P, h_prev, P, w + (u * 4 + q) * P * kPanel, cell.gates + q * H + j0,
+                       4 * H, n);
+    }
+  }
+  forward_rows(cell, 0, B, j0, j0 + n);
+#endif
+}
+
+int64_t forward_block_grain(int64_t B, int64_t P) {
+  return grain_for(B * kPanel * (8 * P + kFlopsPerCell));
+}
+
+void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, const Tensor& packed,
+                         int64_t B, int64_t P) {
   const float* w = packed.const_data_ptr<float>();
-  const int64_t flops_per_block = B * kPanel * (8 * P + kFlopsPerCell);
-  at::parallel_for(0, panel_count(H), grain_for(flops_per_block), [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, panel_count(cell.H), forward_block_grain(B, P), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
-      if (cpu_has_avx512()) {
-        const cpu::avx512::Panels gates{w + u * 4 * P * kPanel, P * kPanel, cell.gates + j0, H,
-                                        4 * H, n};
-        cpu::avx512::gemm_panels(B, P, h_prev, P, gates, 4);
-      } else {
-        for (int64_t q = 0; q < 4; ++q) {
-          avx2::gemm_panel(B, P, h_prev, P, w + (u * 4 + q) * P * kPanel,
-                           cell.gates + q * H + j0, 4 * H, n);
-        }
-      }
-      forward_rows(cell, 0, B, j0, j0 + n);
+      forward_block(cell, h_prev, w, B, P, u);
     }
   });
-#endif
+}
+
+// The whole recurrence without a projection on packed weights, in one parallel region: a
+// thread keeps its unit blocks for every step. y_t is h_t; c alternates between two buffers
+// unless every step is saved.
+void forward_loop_packed(const Sizes& s, float* gates, const float* h0, const float* c0,
+                         float* cells, float* y, const Tensor& packed, const int64_t* lengths,
+                         bool reverse, bool save) {
+  const float* w = packed.const_data_ptr<float>();
+  const int64_t step_cells = s.B * s.H;
+  auto time = [&](int64_t k) { return reverse ? s.T - 1 - k : k; };
+  auto cell_slot = [&](int64_t k) { return cells + (save ? time(k) : k % 2) * step_cells; };
+  cpu::parallel_steps(s.T, panel_count(s.H), forward_block_grain(s.B, s.P),
+                      [&](int64_t k, int64_t u0, int64_t u1) {
+    const int64_t t = time(k);
+    const float* h_prev = k == 0 ? h0 : y + time(k - 1) * s.B * s.P;
+    const ForwardStep<float> cell{gates + t * s.B * 4 * s.H, k == 0 ? c0 : cell_slot(k - 1),
+                                  cell_slot(k), y + t * s.B * s.P, lengths, t, s.H};
+    for (int64_t u = u0; u < u1; ++u) {
+      forward_block(cell, h_prev, w, s.B, s.P, u);
+    }
+  });
 }
 
 // One step: gates_t += h_prev W_hh^T, then the cell; on packed weights when given (float32).
@@ -747,7 +778,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   const Tensor w_packed = use_packed<scalar_t>() ? pack_gate_panels(w_hh, s.H, s.P) : Tensor();
   Tensor h_prev = h0;
   Tensor c_prev = c0;
-  for (int64_t k = 0; k < s.T; ++k) {
+  bool done = false;  // by the one-region loop
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!proj && w_packed.defined()) {
+      forward_loop_packed(s, gates.data_ptr<float>(), h0.const_data_ptr<float>(),
+                          c0.const_data_ptr<float>(), cells.data_ptr<float>(), y.data_ptr<float>(),
+                          w_packed, lengths, reverse, save);
+      if (s.T > 0) {
+        c_prev = cells.select(0, save ? (reverse ? 0 : s.T - 1) : (s.T - 1) % 2);
+      }
+      done = true;
+    }
+  }
+  for (int64_t k = 0; k < s.T && !done; ++k) {
     const int64_t t = reverse ? s.T - 1 - k : k;
     const Tensor g_t = gates.select(0, t);
     const Tensor c_t = cells.select(0, save ? t : k % 2);
@@ -914,30 +957,31 @@ void projection_grad_step(const Tensor& dh_t, const Tensor& dh, const Tensor& gr
   }
 }
 
-// Without a projection on packed weights the two halves of consecutive steps fuse: a task owning
-// units [16 u, 16 u + 16) first finishes dh for those units from the previous step's dpre (the
-// GEMM's columns are the units, as P = H), then runs their cell. One parallel region per step.
+// Without a projection on packed weights the two halves of consecutive steps fuse: a thread
+// owning units [16 u, 16 u + 16) first finishes dh for those units from the previous step's dpre
+// (the GEMM's columns are the units, as P = H), then runs their cell. One parallel region for
+// the whole sequence, a barrier per step.
 void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardState<float>& st,
                           const int64_t* lengths, bool reverse) {
   const Tensor packed = pack_column_panels(in.w_hh, 4 * s.H, s.P);
   const float* w = packed.const_data_ptr<float>();
   float* dh = st.dh.data_ptr<float>();
-  const float* prev = nullptr;  // dpre of the step done last, whose dh GEMM is pending
-  const int64_t flops_per_block = s.B * kPanel * (8 * s.H + kFlopsPerCell);
+  std::vector<BackwardStep<float>> steps;  // in processing order (reverse of k)
+  steps.reserve(s.T);
   for (int64_t k = s.T - 1; k >= 0; --k) {
-    const BackwardStep<float> cell = backward_cell_args(s, in, st, lengths, reverse, k);
-    at::parallel_for(0, panel_count(s.H), grain_for(flops_per_block), [&](int64_t u0, int64_t u1) {
-      if (prev != nullptr) {
-        packed_grad_h(prev, w, dh, s.B, 4 * s.H, s.P, u0, u1);
-      }
-      backward_rows(cell, 0, s.B, u0 * kPanel, std::min(u1 * kPanel, s.H));
-    });
-    prev = cell.dpre;
+    steps.push_back(backward_cell_args(s, in, st, lengths, reverse, k));
   }
-  if (prev != nullptr) {
+  const int64_t grain = grain_for(s.B * kPanel * (8 * s.H + kFlopsPerCell));
+  cpu::parallel_steps(s.T, panel_count(s.H), grain, [&](int64_t i, int64_t u0, int64_t u1) {
+    if (i > 0) {
+      packed_grad_h(steps[i - 1].dpre, w, dh, s.B, 4 * s.H, s.P, u0, u1);
+    }
+    backward_rows(steps[i], 0, s.B, u0 * kPanel, std::min(u1 * kPanel, s.H));
+  });
+  if (s.T > 0) {
     at::parallel_for(0, panel_count(s.P), grain_for(s.B * kPanel * 8 * s.H),
                      [&](int64_t v0, int64_t v1) {
-                       packed_grad_h(prev, w, dh, s.B, 4 * s.H, s.P, v0, v1);
+                       packed_grad_h(steps.back().dpre, w, dh, s.B, 4 * s.H, s.P, v0, v1);
                      });
   }
 }
