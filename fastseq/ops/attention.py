@@ -173,7 +173,7 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
         q, _repeat_heads(k, heads), _repeat_heads(v, heads), 0.0, is_causal, attn_mask=mask,
         scale=scale)
     if mask is not None:  # rows that see no key: torch's kernel leaves lse 0, ours says -inf
-        lse = lse.masked_fill((mask == float("-inf")).all(-1), float("-inf"))
+        lse = lse.masked_fill((_unbroadcast(mask) == float("-inf")).all(-1), float("-inf"))
     # The kernel's outputs are (B, L, H) in memory; the op promises dense (B, H, L) tensors.
     return out.contiguous(), lse.float().contiguous()
 
