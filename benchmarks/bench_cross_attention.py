@@ -116,3 +116,13 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     out += [_block_case(level, p, batch, dtype, device) for level in block_levels
             for p in ("fwd", "fwd+bwd")]
     return out
+
+
+MEMORY_SWEEP = "tokens"
+
+
+def memory_cases(device: torch.device) -> list[Case]:
+    """Peak memory of the kernel's fwd+bwd at the SD 1.5 levels (small to large), against SDPA."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return [_kernel_case(level, "fwd+bwd", 2 if device.type == "cuda" else 1, dtype, device)
+            for level in reversed(LEVELS[:3])]

@@ -137,3 +137,20 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     """fwd and fwd+bwd over the shape sweep of ``device``."""
     return [_case(shape, pass_, device) for shape in _shapes(device, quick)
             for pass_ in ("fwd", "fwd+bwd")]
+
+
+MEMORY_SWEEP = "steps"
+
+
+def memory_cases(device: torch.device) -> list[Case]:
+    """Peak memory of fwd+bwd over the sequence length: what each implementation keeps for the
+    backward grows with T (fastseq: gates, cells and outputs of every step)."""
+    base = (Shape(torch.float16, batch=64, steps=0, input_size=512, hidden=512)
+            if device.type == "cuda" else
+            Shape(torch.float32, batch=16, steps=0, input_size=128, hidden=256))
+    out = []
+    for steps in (64, 128, 256, 512):
+        case = _case(dataclasses.replace(base, steps=steps), "fwd+bwd", device)
+        case.params["steps"] = steps  # numeric, for the plot's axis
+        out.append(case)
+    return out
