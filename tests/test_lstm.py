@@ -153,6 +153,25 @@ def test_cpp_layer_with_lengths_on_ragged_panels(batch, hidden):
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_inference_matches_training_forward(dtype, with_lengths):
+    """Without grad the C++ layer keeps no per-step state and projects the input a chunk of steps
+    at a time (about 4 MiB each: 600 steps of batch 8 and hidden 64 are several chunks)."""
+    module = fastseq.nn.LSTM(5, 64, num_layers=2, bidirectional=True).to(dtype)
+    x = torch.randn(600, 8, 5, dtype=dtype)
+    lengths = torch.tensor([600, 1, 599, 300, 0, 17, 600, 450]) if with_lengths else None
+    with fastseq.use_backend("cpu"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no silent fallback
+        with torch.no_grad():
+            inferred = module(x, lengths=lengths)
+        trained = module(x.requires_grad_(), lengths=lengths)
+    for got, want in zip(torch.utils._pytree.tree_leaves(inferred),
+                         torch.utils._pytree.tree_leaves(trained), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_cpp_layer_under_lower_cpu_capabilities(capability):
     """The AVX2 and portable paths, which an AVX-512 machine never takes by itself: ATen reads

@@ -49,6 +49,7 @@
 
 #include "onednn_linear.h"
 #include "packed_gemm_avx512.h"
+#include "lstm_cell_simd.h"
 #include "parallel_steps.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -147,134 +148,20 @@ void backward_cells_scalar(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n
 
 #ifdef FASTSEQ_LSTM_AVX2
 #define FASTSEQ_AVX2 __attribute__((target("avx2,fma")))
-#define FASTSEQ_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
 namespace avx2 {
 
-FASTSEQ_AVX2_INLINE __m256 load(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-
-FASTSEQ_AVX2_INLINE __m256 load(const c10::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-FASTSEQ_AVX2_INLINE void store(float* p, __m256 v) {
-  _mm256_storeu_ps(p, v);
-}
-
-// Round to nearest even, as c10::BFloat16's constructor does; NaN stays NaN.
-FASTSEQ_AVX2_INLINE void store(c10::BFloat16* p, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-  r = _mm256_srli_epi32(r, 16);
-  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-  const __m128i packed =
-      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-// exp(x) for |x| <= 87 (clamped there), Cephes' expf: x = n ln2 + r, exp(r) by a degree-6
-// polynomial, 2^n by building the exponent bits. About 1 ulp. The clamp keeps 2^n normal, and
-// the gate activations below lose nothing by it.
-FASTSEQ_AVX2_INLINE __m256 exp(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-FASTSEQ_AVX2_INLINE __m256 sigmoid(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.f));
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp(neg)));
-}
-
-// Cephes' tanhf: an odd polynomial below |x| = 0.625, where (1 - e) / (1 + e) with
-// e = exp(-2|x|) would cancel; that form above, where it is exact to about 2 ulp.
-FASTSEQ_AVX2_INLINE __m256 tanh(__m256 x) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.f);
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
-  const __m256 z = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-  const __m256 e = exp(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
-  const __m256 big_abs = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-  const __m256 big = _mm256_or_ps(big_abs, _mm256_and_ps(sign_bit, x));
-  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+// The vector cell, 8 floats at a time: csrc/cpu/lstm_cell_simd.h compiled for AVX2. Each returns
+// the column where it stopped.
+template <typename scalar_t>
+FASTSEQ_AVX2 int64_t forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
+                                   int64_t gs, int64_t n) {
+  return cpu::simd::forward_cells<8>(g, c_prev, c, m, gs, n);
 }
 
 template <typename scalar_t>
-FASTSEQ_AVX2 void forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
-                                int64_t gs, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 i = sigmoid(load(g + j));
-    const __m256 f = sigmoid(load(g + gs + j));
-    const __m256 gg = tanh(load(g + 2 * gs + j));
-    const __m256 o = sigmoid(load(g + 3 * gs + j));
-    const __m256 cn = _mm256_fmadd_ps(f, load(c_prev + j), _mm256_mul_ps(i, gg));
-    store(g + j, i);
-    store(g + gs + j, f);
-    store(g + 2 * gs + j, gg);
-    store(g + 3 * gs + j, o);
-    store(c + j, cn);
-    store(m + j, _mm256_mul_ps(o, tanh(cn)));
-  }
-  forward_cells_scalar(g, c_prev, c, m, gs, n, j);
-}
-
-template <typename scalar_t>
-FASTSEQ_AVX2 void backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 i = load(r.gates + j);
-    const __m256 f = load(r.gates + gs + j);
-    const __m256 g = load(r.gates + 2 * gs + j);
-    const __m256 o = load(r.gates + 3 * gs + j);
-    const __m256 tc = tanh(load(r.c + j));
-    __m256 dm = load(r.dm_in + j);
-    if (r.dm_add != nullptr) {
-      dm = _mm256_add_ps(dm, load(r.dm_add + j));
-    }
-    if (r.consume) {
-      store(r.dm_in + j, _mm256_setzero_ps());
-    }
-    const __m256 dm_o = _mm256_mul_ps(dm, o);
-    const __m256 dc =
-        _mm256_fmadd_ps(dm_o, _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(r.dc + j));
-    const __m256 di = _mm256_mul_ps(_mm256_mul_ps(dc, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
-    const __m256 df = _mm256_mul_ps(_mm256_mul_ps(dc, load(r.c_prev + j)),
-                                    _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
-    const __m256 dg = _mm256_mul_ps(_mm256_mul_ps(dc, i), _mm256_fnmadd_ps(g, g, one));
-    const __m256 dout = _mm256_mul_ps(_mm256_mul_ps(dm_o, tc), _mm256_sub_ps(one, o));
-    store(r.dpre + j, di);
-    store(r.dpre + gs + j, df);
-    store(r.dpre + 2 * gs + j, dg);
-    store(r.dpre + 3 * gs + j, dout);
-    _mm256_storeu_ps(r.dc + j, _mm256_mul_ps(dc, f));
-  }
-  backward_cells_scalar(r, gs, n, j);
+FASTSEQ_AVX2 int64_t backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
+  return cpu::simd::backward_cells<8>(r, gs, n);
 }
 
 // C[0:MR, 0:16] += A[0:MR, 0:K] * P[0:K, 0:16], P one packed panel (16 floats per k). MR rows
@@ -394,35 +281,69 @@ bool cpu_has_avx512() {
   static const bool has = at::get_cpu_capability() == "AVX512";
   return has;
 }
+
+// The vector cell, 16 floats at a time.
+namespace avx512 {
+#define FASTSEQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+template <typename scalar_t>
+FASTSEQ_AVX512 int64_t forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
+                                     int64_t gs, int64_t n) {
+  return cpu::simd::forward_cells<16>(g, c_prev, c, m, gs, n);
+}
+
+template <typename scalar_t>
+FASTSEQ_AVX512 int64_t backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
+  return cpu::simd::backward_cells<16>(r, gs, n);
+}
+
+#undef FASTSEQ_AVX512
+}  // namespace avx512
 #endif  // FASTSEQ_LSTM_AVX2
 
 template <typename scalar_t>
 constexpr bool kVectorCell =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
+// The row's columns from j on.
+template <typename scalar_t>
+BackwardRow<scalar_t> columns_from(const BackwardRow<scalar_t>& r, int64_t j) {
+  return {r.gates + j, r.c + j, r.c_prev + j, r.dm_in + j,
+          r.dm_add == nullptr ? nullptr : r.dm_add + j, r.consume, r.dc + j, r.dpre + j};
+}
+
+// 16 columns at a time where the CPU has AVX-512, then 8 with AVX2, then one.
 template <typename scalar_t>
 void forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m, int64_t gs,
                    int64_t n) {
+  int64_t j = 0;
 #ifdef FASTSEQ_LSTM_AVX2
   if constexpr (kVectorCell<scalar_t>) {
+    if (cpu_has_avx512()) {
+      j = avx512::forward_cells(g, c_prev, c, m, gs, n);
+    }
     if (cpu_has_avx2()) {
-      return avx2::forward_cells(g, c_prev, c, m, gs, n);
+      j += avx2::forward_cells(g + j, c_prev + j, c + j, m + j, gs, n - j);
     }
   }
 #endif
-  forward_cells_scalar(g, c_prev, c, m, gs, n, 0);
+  forward_cells_scalar(g, c_prev, c, m, gs, n, j);
 }
 
 template <typename scalar_t>
 void backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
+  int64_t j = 0;
 #ifdef FASTSEQ_LSTM_AVX2
   if constexpr (kVectorCell<scalar_t>) {
+    if (cpu_has_avx512()) {
+      j = avx512::backward_cells(r, gs, n);
+    }
     if (cpu_has_avx2()) {
-      return avx2::backward_cells(r, gs, n);
+      j += avx2::backward_cells(columns_from(r, j), gs, n - j);
     }
   }
 #endif
-  backward_cells_scalar(r, gs, n, 0);
+  backward_cells_scalar(r, gs, n, j);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -722,22 +643,32 @@ void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, co
   });
 }
 
-// The whole recurrence without a projection on packed weights, in one parallel region: a
-// thread keeps its unit blocks for every step. y_t is h_t; c alternates between two buffers
-// unless every step is saved.
-void forward_loop_packed(const Sizes& s, float* gates, const float* h0, const float* c0,
-                         float* cells, float* y, const Tensor& packed, const int64_t* lengths,
-                         bool reverse, bool save) {
+// The pre-activations of processing steps [k0, k1): gates of time t at gates + (t - t0) B 4H.
+template <typename scalar_t>
+struct StepChunk {
+  int64_t k0, k1;
+  Tensor gates;  // (k1 - k0, B, 4H)
+  int64_t t0;    // the chunk's first time index
+};
+
+// Steps [k0, k1) without a projection on packed weights, in one parallel region: a thread keeps
+// its unit blocks for every step. y_t is h_t; c alternates between two buffers unless every step
+// is saved.
+void forward_loop_packed(const Sizes& s, const StepChunk<float>& chunk, const float* h0,
+                         const float* c0, float* cells, float* y, const Tensor& packed,
+                         const int64_t* lengths, bool reverse, bool save) {
   const float* w = packed.const_data_ptr<float>();
-  const int64_t step_cells = s.B * s.H;
+  float* gates = chunk.gates.data_ptr<float>();
   auto time = [&](int64_t k) { return reverse ? s.T - 1 - k : k; };
-  auto cell_slot = [&](int64_t k) { return cells + (save ? time(k) : k % 2) * step_cells; };
-  cpu::parallel_steps(s.T, panel_count(s.H), forward_block_grain(s.B, s.P),
-                      [&](int64_t k, int64_t u0, int64_t u1) {
+  auto cell_slot = [&](int64_t k) { return cells + (save ? time(k) : k % 2) * s.B * s.H; };
+  cpu::parallel_steps(chunk.k1 - chunk.k0, panel_count(s.H), forward_block_grain(s.B, s.P),
+                      [&](int64_t i, int64_t u0, int64_t u1) {
+    const int64_t k = chunk.k0 + i;
     const int64_t t = time(k);
     const float* h_prev = k == 0 ? h0 : y + time(k - 1) * s.B * s.P;
-    const ForwardStep<float> cell{gates + t * s.B * 4 * s.H, k == 0 ? c0 : cell_slot(k - 1),
-                                  cell_slot(k), y + t * s.B * s.P, lengths, t, s.H};
+    const ForwardStep<float> cell{gates + (t - chunk.t0) * s.B * 4 * s.H,
+                                  k == 0 ? c0 : cell_slot(k - 1), cell_slot(k),
+                                  y + t * s.B * s.P, lengths, t, s.H};
     for (int64_t u = u0; u < u1; ++u) {
       forward_block(cell, h_prev, w, s.B, s.P, u);
     }
@@ -759,6 +690,31 @@ void forward_step(const ForwardStep<scalar_t>& cell, const Tensor& g_t, const Te
   forward_cell_step(cell, B);
 }
 
+// Processing steps per input-projection chunk. Saving for the backward needs every step's
+// gates, so it takes them all at once; inference keeps none, so it projects a chunk of steps at a
+// time into a buffer of about 4 MiB: its memory stays small however long the sequence (and a
+// buffer under glibc's mmap threshold is reused, where a fresh one of 32 MiB or more would be
+// page-faulted in on every call). A reverse pass with lengths adds h0 W_hh^T at scattered steps
+// and takes all of them at once too.
+int64_t steps_per_chunk(const Sizes& s, size_t element_size, bool save, bool reverse,
+                        const int64_t* lengths) {
+  if (save || (reverse && lengths != nullptr)) {
+    return std::max<int64_t>(s.T, 1);
+  }
+  const int64_t step_bytes = std::max<int64_t>(s.B * 4 * s.H * element_size, 1);
+  return std::max<int64_t>(1, (int64_t(4) << 20) / step_bytes);
+}
+
+// Steps [k0, k1) with their pre-activations (each step turns its slice into activations in place).
+template <typename scalar_t>
+StepChunk<scalar_t> project_chunk(const Sizes& s, const Tensor& x, const Tensor& w_ih,
+                                  const std::optional<Tensor>& bias, bool reverse, int64_t k0,
+                                  int64_t k1) {
+  const int64_t t0 = reverse ? s.T - k1 : k0;
+  const Tensor x_chunk = x.narrow(0, t0, k1 - k0).view({(k1 - k0) * s.B, s.I});
+  return {k0, k1, cpu::linear(x_chunk, w_ih, bias).view({k1 - k0, s.B, 4 * s.H}), t0};
+}
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     const Sizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
@@ -766,11 +722,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     const int64_t* lengths, bool reverse, bool save) {
   const auto opts = x.options();
   const bool proj = w_hr.has_value();
-  // Pre-activations of every step; each step turns its slice into activations in place.
-  Tensor gates = cpu::linear(x.view({s.T * s.B, s.I}), w_ih, bias).view({s.T, s.B, 4 * s.H});
-  if (reverse && lengths != nullptr) {
-    add_reverse_start_state<scalar_t>(s, gates, h0, w_hh, lengths);
-  }
   Tensor y = at::empty({s.T, s.B, s.P}, opts);
   // Without saving, c alternates between two buffers and m (projection input) reuses one.
   Tensor cells = at::empty({save ? s.T : 2, s.B, s.H}, opts);
@@ -778,38 +729,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   const Tensor w_packed = use_packed<scalar_t>() ? pack_gate_panels(w_hh, s.H, s.P) : Tensor();
   Tensor h_prev = h0;
   Tensor c_prev = c0;
-  bool done = false;  // by the one-region loop
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!proj && w_packed.defined()) {
-      forward_loop_packed(s, gates.data_ptr<float>(), h0.const_data_ptr<float>(),
-                          c0.const_data_ptr<float>(), cells.data_ptr<float>(), y.data_ptr<float>(),
-                          w_packed, lengths, reverse, save);
-      if (s.T > 0) {
-        c_prev = cells.select(0, save ? (reverse ? 0 : s.T - 1) : (s.T - 1) % 2);
+  Tensor gates;  // with save: every step's
+  const int64_t chunk_steps = steps_per_chunk(s, x.element_size(), save, reverse, lengths);
+  for (int64_t k0 = 0; k0 < s.T; k0 += chunk_steps) {
+    const auto chunk =
+        project_chunk<scalar_t>(s, x, w_ih, bias, reverse, k0, std::min(s.T, k0 + chunk_steps));
+    gates = chunk.gates;
+    if (reverse && lengths != nullptr) {
+      add_reverse_start_state<scalar_t>(s, gates, h0, w_hh, lengths);  // the one chunk
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!proj && w_packed.defined()) {
+        forward_loop_packed(s, chunk, h0.const_data_ptr<float>(), c0.const_data_ptr<float>(),
+                            cells.data_ptr<float>(), y.data_ptr<float>(), w_packed, lengths,
+                            reverse, save);
+        continue;
       }
-      done = true;
+    }
+    for (int64_t k = chunk.k0; k < chunk.k1; ++k) {
+      const int64_t t = reverse ? s.T - 1 - k : k;
+      const Tensor g_t = gates.select(0, t - chunk.t0);
+      const Tensor c_t = cells.select(0, save ? t : k % 2);
+      Tensor y_t = y.select(0, t);
+      const Tensor m_t = proj ? hidden.select(0, save ? t : 0) : y_t;
+      const ForwardStep<scalar_t> cell{g_t.data_ptr<scalar_t>(),
+                                       c_prev.const_data_ptr<scalar_t>(), c_t.data_ptr<scalar_t>(),
+                                       m_t.data_ptr<scalar_t>(), lengths, t, s.H};
+      forward_step(cell, g_t, h_prev, w_hh, w_packed);
+      if (proj) {
+        at::mm_out(y_t, m_t, w_hr->t());
+      }
+      h_prev = y_t;
+      c_prev = c_t;
     }
   }
-  for (int64_t k = 0; k < s.T && !done; ++k) {
-    const int64_t t = reverse ? s.T - 1 - k : k;
-    const Tensor g_t = gates.select(0, t);
-    const Tensor c_t = cells.select(0, save ? t : k % 2);
-    Tensor y_t = y.select(0, t);
-    const Tensor m_t = proj ? hidden.select(0, save ? t : 0) : y_t;
-    const ForwardStep<scalar_t> cell{g_t.data_ptr<scalar_t>(), c_prev.const_data_ptr<scalar_t>(),
-                                     c_t.data_ptr<scalar_t>(), m_t.data_ptr<scalar_t>(),
-                                     lengths, t, s.H};
-    forward_step(cell, g_t, h_prev, w_hh, w_packed);
-    if (proj) {
-      at::mm_out(y_t, m_t, w_hr->t());
-    }
-    h_prev = y_t;
-    c_prev = c_t;
+  if (s.T > 0) {  // c of the last processed step
+    c_prev = cells.select(0, save ? (reverse ? 0 : s.T - 1) : (s.T - 1) % 2);
   }
   Tensor h_n = final_hidden<scalar_t>(s, y, h0, lengths, reverse);
   Tensor c_n = c_prev.clone();
   if (!save) {
     return {y, h_n, c_n, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  if (!gates.defined()) {  // T = 0
+    gates = at::empty({0, s.B, 4 * s.H}, opts);
   }
   return {y, h_n, c_n, gates, cells, hidden};
 }

@@ -199,26 +199,35 @@ def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, ha
 def lstm_layer_op(
     x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     bias: torch.Tensor | None, w_hr: torch.Tensor | None, lengths: torch.Tensor | None,
-    reverse: bool,
+    reverse: bool, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer over contiguous x (T, B, I); returns (y, h_n, c_n, gates, cells, pre_proj)."""
+    """One layer over contiguous x (T, B, I); returns (y, h_n, c_n, gates, cells, pre_proj).
+
+    Without ``save`` (nothing needs a gradient) the last three are empty and the C++ layer keeps
+    no per-step state.
+    """
     backend = _backend.choose("lstm", x.device, _unsupported(x, w_hh, w_hr))
     if backend == "cpu":
         return tuple(torch.ops.fastseq.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr,
-                                                          lengths, reverse, True))
+                                                          lengths, reverse, save))
     if backend == "cuda":
-        return _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse)
-    forward, _ = _cells(backend)
-    return _loop_forward(forward, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse)
+        out = _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse)
+    else:
+        forward, _ = _cells(backend)
+        out = _loop_forward(forward, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse)
+    return tuple(out) if save else (*out[:3], *(x.new_empty(0) for _ in range(3)))
 
 
 @lstm_layer_op.register_fake
-def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save):
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
+    outputs = (x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0))
+    if not save:
+        return (*outputs, *(x.new_empty(0) for _ in range(3)))
     pre_proj = x.new_empty(steps, batch, hidden) if w_hr is not None else x.new_empty(0)
-    return (x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
-            x.new_empty(steps, batch, 4 * hidden), _cells_like(x, steps, batch, hidden), pre_proj)
+    return (*outputs, x.new_empty(steps, batch, 4 * hidden), _cells_like(x, steps, batch, hidden),
+            pre_proj)
 
 
 def _cells_like(x, steps, batch, hidden):
@@ -259,7 +268,7 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
 
 
 def _setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, _save = inputs
     y, _, _, gates, cells, pre_proj = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
@@ -273,7 +282,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
                                pre_proj, y, ctx.has_bias, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
     return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None,
-            gw_hr if w_hr is not None else None, None, None)
+            gw_hr if w_hr is not None else None, None, None, None)
 
 
 lstm_layer_op.register_autograd(_backward, setup_context=_setup)
@@ -287,7 +296,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     Inputs are made contiguous here (the kernels take dense rows).
     """
     tensors = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
-    y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse, save)
     return y, h_n, c_n
 
 
