@@ -144,25 +144,12 @@ void backward_cells_scalar(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n
 }
 
 // ----------------------------------------------------------------------------------------------
-// AVX2 + FMA: the vector cell (float and bfloat16 storage, float math) and the packed GEMM.
+// AVX2 + FMA: the packed GEMM; the vector cell's entry points (AVX2 and AVX-512).
 
 #ifdef FASTSEQ_LSTM_AVX2
 #define FASTSEQ_AVX2 __attribute__((target("avx2,fma")))
 
 namespace avx2 {
-
-// The vector cell, 8 floats at a time: csrc/cpu/lstm_cell_simd.h compiled for AVX2. Each returns
-// the column where it stopped.
-template <typename scalar_t>
-FASTSEQ_AVX2 int64_t forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
-                                   int64_t gs, int64_t n) {
-  return cpu::simd::forward_cells<8>(g, c_prev, c, m, gs, n);
-}
-
-template <typename scalar_t>
-FASTSEQ_AVX2 int64_t backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
-  return cpu::simd::backward_cells<8>(r, gs, n);
-}
 
 // C[0:MR, 0:16] += A[0:MR, 0:K] * P[0:K, 0:16], P one packed panel (16 floats per k). MR rows
 // give 2 MR independent FMA chains; fewer than about 8 cannot hide the FMA latency, so with one
@@ -282,23 +269,25 @@ bool cpu_has_avx512() {
   return has;
 }
 
-// The vector cell, 16 floats at a time.
-namespace avx512 {
-#define FASTSEQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
+// The vector cell's entry points for one instruction set: csrc/cpu/lstm_cell_simd.h compiled for
+// `isa_target`, `width` floats at a time. Each returns the column where it stopped.
+#define FASTSEQ_LSTM_CELLS(ns, isa_target, width)                                                \
+  namespace ns {                                                                                 \
+  template <typename scalar_t>                                                                   \
+  __attribute__((target(isa_target))) int64_t forward_cells(                                     \
+      scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m, int64_t gs, int64_t n) {    \
+    return cpu::simd::forward_cells<width>(g, c_prev, c, m, gs, n);                              \
+  }                                                                                              \
+  template <typename scalar_t>                                                                   \
+  __attribute__((target(isa_target))) int64_t backward_cells(const BackwardRow<scalar_t>& r,     \
+                                                             int64_t gs, int64_t n) {            \
+    return cpu::simd::backward_cells<width>(r, gs, n);                                           \
+  }                                                                                              \
+  }
 
-template <typename scalar_t>
-FASTSEQ_AVX512 int64_t forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m,
-                                     int64_t gs, int64_t n) {
-  return cpu::simd::forward_cells<16>(g, c_prev, c, m, gs, n);
-}
-
-template <typename scalar_t>
-FASTSEQ_AVX512 int64_t backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
-  return cpu::simd::backward_cells<16>(r, gs, n);
-}
-
-#undef FASTSEQ_AVX512
-}  // namespace avx512
+FASTSEQ_LSTM_CELLS(avx2_cells, "avx2,fma", 8)
+FASTSEQ_LSTM_CELLS(avx512_cells, "avx512f,avx2,fma", 16)
+#undef FASTSEQ_LSTM_CELLS
 #endif  // FASTSEQ_LSTM_AVX2
 
 template <typename scalar_t>
@@ -320,10 +309,10 @@ void forward_cells(scalar_t* g, const scalar_t* c_prev, scalar_t* c, scalar_t* m
 #ifdef FASTSEQ_LSTM_AVX2
   if constexpr (kVectorCell<scalar_t>) {
     if (cpu_has_avx512()) {
-      j = avx512::forward_cells(g, c_prev, c, m, gs, n);
+      j = avx512_cells::forward_cells(g, c_prev, c, m, gs, n);
     }
     if (cpu_has_avx2()) {
-      j += avx2::forward_cells(g + j, c_prev + j, c + j, m + j, gs, n - j);
+      j += avx2_cells::forward_cells(g + j, c_prev + j, c + j, m + j, gs, n - j);
     }
   }
 #endif
@@ -336,10 +325,10 @@ void backward_cells(const BackwardRow<scalar_t>& r, int64_t gs, int64_t n) {
 #ifdef FASTSEQ_LSTM_AVX2
   if constexpr (kVectorCell<scalar_t>) {
     if (cpu_has_avx512()) {
-      j = avx512::backward_cells(r, gs, n);
+      j = avx512_cells::backward_cells(r, gs, n);
     }
     if (cpu_has_avx2()) {
-      j += avx2::backward_cells(columns_from(r, j), gs, n - j);
+      j += avx2_cells::backward_cells(columns_from(r, j), gs, n - j);
     }
   }
 #endif
