@@ -1,6 +1,6 @@
 """Command line: ``python -m fastseq {bench,profile,info}`` (also installed as ``fastseq``).
 
-    python -m fastseq bench [suite ...] [--quick] [--out DIR] [--device cpu|cuda]
+    python -m fastseq bench [suite ...] [--quick] [--malloc keep|default] [--out DIR] [--device cpu|cuda]
     python -m fastseq profile [suite ...] [--snapshot] [--out DIR] [--device cpu|cuda]
     python -m fastseq info
 
@@ -50,6 +50,10 @@ def bench(args: argparse.Namespace) -> int:
 
     device, names = _device(args.device), _suites(args.suites)
     meta = report.environment(device)
+    if device.type == "cpu" and args.malloc == "keep":
+        from fastseq.bench.allocator import keep_freed_memory
+
+        meta["allocator"] = keep_freed_memory()
     print(report.describe(meta))
     failed = False
     for name in names:
@@ -141,8 +145,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    with_common("bench", "time the benchmark suites", bench).add_argument(
+    bench_parser = with_common("bench", "time the benchmark suites", bench)
+    bench_parser.add_argument(
         "--quick", action="store_true", help="small shapes and short timings (a smoke test)"
+    )
+    bench_parser.add_argument(
+        "--malloc", choices=["keep", "default"], default="keep",
+        help="CPU: keep freed memory in the process (default; see fastseq.bench.allocator) or "
+             "leave glibc's malloc as it is"
     )
     with_common("profile", "peak-memory sweeps of the suites", profile).add_argument(
         "--snapshot", action="store_true", help="CUDA: also dump an allocator history snapshot"

@@ -4,13 +4,14 @@ Nothing here checks speed; the synthetic suite's variants take microseconds.
 """
 
 import json
+import platform
 import textwrap
 
 import pytest
 import torch
 
 from fastseq.__main__ import main
-from fastseq.bench import Case
+from fastseq.bench import Case, allocator
 from fastseq.bench.report import device_slug
 from fastseq.bench.result import summarize
 from fastseq.bench.timing import Timing
@@ -199,6 +200,16 @@ def test_bench_command_writes_reports(tiny_suite, tmp_path, capsys):
 
     markdown = (out / "tiny-quick.md").read_text()
     assert "| sum n1024 | fastseq |" in markdown
+    if platform.libc_ver()[0] == "glibc":  # CPU timing keeps freed memory, and says so
+        assert meta["allocator"] == allocator.SETTING
+        assert f"- {allocator.SETTING}" in markdown
+
+
+def test_bench_malloc_default_leaves_the_allocator_alone(tiny_suite, tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", tiny_suite, "--quick", "--device", "cpu", "--malloc", "default",
+                 "--out", str(out)]) == 0
+    assert "allocator" not in json.loads((out / "tiny-quick.json").read_text())["metadata"]
 
 
 def test_profile_command_measures_memory_cases(tiny_suite, tmp_path, capsys):

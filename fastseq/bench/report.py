@@ -198,6 +198,7 @@ def format_markdown(suite: str, results: Sequence[CaseResult], meta: dict) -> st
         f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
         f"Python {meta['python']}, {meta['cpu_count']} CPUs ({meta['torch_threads']} threads)",
         f"- fastseq backends available: {', '.join(meta['fastseq_backends'])}",
+        *([f"- {meta['allocator']}"] if meta.get("allocator") else []),
         f"- {meta['timestamp']}: `{meta['command']}`",
         "",
         "| " + " | ".join(header) + " |",
