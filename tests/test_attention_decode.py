@@ -30,6 +30,22 @@ def test_decode_matches_full_attention(backend, dtype, shape):
     torch.testing.assert_close(lse, truth_lse.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("full", ["lengths_at_capacity", "no_lengths"])
+def test_decode_over_full_caches(backend, rows, full):
+    """Every cache slot holds a token (the CPU path then needs no mask for one query row)."""
+    q, k_cache, v_cache = torch.randn(2, 6, rows, 32), torch.randn(2, 2, 21, 32), \
+        torch.randn(2, 2, 21, 32)
+    lengths = torch.full((2,), 21) if full == "lengths_at_capacity" else None
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention_decode(q, k_cache, v_cache, lengths, return_lse=True)
+    want, want_lse = ref.attention(q.double(), k_cache.double(), v_cache.double(), causal=True,
+                                   bottom_right=True)
+    torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_decode_with_grad_takes_the_differentiable_path():
     q = torch.randn(1, 2, 1, 16, requires_grad=True)
     k_cache, v_cache = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)

@@ -63,14 +63,20 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
     batch, heads, rows, dim = q.shape
     kv_heads, size = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    seen = reference.visibility(batch, rows, size, causal=True, bottom_right=True,
-                                key_lengths=cache_lengths, device=q.device)
-    seen = seen.repeat(1, 1, group, 1)  # row g Lq + i is query row i of head g of the group
-    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.reshape(batch, kv_heads, group * rows, dim), k_cache, v_cache, 0.0, False,
-        attn_mask=mask.expand(batch, kv_heads, group * rows, size), scale=scale)
-    lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # rows that see no key, as elsewhere
+    folded = q.reshape(batch, kv_heads, group * rows, dim)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if rows == 1 and bool((cache_lengths == size).all()):
+        out, lse = flash(folded, k_cache, v_cache, 0.0, False, scale=scale)  # sees every key
+    else:
+        seen = reference.visibility(batch, rows, size, causal=True, bottom_right=True,
+                                    key_lengths=cache_lengths, device=q.device)
+        if rows > 1:
+            seen = seen.repeat(1, 1, group, 1)  # row g Lq + i is query row i of head g
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~seen, float("-inf"))
+        out, lse = flash(folded, k_cache, v_cache, 0.0, False,
+                         attn_mask=mask.expand(batch, kv_heads, group * rows, size), scale=scale)
+        lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # rows that see no key, as elsewhere
     return (out.reshape(batch, heads, rows, dim).contiguous(),
             lse.float().reshape(batch, heads, rows).contiguous())
 
@@ -89,7 +95,8 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
         k_cache, v_cache: ``(B, Hk, S, D)`` with ``H % Hk == 0``; only the first
             ``cache_lengths[b]`` positions of sequence ``b`` are valid, and they include the
             ``Lq`` new tokens (append them first, e.g. with :func:`kv_cache_append`).
-        cache_lengths: ``(B,)`` int32/int64.
+        cache_lengths: ``(B,)`` int32/int64, or None when every cache is full (``S`` valid
+            positions).
         scale: softmax scale, default ``1/sqrt(D)``.
 
     Returns:
@@ -99,6 +106,8 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
     """
     _check_qkv(q, k_cache, v_cache)
     _check_key_lengths(cache_lengths, q, k_cache)
+    if cache_lengths is None:
+        cache_lengths = torch.full((q.shape[0],), k_cache.shape[2], device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         out, lse = attention_op(q, k_cache, v_cache, None, cache_lengths, None, None, False,
