@@ -283,6 +283,49 @@ def test_triton_cell_kernels_match_reference():
     torch.testing.assert_close(dc_prev, want[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes", [dict(input_size=1, hidden=6), dict(input_size=5, hidden=1),
+                                   dict(input_size=5, hidden=6, proj_size=1)], ids=str)
+def test_sizes_of_one_train(backend, sizes):
+    """Gradient slices of width one are contiguous already; they must still come back as their
+    own tensors (a custom op may not return aliases)."""
+    torch_lstm, ours = _pair(dtype=torch.float32, **sizes)
+    x = torch.randn(4, 3, sizes["input_size"], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got_out, got_grads = _run(ours, x, None, backend)
+    want_out, want_grads = _run(torch_lstm, x, None)
+    for a, b in zip(got_out + got_grads, want_out + want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(0, 3), (5, 0)], ids=["no_steps", "empty_batch"])
+def test_empty_sequence_or_batch(backend, dtype, shape):
+    steps, batch = shape
+    ours = fastseq.nn.LSTM(4, 16, bidirectional=True).to(dtype)
+    x = torch.randn(steps, batch, 4, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(2, batch, 16, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(2, batch, 16, dtype=dtype)
+    with fastseq.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, (h, c) = ours(x, (h0, c0))
+    assert y.shape == (steps, batch, 32)
+    if steps == 0:  # the state passes through untouched
+        torch.testing.assert_close(h, h0.detach())
+        torch.testing.assert_close(c, c0)
+    (y.sum() + h.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape and h0.grad.shape == h0.shape
+
+
+def test_strided_lengths():
+    _, ours = _pair()
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    strided = torch.tensor([6, 0, 3, 0, 2, 0])[::2]
+    torch.testing.assert_close(ours(x, lengths=strided)[0], ours(x, lengths=strided.clone())[0])
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [

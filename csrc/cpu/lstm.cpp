@@ -1008,11 +1008,13 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   const Tensor grad_w_t = cpu::linear(
       weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias),
       dpre2d.t());
-  Tensor grad_w_ih = grad_w_t.narrow(0, 0, s.I).t().contiguous();
-  Tensor grad_w_hh = grad_w_t.narrow(0, s.I, s.P).t().contiguous();
+  // Copies, never views: with I, P or 4H of 1 a slice is contiguous already, and returned
+  // gradients must not share memory.
+  Tensor grad_w_ih = grad_w_t.narrow(0, 0, s.I).t().clone(at::MemoryFormat::Contiguous);
+  Tensor grad_w_hh = grad_w_t.narrow(0, s.I, s.P).t().clone(at::MemoryFormat::Contiguous);
   std::optional<Tensor> grad_bias;
   if (has_bias) {
-    grad_bias = grad_w_t.select(0, s.I + s.P).contiguous();
+    grad_bias = grad_w_t.select(0, s.I + s.P).clone();
   }
   std::optional<Tensor> grad_w_hr;
   if (proj) {

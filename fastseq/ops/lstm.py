@@ -89,7 +89,7 @@ def _input_projection(x, w_ih, bias):
     """x W_ih^T + bias for every step at once: (T, B, 4H)."""
     flat = x.flatten(0, 1)
     pre = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
-    return pre.view(x.shape[0], x.shape[1], -1)
+    return pre.view(x.shape[0], x.shape[1], w_ih.shape[0])
 
 
 def _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse):
@@ -124,7 +124,8 @@ def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
         if w_hr is not None:
             pre_proj[t] = m
         h, c = h_new, c_new
-    return y, h, c.to(c0.dtype), gates, cells, pre_proj
+    # With no steps the state is h0/c0 itself, which an op may not return.
+    return y, h.clone() if h is h0 else h, c.to(c0.dtype, copy=True), gates, cells, pre_proj
 
 
 def _previous(states, first, lengths, reverse):
@@ -133,6 +134,8 @@ def _previous(states, first, lengths, reverse):
     In the reverse direction a sequence starts at its last valid step: before it lies ``first``.
     """
     shifted = torch.empty_like(states)
+    if states.shape[0] == 0:
+        return shifted
     if reverse:
         shifted[:-1], shifted[-1] = states[1:], first
         if lengths is not None:
@@ -170,7 +173,9 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
         dh, dc = dh_prev, dc_prev
     gx, gw_ih, gw_hh, gbias, gw_hr = _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths,
                                                  reverse, has_bias)
-    return gx, dh, dc.to(c0.dtype), gw_ih, gw_hh, gbias, gw_hr
+    # With no steps dh is grad_h_n itself, which an op may not return.
+    return (gx, dh.clone() if dh is grad_h_n else dh, dc.to(c0.dtype, copy=True), gw_ih, gw_hh,
+            gbias, gw_hr)
 
 
 def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
@@ -297,6 +302,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     """
     tensors = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    lengths = lengths if lengths is None else lengths.contiguous()
     y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse, save)
     return y, h_n, c_n
 
