@@ -92,7 +92,11 @@ def _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL: tl.constex
     if MASK_KIND == 1:
         keep = keep & (tl.load(mask_ptrs, mask=mask_valid, other=0) != 0)
     if MASK_KIND == 2:
-        s = s + tl.load(mask_ptrs, mask=mask_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        bias = tl.load(mask_ptrs, mask=mask_valid, other=0.0).to(tl.float32)
+        # In log2 units a bias below about -2.4e38 (finfo(float32).min, as Hugging Face masks
+        # hold) would overflow to -inf and mask the key out; it stays a finite, very negative bias.
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.0e38))
+        s = s + bias * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
 
 

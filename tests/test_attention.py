@@ -311,3 +311,111 @@ def test_rotary_tables_are_checked():
         fastseq.attention(q, q, q, cos=cos[:8], sin=sin[:8])
     with pytest.raises(ValueError, match="both cos and sin"):
         fastseq.attention(q, q, q, cos=cos)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])  # (torch.func
+def test_backward_outputs_have_the_promised_layout(backend):  # inside cannot run under opcheck)
+    """opcheck compares the real backward's strides with the fake's (what torch.compile plans
+    for): the CPU kernel's gradients come out (B, L, H, D) in memory and must be laid out again."""
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    k2, v2 = torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)  # GQA, Lq != Lk
+    for keys, values in ((k, v), (k2, v2)):
+        out, lse = torch.ops.fastseq.attention(q, keys, values, None, None, None, None, False,
+                                               True, True, 0.25, 0.0, 0)
+        torch.library.opcheck(
+            torch.ops.fastseq.attention_backward.default,
+            (torch.randn_like(out), q, keys, values, out, lse, None, None, None, None, False, True,
+             True, 0.25, 0.0, 0, backend), test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_strided_in_the_head_dim(backend):
+    """q, k, v whose last dimension is not contiguous (e.g. heads of an NCHW feature map)."""
+    q64 = torch.randn(2, 3, 16, 13, dtype=torch.float64).transpose(-1, -2)  # (2, 3, 13, 16)
+    k64 = torch.randn(2, 3, 16, 10, dtype=torch.float64).transpose(-1, -2)
+    v64 = torch.randn(2, 3, 16, 10, dtype=torch.float64).transpose(-1, -2)
+    q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
+    with fastseq.use_backend(backend):
+        out = fastseq.attention(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        decoded = fastseq.attention_decode(q.detach(), k.detach(), v.detach(), None)
+    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    want = ref.attention(q64, k64, v64, causal=True)[0]
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out, want.float(), atol=1e-4, rtol=1e-4)
+    for got, truth in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got, truth.float(), atol=1e-4, rtol=1e-4)
+    want_decode = ref.attention(q64, k64, v64, causal=True, bottom_right=True)[0]
+    torch.testing.assert_close(decoded, want_decode.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 4, 0), (0, 4, 5)], ids=["no_queries", "no_keys",
+                                                                         "empty_batch"])
+def test_empty_queries_keys_or_batch(backend, shape):
+    batch, lq, lk = shape
+    q = torch.randn(batch, 2, lq, 16, requires_grad=True)
+    k, v = (torch.randn(batch, 2, lk, 16, requires_grad=True) for _ in range(2))
+    mask = torch.ones(lq, lk, dtype=torch.bool)
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention(q, k, v, attn_mask=mask, return_lse=True)
+        out.sum().backward()
+        decoded = fastseq.attention_decode(q.detach(), k.detach(), v.detach(), None)
+    assert out.shape == q.shape and decoded.shape == q.shape
+    assert not out.any() and (lse == float("-inf")).all()
+    assert q.grad.shape == q.shape and not q.grad.any() and not v.grad.any()
+
+
+def test_sdpa_drop_in_takes_a_different_value_dim():
+    q, k = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 9, 16)
+    v = torch.randn(2, 3, 9, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fused kernels take equal dims: a visible fallback
+        got = fastseq.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_the_log_sum_exp(backend):
+    q64, k64, v64 = (torch.randn(1, 2, 11, 16, dtype=torch.float64, requires_grad=True)
+                     for _ in range(3))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention(q, k, v, causal=True, return_lse=True)
+    (out.square().sum() + lse.sum()).backward()
+    want, want_lse = ref.attention(q64, k64, v64, causal=True)
+    (want.square().sum() + want_lse.sum()).backward()
+    for got, truth in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got, truth.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_reference_rows_masked_by_minus_infinity_have_finite_gradients():
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(3, 4, dtype=torch.float64)
+    mask[0] = float("-inf")
+    out, lse = ref.attention(q, k, v, attn_mask=mask)
+    (out.sum() + lse[..., 1:].sum()).backward()
+    assert lse[0, 0, 0] == float("-inf") and not out[0, 0, 0].any()
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+    assert not q.grad[0, 0, 0].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_with_a_float32_mask_at_its_minimum(backend):
+    """An additive float32 mask holding finfo(float32).min (what Hugging Face models use) is a
+    very negative but finite bias, not a masked-out row: a bias constant over a row cancels in
+    the softmax, so that row attends as if unmasked."""
+    q, k, v = (torch.randn(1, 2, 5, 16).half() for _ in range(3))
+    mask = torch.zeros(5, 5)
+    mask[1] = torch.finfo(torch.float32).min
+    with fastseq.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, lse = fastseq.attention(q, k, v, attn_mask=mask, return_lse=True)
+    assert torch.isfinite(lse).all() and got[:, :, 1].abs().amax(-1).gt(0).all()
+    # Other rows as the reference; row 1 depends on how much of the scores survives adding
+    # -3.4e38 (all of it in torch's CPU kernel, which works relative to the row maximum).
+    want = ref.attention(q.double(), k.double(), v.double(), attn_mask=mask.double())[0]
+    rows = [0, 2, 3, 4]
+    torch.testing.assert_close(got[:, :, rows].double(), want[:, :, rows], atol=3e-3, rtol=3e-3)

@@ -10,7 +10,9 @@ import fastseq
 from fastseq.integrations import diffusers as fastseq_diffusers
 from fastseq.reference import attention as ref
 
-BACKENDS = [b for b in ("triton",) if b in fastseq.available_backends("cpu")] or ["reference"]
+# triton: the short-context kernel (interpreted here); cpu: the general path through torch's CPU
+# flash kernel.
+BACKENDS = [b for b in ("triton", "cpu") if b in fastseq.available_backends("cpu")] or ["reference"]
 
 
 def _check(name, got, truth, low, factor=2.0):
@@ -23,7 +25,8 @@ def _check(name, got, truth, low, factor=2.0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layout):
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layout, with_residual):
     heads, batch, height, width, context = 2, 2, 5, 7, 13  # 35 query tokens: ragged
     x = torch.randn(batch, heads * head_dim, height, width, dtype=torch.float64)
     if layout == "channels_last":
@@ -33,7 +36,7 @@ def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layo
     lengths = torch.tensor([context, 4])
     xs, k, v = (t.to(dtype).requires_grad_() for t in (x, k64, v64))
     q = fastseq.feature_map_heads(xs, heads)
-    residual = q  # the feature map itself, as in a residual block
+    residual = q if with_residual else None  # the feature map itself, as in a residual block
     with fastseq.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         out = fastseq.cross_attention(q, k, v, context_lengths=lengths, residual=residual)
@@ -43,12 +46,14 @@ def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layo
 
     leaves64 = [t.detach().requires_grad_() for t in (x, k64, v64)]
     q64 = fastseq.feature_map_heads(leaves64[0], heads)
-    truth = ref.attention(q64, leaves64[1], leaves64[2], key_lengths=lengths)[0] + q64
+    truth = ref.attention(q64, leaves64[1], leaves64[2], key_lengths=lengths)[0]
+    truth = truth + q64 if with_residual else truth
     want = torch.autograd.grad(truth, leaves64, grad.double())
     low_leaves = [t.detach().requires_grad_() for t in (xs, k, v)]
     q_low = fastseq.feature_map_heads(low_leaves[0], heads)
     low = ref.attention(q_low, low_leaves[1], low_leaves[2], key_lengths=lengths,
-                        compute_dtype=dtype)[0] + q_low
+                        compute_dtype=dtype)[0]
+    low = low + q_low if with_residual else low
     low_grads = torch.autograd.grad(low, low_leaves, grad)
     _check("out", out, truth, low)
     for name, g, w, lo in zip(("dx", "dk", "dv"), got, want, low_grads, strict=True):

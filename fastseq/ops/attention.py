@@ -38,7 +38,8 @@ def _unsupported(q, v) -> dict[str, str]:
     elif q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 1:
         reason = f"head dim {q.shape[-1]} (kernel takes 1..{MAX_HEAD_DIM})"
     elif v.shape[-1] != q.shape[-1]:
-        reason = f"value dim {v.shape[-1]} != query/key dim {q.shape[-1]}"
+        value_dim = f"value dim {v.shape[-1]} != query/key dim {q.shape[-1]}"
+        return {"triton": value_dim, "cuda": value_dim, "cpu": value_dim}
     return {} if reason is None else {"triton": reason, "cuda": reason}
 
 
@@ -128,7 +129,7 @@ def _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, ca
 def _unbroadcast(mask):
     """The smallest tensor that expands back to ``mask``: stride-0 dimensions narrowed to one."""
     for dim, stride in enumerate(mask.stride()):
-        if stride == 0:
+        if stride == 0 and mask.shape[dim] > 0:
             mask = mask.narrow(dim, 0, 1)
     return mask
 
@@ -150,8 +151,10 @@ def _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right):
         small = _unbroadcast(attn_mask)
         if small.dtype == torch.bool:
             seen = small if seen is None else seen & small
-        else:
-            bias = small.to(q.dtype)
+        else:  # torch's kernel takes the mask in q's dtype: finite values stay finite
+            info = torch.finfo(q.dtype)
+            bias = torch.where(small.isneginf(), small, small.clamp(info.min, info.max))
+            bias = bias.to(q.dtype)
     if seen is not None:
         if bias is None:
             bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
@@ -164,9 +167,24 @@ def _repeat_heads(t, heads):
     return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
+def _last_dim_dense(t):
+    """``t`` with unit stride in its last dimension, which torch's CPU kernels assume."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _laid_out_like(t, like):
+    """``t`` in the memory layout of ``torch.empty_like(like)`` (what the fake impl promises)."""
+    want = torch.empty_like(like)
+    return t if t.stride() == want.stride() else want.copy_(t)
+
+
 def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                  bottom_right, scale):
+    if not q.numel() or not k.shape[2]:  # no rows, or no keys to see
+        return (q.new_zeros(q.shape[:-1] + v.shape[-1:]),
+                q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32))
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
+    q, k, v = (_last_dim_dense(t) for t in (q, k, v))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads = q.shape[1]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -180,8 +198,11 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
 
 def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved,
                   causal, bottom_right, scale):
-    q_in, k_in = q, k
+    q_in, k_in, v_in = q, k, v
+    if not q.numel() or not k.shape[2]:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
+    q, k, v, out, grad_out = (_last_dim_dense(t) for t in (q, k, v, out, grad_out))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads, kv_heads = q.shape[1], k.shape[1]
     lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype, torch.float32))
@@ -194,7 +215,8 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
     if cos is not None:
         dq, dk = dq.contiguous(), dk.contiguous()
         _rotate_back(dq, dk, cos, sin, key_lengths, rotary_interleaved, bottom_right)
-    return dq.to(q_in.dtype), dk.to(k_in.dtype), dv.to(v.dtype)
+    return (_laid_out_like(dq.to(q_in.dtype), q_in), _laid_out_like(dk.to(k_in.dtype), k_in),
+            _laid_out_like(dv.to(v_in.dtype), v_in))
 
 
 @attention_op.register_fake
@@ -279,11 +301,28 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin)
     dropout_p = config[-2]
     ctx.config = (*config, attention_backend(q, v, dropout_p))  # the forward's, same context
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
 
 def _backward(ctx, grad_out, grad_lse):
-    dq, dk, dv = attention_backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.config)
-    return dq, dk, dv, *([None] * 10)
+    q, k, v, out, lse, attn_mask, key_lengths, cos, sin = ctx.saved_tensors
+    if grad_out is not None:
+        grads = attention_backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.config)
+    else:
+        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    if grad_lse is not None:
+        # The log-sum-exp's own gradient (rarely wanted: merging partial attentions) goes
+        # through the plain-PyTorch recomputation, whose memory is quadratic in the length.
+        rotary_interleaved, causal, bottom_right, scale, *_ = ctx.config
+
+        def lse_of(q, k):
+            return _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved,
+                              causal, bottom_right, scale, 0.0, 0)[1]
+
+        _, vjp = torch.func.vjp(lse_of, q, k)
+        dq_lse, dk_lse = vjp(grad_lse.to(lse.dtype))
+        grads = (grads[0] + dq_lse.to(q.dtype), grads[1] + dk_lse.to(k.dtype), grads[2])
+    return *grads, *([None] * 10)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)

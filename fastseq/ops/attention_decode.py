@@ -18,6 +18,7 @@ from fastseq.ops.attention import (
     _check_key_lengths,
     _check_qkv,
     _fail,
+    _last_dim_dense,
     attention,
     attention_op,
 )
@@ -62,8 +63,11 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
     query rows, (B, Hk, G Lq, D), so that the caches are read as they are rather than repeated."""
     batch, heads, rows, dim = q.shape
     kv_heads, size = k_cache.shape[1], k_cache.shape[2]
+    if not q.numel() or not size:  # no rows, or no keys to see
+        return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     group = heads // kv_heads
-    folded = q.reshape(batch, kv_heads, group * rows, dim)
+    folded = q.reshape(batch, kv_heads, group * rows, dim).contiguous()
+    k_cache, v_cache = _last_dim_dense(k_cache), _last_dim_dense(v_cache)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if rows == 1 and bool((cache_lengths == size).all()):
         out, lse = flash(folded, k_cache, v_cache, 0.0, False, scale=scale)  # sees every key

@@ -56,8 +56,12 @@ def attention(q, k, v, *, causal=False, bottom_right=False, attn_mask=None, key_
         else:
             scores = scores + attn_mask.to(compute)
     scores = scores.masked_fill(~seen, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
+    # Rows that see no key (masked out, or -inf in an additive mask) take the log-sum-exp of zeros,
+    # so that its gradient stays finite, and then lse = -inf and probabilities 0.
+    sees = torch.isfinite(scores).any(dim=-1)
+    lse = torch.logsumexp(scores.masked_fill(~sees[..., None], 0.0), dim=-1)
+    lse = lse.masked_fill(~sees, float("-inf"))
+    probs = torch.exp(scores - lse.masked_fill(~sees, float("inf"))[..., None])
     if dropout_p > 0:
         if keep_mask is None:
             keep_mask = dropout_keep_mask(probs.shape, dropout_p, seed, q.device)
