@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_PACKED_GEMM_AVX512 1
@@ -53,7 +52,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
 
 // C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
 // about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
-template <int MR, int NP, bool kPrefetch>
+template <int MR, int NP>
 FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w) {
   constexpr int kTiles = MR * NP;
   constexpr int KU = std::min(4, (8 + kTiles - 1) / kTiles);
@@ -80,13 +79,6 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
   }
   int64_t k = 0;
   for (; k + KU <= K; k += KU) {
-    if constexpr (kPrefetch) {
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) {
-        _mm_prefetch(reinterpret_cast<const char*>(w.P + p * w.p_stride + 16 * (k + 16)),
-                     _MM_HINT_T0);
-      }
-    }
 #pragma GCC unroll 4
     for (int u = 0; u < KU; ++u) {
       fma_step<MR, NP>(acc[u], A, lda, w, k + u);
@@ -110,27 +102,16 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
   }
 }
 
-template <int NP, bool kPrefetch>
+template <int NP>
 FASTSEQ_AVX512 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, int64_t lda,
                                       const Panels& w) {
   switch (rows) {
-    case 6: return micro_kernel<6, NP, kPrefetch>(K, A, lda, w);
-    case 5: return micro_kernel<5, NP, kPrefetch>(K, A, lda, w);
-    case 4: return micro_kernel<4, NP, kPrefetch>(K, A, lda, w);
-    case 3: return micro_kernel<3, NP, kPrefetch>(K, A, lda, w);
-    case 2: return micro_kernel<2, NP, kPrefetch>(K, A, lda, w);
-    default: return micro_kernel<1, NP, kPrefetch>(K, A, lda, w);
-  }
-}
-
-template <int NP>
-FASTSEQ_AVX512 void micro_kernel_pass(bool first, int64_t rows, int64_t K, const float* A,
-                                      int64_t lda, const Panels& w) {
-  static const bool enabled = std::getenv("AB_NOPF") == nullptr;
-  if (first && enabled) {
-    micro_kernel_rows<NP, true>(rows, K, A, lda, w);
-  } else {
-    micro_kernel_rows<NP, false>(rows, K, A, lda, w);
+    case 6: return micro_kernel<6, NP>(K, A, lda, w);
+    case 5: return micro_kernel<5, NP>(K, A, lda, w);
+    case 4: return micro_kernel<4, NP>(K, A, lda, w);
+    case 3: return micro_kernel<3, NP>(K, A, lda, w);
+    case 2: return micro_kernel<2, NP>(K, A, lda, w);
+    default: return micro_kernel<1, NP>(K, A, lda, w);
   }
 }
 
@@ -149,12 +130,11 @@ FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int
       const float* Am = A + m * lda + k0;
       Panels tile = block;
       tile.C = w.C + m * w.ldc;
-      const bool first = m == 0;
       switch (np) {
-        case 4: micro_kernel_pass<4>(first, rows, kd, Am, lda, tile); break;
-        case 3: micro_kernel_pass<3>(first, rows, kd, Am, lda, tile); break;
-        case 2: micro_kernel_pass<2>(first, rows, kd, Am, lda, tile); break;
-        default: micro_kernel_pass<1>(first, rows, kd, Am, lda, tile); break;
+        case 4: micro_kernel_rows<4>(rows, kd, Am, lda, tile); break;
+        case 3: micro_kernel_rows<3>(rows, kd, Am, lda, tile); break;
+        case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile); break;
+        default: micro_kernel_rows<1>(rows, kd, Am, lda, tile); break;
       }
     }
   }
