@@ -2,8 +2,9 @@
 //
 // `make_params` checks the tensors of one `fastseq::rotary_kernel` call and flattens them into
 // `Params`: raw pointers and element strides, a plain struct that a CUDA kernel takes by value.
-// Only what is cheap is checked (shapes, dtypes, devices, output overlap); the positions are
-// trusted: the Python side has checked that every position lies inside the cos/sin table.
+// Only what is cheap is checked (shapes, dtypes, devices, output overlap, and positions held on
+// the CPU); positions on a GPU are trusted: the Python side checks that every position lies
+// inside the cos/sin table (except while torch.compile traces it, which cannot sync).
 #pragma once
 
 #include <cstdint>
@@ -175,6 +176,14 @@ inline Params make_params(const at::Tensor& q_out, const at::Tensor& k_out, cons
                     (pos.dim() == 2 && pos.size(0) == p.batch && pos.size(1) == p.seqlen),
                 "rotary_kernel: positions must be (B,) or (B, N) = (", p.batch, ", ", p.seqlen, "), got ",
                 pos.sizes());
+    if (pos.device().is_cpu() && pos.numel() > 0 && p.seqlen > 0) {
+      // A position outside the table would read past it.
+      const at::Tensor wide = pos.to(at::kLong);
+      const int64_t low = offset + wide.min().item<int64_t>();
+      const int64_t high = offset + wide.max().item<int64_t>() + (pos.dim() == 1 ? p.seqlen - 1 : 0);
+      TORCH_CHECK(low >= 0 && high < cos.size(1), "rotary_kernel: positions span ", low, "..", high,
+                  ", past the cos/sin table of ", cos.size(1), " positions");
+    }
     p.mode = pos.dim() == 1 ? PositionMode::kPerBatch : PositionMode::kIds;
     p.positions = pos.const_data_ptr();
     p.positions_int64 = pos.scalar_type() == at::kLong;

@@ -111,6 +111,14 @@ def _launch_shape(batch, seqlen, heads_total, half):
     return block_n, block_r, heads_per_prog
 
 
+def _in_place(q_out, k_out, q, k):
+    """Whether the outputs are the inputs (asked of whichever operand has elements: an empty
+    tensor and its empty_like share the null pointer)."""
+    if q.numel():
+        return q_out.data_ptr() == q.data_ptr()
+    return k_out.data_ptr() == k.data_ptr()
+
+
 def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
     """Launch the fused rotary kernel; arguments exactly as ``torch.ops.fastseq.rotary_kernel``.
 
@@ -142,6 +150,6 @@ def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interlea
         BLOCK_N=block_n, BLOCK_R=block_r,
         BLOCK_T=triton.next_power_of_2(max(tail, 1)), TAIL=tail,
         POS_MODE=mode, FULL_TABLE=cos.shape[2] == rotary_dim, INTERLEAVED=interleaved,
-        CONJUGATE=conjugate, COPY_TAIL=tail > 0 and q_out.data_ptr() != q.data_ptr(),
+        CONJUGATE=conjugate, COPY_TAIL=tail > 0 and not _in_place(q_out, k_out, q, k),
         num_warps=4,
     )

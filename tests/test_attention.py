@@ -197,6 +197,16 @@ def test_multihead_attention_matches_torch(batch_first, masks):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["key_padding_mask", "attn_mask"])
+def test_multihead_attention_refuses_integer_masks_as_torch_does(which):
+    mha = fastseq.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    mask = torch.zeros(2, 5, dtype=torch.uint8) if which == "key_padding_mask" else \
+        torch.zeros(5, 5, dtype=torch.int64)
+    with pytest.raises(AssertionError, match="only bool and floating"):
+        mha(x, x, x, need_weights=False, **{which: mask})
+
+
 def test_multihead_attention_kdim_vdim_unbatched_and_weights():
     torch_mha, ours = _mha_pair(embed_dim=16, num_heads=2, kdim=12, vdim=20)
     query, key, value = torch.randn(5, 16), torch.randn(7, 12), torch.randn(7, 20)

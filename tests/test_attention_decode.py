@@ -110,3 +110,22 @@ def test_attention_block_generation_with_cache_matches_full_forward():
 def test_attention_block_rejects_bad_head_counts():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         fastseq.nn.Attention(48, num_heads=4, num_kv_heads=3)
+
+
+def test_attention_block_without_causality_attends_to_the_whole_cache():
+    torch.manual_seed(0)
+    block = fastseq.nn.Attention(32, num_heads=4, causal=False).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        cache = block.new_cache(2, 12)
+        prompt = block(x[:, :6], cache=cache)
+        step = block(x[:, 6:], cache=cache)  # the last 3 tokens see all 9, in both directions
+        full = block(x)
+    torch.testing.assert_close(step, full[:, 6:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prompt, block(x[:, :6]), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_block_refuses_key_lengths_with_a_cache():
+    block = fastseq.nn.Attention(32, num_heads=4)
+    with pytest.raises(ValueError, match="key_lengths must be None"):
+        block(torch.randn(1, 2, 32), cache=block.new_cache(1, 4), key_lengths=torch.tensor([1]))

@@ -150,9 +150,30 @@ def test_diffusers_unet_with_fastseq_processor_matches_default():
         want = unet(sample, 10, encoder_hidden_states=text).sample
         fastseq_diffusers.install(unet)
         got = unet(sample, 10, encoder_hidden_states=text).sample
-    processors = {type(p).__name__ for p in unet.attn_processors.values()}
-    assert processors == {"AttnProcessor"}
+    assert all(type(p).__module__.startswith("fastseq") for p in unet.attn_processors.values())
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_install_leaves_processors_that_do_more_in_place():
+    """Attention with added key/value projections (DeepFloyd IF, UnCLIP) has its own processor,
+    which fastseq's does not reproduce: install() keeps it."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=24,
+        attention_head_dim=8, norm_num_groups=8).eval()
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        want = unet(sample, 10, encoder_hidden_states=text).sample
+        before = {name: type(p) for name, p in unet.attn_processors.items()}
+        fastseq_diffusers.install(unet)
+        got = unet(sample, 10, encoder_hidden_states=text).sample
+    after = {name: type(p) for name, p in unet.attn_processors.items()}
+    assert after == before, "no default processor here: nothing to replace"
+    torch.testing.assert_close(got, want)
 
 
 def test_diffusers_install_on_a_transformer_block_and_on_a_model_without_attention():

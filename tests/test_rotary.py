@@ -222,6 +222,36 @@ def test_empty_batch_and_zero_heads():
     assert q.grad.shape == q.shape
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_k_tail_is_copied_when_q_has_no_heads(backend):
+    cos, sin = (t.float() for t in _tables(4))
+    q, k = torch.empty(2, 3, 0, 8), torch.randn(2, 3, 2, 8)
+    with fastseq.use_backend(backend):
+        _, k_out = fastseq.apply_rotary(q, k, cos, sin)
+    torch.testing.assert_close(k_out, ref.apply_rotary(k, None, cos, sin)[0])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_in_place_on_an_expanded_tensor_is_refused(backend):
+    cos, sin = (t.float() for t in _tables(8))
+    q = torch.randn(1, 5, 1, 8).expand(2, 5, 3, 8)
+    with fastseq.use_backend(backend), pytest.raises((ValueError, RuntimeError),
+                                                     match="memory|overlap"):
+        fastseq.apply_rotary(q, None, cos, sin, inplace=True)
+
+
+def test_cpu_kernel_checks_positions_itself():
+    """While torch.compile traces, the Python range check (a device sync) is skipped; the CPU
+    kernel checks the positions it reads."""
+    cos, sin = (t.float() for t in _tables(8))
+    q, ids = torch.randn(2, 5, 3, 8), torch.full((2, 5), 1000)
+    out = torch.empty_like(q)
+    no_k = q.new_empty(2, 5, 0, 8)
+    with pytest.raises(RuntimeError, match="past the cos/sin table"):
+        torch.ops.fastseq.rotary_kernel(out, no_k.clone(), q, no_k, cos[None], sin[None], ids, 0,
+                                        8, False, False)
+
+
 def test_float64_falls_back_to_reference_with_one_warning():
     _backend._warn_once.cache_clear()
     cos, sin = _tables(8)
@@ -319,6 +349,9 @@ def test_torch_compile_inductor_forward():
          r"positions span -1"),
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.tensor([0.5, 1.0])),
          "int32/int64"),
+        (lambda q, k, c, s: fastseq.apply_rotary(
+            q, k, c, s, positions=torch.tensor([2**31 - 3, 0], dtype=torch.int32)),
+         "past the cos/sin"),  # offset + N - 1 must not wrap around in int32
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.zeros(3, dtype=torch.long)),
          r"shape \(2,\)"),
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, layout="nbhd"), "layout"),

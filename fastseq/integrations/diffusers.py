@@ -67,14 +67,21 @@ class AttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+# The processors whose computation AttnProcessor reproduces. Others (added key/value projections
+# as in DeepFloyd IF / UnCLIP, joint attention, IP-adapters...) do more, and are left in place.
+_DEFAULT_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
 def install(model: torch.nn.Module) -> torch.nn.Module:
     """Set :class:`AttnProcessor` on every diffusers ``Attention`` module inside ``model`` (a U-Net,
-    a ``Transformer2DModel``, a single block...); returns ``model``."""
+    a ``Transformer2DModel``, a single block...) that runs diffusers' default processor; modules
+    with other processors keep theirs. Returns ``model``."""
     processor = AttnProcessor()
     attention_modules = [m for m in model.modules()
                          if hasattr(m, "set_processor") and hasattr(m, "processor")]
     if not attention_modules:
         raise ValueError(f"fastseq install: no diffusers Attention module inside {type(model).__name__}")
     for module in attention_modules:
-        module.set_processor(processor)
+        if type(module.processor).__name__ in _DEFAULT_PROCESSORS:
+            module.set_processor(processor)
     return model

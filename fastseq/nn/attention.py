@@ -81,6 +81,12 @@ class Attention(nn.Module):
             out = attention(q, k, v, causal=self.causal, key_lengths=key_lengths,
                             dropout_p=self.dropout if self.training else 0.0)
         else:
+            if key_lengths is not None:
+                raise ValueError("fastseq Attention: with a cache, the cache's lengths say which "
+                                 "keys are valid; key_lengths must be None")
             cache.lengths = kv_cache_append(cache.k, cache.v, k, v, cache.lengths)
-            out = attention_decode(q, cache.k, cache.v, cache.lengths)
+            if self.causal:
+                out = attention_decode(q, cache.k, cache.v, cache.lengths)
+            else:  # every cached key of the sequence, the new ones included
+                out = attention(q, cache.k, cache.v, key_lengths=cache.lengths)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))

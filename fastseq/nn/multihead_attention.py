@@ -22,6 +22,9 @@ def _keep_mask(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
         parts.append(key_padding_mask.view(batch, 1, 1, lk))
     if not parts:
         return None
+    for p in parts:  # as torch: an integer mask is neither a keep-mask nor a bias
+        if p.dtype != torch.bool and not p.is_floating_point():
+            raise AssertionError(f"only bool and floating types of masks are supported, got {p.dtype}")
     if all(p.dtype == torch.bool for p in parts):
         keep = ~parts[0]
         for p in parts[1:]:

@@ -47,6 +47,10 @@ def _launch(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interle
     if backend == "triton":
         from fastseq.kernels import rotary as triton_rotary
 
+        for name, out in (("q", q_out), ("k", k_out)):  # as ATen's overlap check on the others
+            if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape, strict=True)):
+                _fail(f"the output for {name} has elements that share memory (an expanded "
+                      "tensor); rotate a copy instead of rotating it in place")
         triton_rotary.rotary(q_out, k_out, q, k, *args)
     elif backend in ("cpu", "cuda"):
         _extension.load()
@@ -204,7 +208,7 @@ def _check_positions(positions, batch, seqlen, table_len, device):
     if positions.dim() == 1:
         if positions.shape[0] != batch:
             _fail(f"per-batch positions must have shape ({batch},), got {tuple(positions.shape)}")
-        low, high = positions, positions + seqlen - 1
+        low, high = positions, positions.long() + seqlen - 1  # int64: no int32 wrap-around
     elif positions.dim() == 2:
         if positions.shape[1] != seqlen or positions.shape[0] not in (1, batch):
             _fail(f"position ids must have shape ({batch}, {seqlen}), got {tuple(positions.shape)}")
