@@ -166,6 +166,40 @@ def test_inplace_backward_matches_out_of_place():
     torch.testing.assert_close(inplace_grad, q.grad)
 
 
+@pytest.mark.parametrize("views", ["bhnd_layout", "split_from_qkv"])
+def test_inplace_training_on_views(views):
+    """In-place rotation of views (a transposed layout, or q and k cut from one qkv tensor)
+    under autograd: gradients as out of place."""
+    cos, sin = (t.float() for t in _tables(8))
+    x = torch.randn(2, 6, 4, 8, requires_grad=True)
+
+    def run(inplace):
+        if views == "bhnd_layout":
+            h = (x * 1).transpose(1, 2)  # (B, H, N, D) view
+            q, k = fastseq.apply_rotary(h[:, :3], h[:, 3:], cos, sin, layout="bhnd",
+                                        inplace=inplace)
+        else:
+            qkv = x * 1
+            q, k = fastseq.apply_rotary(qkv[:, :, :3], qkv[:, :, 3:], cos, sin, inplace=inplace)
+        loss = (q * torch.linspace(-1, 1, 8)).sum() + k.square().sum()
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    (loss, grad), (want_loss, want_grad) = run(True), run(False)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_inplace_under_compile_without_grad():
+    cos, sin = (t.float() for t in _tables(8))
+    compiled = torch.compile(lambda q, k: fastseq.apply_rotary(q, k, cos, sin, inplace=True),
+                             fullgraph=True, backend="aot_eager")
+    q, k = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 1, 8)
+    want = ref.apply_rotary(q, k, cos, sin)
+    got = compiled(q.clone(), k.clone())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_inplace_on_leaf_requiring_grad_is_refused():
     q = torch.randn(1, 4, 2, 8, requires_grad=True)
     cos, sin = (t.float() for t in _tables(8))

@@ -127,22 +127,28 @@ def _(q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
     return None
 
 
+def _no_heads(x):
+    """An operand with no heads, for rotating one tensor through the two-operand ops."""
+    return x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
+
+
 class _RotaryInplace(torch.autograd.Function):
-    """Autograd for the in-place op: the gradient is rotated back, in place as well."""
+    """Autograd for rotating one tensor in place; the gradient is rotated back. One tensor per
+    node: autograd lets a node modify a view in place only when it has a single output."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, positions, offset, rotary_dim, interleaved):
-        rotary_(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, cos, sin, positions, offset, rotary_dim, interleaved):
+        rotary_(x, _no_heads(x), cos, sin, positions, offset, rotary_dim, interleaved, False)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin, positions)
         ctx.config = (offset, rotary_dim, interleaved, True)
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
+    def backward(ctx, grad):
         cos, sin, positions = ctx.saved_tensors
-        dq, dk = rotary(grad_q, grad_k, cos, sin, positions, *ctx.config)
-        return dq, dk, None, None, None, None, None, None
+        dx, _ = rotary(grad, _no_heads(grad), cos, sin, positions, *ctx.config)
+        return dx, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +260,13 @@ def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inp
     k_given = k is not None
     if not k_given:
         k = q.new_empty(q.shape[0], q.shape[1], 0, q.shape[3])
-    if inplace:
-        q_out, k_out = _RotaryInplace.apply(q, k, cos, sin, positions, offset, rotary_dim, interleaved)
+    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        args = (cos, sin, positions, offset, rotary_dim, interleaved)
+        q_out = _RotaryInplace.apply(q, *args)
+        k_out = _RotaryInplace.apply(k, *args) if k.shape[2] else k
+    elif inplace:
+        rotary_(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
+        q_out, k_out = q, k
     else:
         q_out, k_out = rotary(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
     return q_out, (k_out if k_given else None)
