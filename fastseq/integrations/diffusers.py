@@ -1,6 +1,8 @@
 """An attention processor for diffusers' ``Attention`` modules that runs fastseq's kernels.
 
-Install it on a model with ``unet.set_attn_processor(fastseq.integrations.diffusers.AttnProcessor())``.
+Install it with ``fastseq.integrations.diffusers.install(unet)``, which replaces diffusers' default
+processors and leaves the ones that do more (added key/value projections, joint attention,
+IP-adapters) in place; ``unet.set_attn_processor(AttnProcessor())`` would replace those too.
 It follows diffusers' default ``AttnProcessor2_0`` step for step (spatial and group norms, 4-D
 inputs, attention masks, cross-attention norms, residual connection, output rescaling) and only
 replaces the attention itself: cross-attention to a short context takes the short-context kernel,
