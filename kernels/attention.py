@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import flat_grid, flat_program
+
 LOG2E = 1.4426950408889634
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
@@ -118,8 +120,7 @@ def _attn_fwd(
     INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = flat_program(tl.cdiv(Lq, BLOCK_M))
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -174,8 +175,7 @@ def _attn_fwd(
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq, D,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O), the softmax-backward correction of each query row."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = flat_program(tl.cdiv(Lq, BLOCK_M))
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,8 +212,7 @@ def _attn_bwd_dkdv(
     INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    pid_n, bhk = flat_program(tl.cdiv(Lk, BLOCK_N))
     b = bhk // HK
     hk = bhk % HK
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,8 +285,7 @@ def _attn_bwd_dq(
     INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = flat_program(tl.cdiv(Lq, BLOCK_M))
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -423,7 +421,7 @@ def forward(q, k, v, out, lse, mask, key_lengths, cos, sin, interleaved, causal,
     kernel, blocks = _pick(_attn_fwd, _attn_fwd_tuned, D, interpreted)
     mask_t, mask_kind, mstrides = _mask_args(mask)
     cos, sin, rstrides, half = _rotary_args(cos, sin)
-    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    kernel[lambda meta: flat_grid(triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse, q if mask_t is None else mask_t,
         q if key_lengths is None else key_lengths, q if cos is None else cos,
         q if sin is None else sin,
@@ -446,7 +444,7 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, int
     Hk, Lk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(Lq, 16), B * H)](
+    _attn_bwd_delta[flat_grid(triton.cdiv(Lq, 16), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=16, BLOCK_D=block_d,
     )
     mask_t, mask_kind, mstrides = _mask_args(mask)
@@ -457,13 +455,13 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, int
     dq_kernel, dq_blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, D, interpreted)
     extra = (q if mask_t is None else mask_t, q if key_lengths is None else key_lengths,
              q if cos is None else cos, q if sin is None else sin)
-    dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)](
+    dkdv[lambda meta: flat_grid(triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)](
         q, k, v, do, dk, dv, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstrides,
         *rstrides, H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed,
         **common, **dkdv_blocks,
     )
-    dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    dq_kernel[lambda meta: flat_grid(triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides, *rstrides,
         H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common, **dq_blocks,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import flat_grid, flat_program
+
 
 @triton.jit
 def _decode_split(
@@ -22,8 +24,7 @@ def _decode_split(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    bhk = tl.program_id(1)
+    split, bhk = flat_program(n_splits)
     b = bhk // HK
     hk = bhk % HK
     b64 = b.to(tl.int64)
@@ -131,7 +132,7 @@ def decode(q, k_cache, v_cache, lengths, out, lse, scale, interpreted=False):
     part_lse = torch.empty(B * Hk * n_splits * block_m, device=q.device, dtype=torch.float32)
     # fp32 runs exact fp32 dots; the interpreter cannot multiply bfloat16 tiles (triton 3.8).
     upcast = q.dtype == torch.float32 or (interpreted and q.dtype == torch.bfloat16)
-    _decode_split[(n_splits, B * Hk)](
+    _decode_split[flat_grid(n_splits, B * Hk)](
         q, k_cache, v_cache, lengths, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         Hk, group, Lq, D, chunk, n_splits, scale * 1.4426950408889634,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import flat_grid, flat_program
+
 MAX_CONTEXT = 256
 
 
@@ -36,8 +38,7 @@ def _cross_fwd(
     UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    chunk, bh = flat_program(tl.cdiv(tl.cdiv(Lq, BLOCK_M), ROW_BLOCKS))
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_n = tl.arange(0, BLOCK_N)
@@ -89,8 +90,7 @@ def _cross_bwd(
     UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    chunk, bh = flat_program(tl.cdiv(tl.cdiv(Lq, BLOCK_M), ROW_BLOCKS))
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_n = tl.arange(0, BLOCK_N)
@@ -161,7 +161,7 @@ def forward(q, k, v, out, lse, context_lengths, residual, scale, interpreted=Fal
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
-    grid = (triton.cdiv(triton.cdiv(Lq, block_m), row_blocks), B * H)
+    grid = flat_grid(triton.cdiv(triton.cdiv(Lq, block_m), row_blocks), B * H)
     r = residual if residual is not None else q
     _cross_fwd[grid](
         q, k, v, out, r, lse, context_lengths if context_lengths is not None else q,
@@ -182,7 +182,7 @@ def backward(do, q, k, v, lse, context_lengths, dq, scale, interpreted=False):
     dv_part = torch.empty_like(dk_part)
     common = _common(q, context_lengths, None, interpreted)
     common.pop("HAS_RESIDUAL")
-    _cross_bwd[(chunks, B * H)](
+    _cross_bwd[flat_grid(chunks, B * H)](
         q, k, v, do, lse, context_lengths if context_lengths is not None else q, dq,
         dk_part, dv_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

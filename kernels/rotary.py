@@ -14,6 +14,8 @@ transpose (the backward). Columns past the rotary dim are copied when out-of-pla
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import flat_grid, flat_program
+
 POS_OFFSET, POS_PER_BATCH, POS_IDS = 0, 1, 2
 
 
@@ -46,9 +48,9 @@ def _rotary_kernel(
     POS_MODE: tl.constexpr, FULL_TABLE: tl.constexpr, INTERLEAVED: tl.constexpr,
     CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    first_head = tl.program_id(2).to(tl.int64) * HEADS_PER_PROG
+    pid_n, b = flat_program(tl.cdiv(seqlen, BLOCK_N))
+    b = b.to(tl.int64)
+    first_head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROG
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < seqlen
@@ -140,7 +142,7 @@ def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interlea
         mode, pos, spb, spn = POS_IDS, positions, positions.stride(0), positions.stride(1)
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
     ssb = sin.stride(0) if sin.shape[0] > 1 else 0
-    grid = (triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads_total, heads_per_prog))
+    grid = flat_grid(triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads_total, heads_per_prog))
     _rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin, pos,
         seqlen, heads_q, heads_total, offset,
