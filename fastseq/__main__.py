@@ -50,10 +50,12 @@ def bench(args: argparse.Namespace) -> int:
 
     device, names = _device(args.device), _suites(args.suites)
     meta = report.environment(device)
-    if device.type == "cpu" and args.malloc == "keep":
-        from fastseq.bench.allocator import keep_freed_memory
+    if device.type == "cpu":
+        from fastseq.bench.allocator import huge_pages_setting, keep_freed_memory
 
-        meta["allocator"] = keep_freed_memory()
+        settings = [keep_freed_memory() if args.malloc == "keep" else None, huge_pages_setting()]
+        if any(settings):
+            meta["allocator"] = "; ".join(s for s in settings if s)
     print(report.describe(meta))
     failed = False
     for name in names:
