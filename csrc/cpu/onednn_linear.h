@@ -35,7 +35,7 @@ inline at::Tensor linear(const at::Tensor& a, const at::Tensor& w,
                           c10::IValue(std::string("none")),
                           c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue()};
   op->callBoxed(stack);
-  return stack[0].toTensor();
+  return stack[0].toTensor().contiguous();  // a no-op unless `a` was strided
 }
 
 }  // namespace fastseq::cpu

@@ -4,11 +4,10 @@ With glibc's default settings a freed buffer of a few MiB goes back to the kerne
 call's buffer of the same size is faulted in again, page by page. On the 2-core virtual machines
 these results come from that costs about 0.3 ms per MiB, as much as the kernels being compared at
 some sizes, and how much of it a variant pays depends on the order of the allocations before it
-rather than on its code (one LSTM case measured anywhere from 13 to 20 ms with what ran
-before it). jemalloc and
-tcmalloc keep freed memory by default, and PyTorch's CPU performance guide recommends either;
-:func:`keep_freed_memory` asks glibc for the same, once for the whole benchmark run, every variant
-alike. ``python -m fastseq bench --malloc default`` leaves glibc as it is.
+rather than on its code (one LSTM case measured anywhere from 13 to 20 ms with what ran before
+it). jemalloc and tcmalloc keep freed memory by default, and PyTorch's CPU performance guide
+recommends either; :func:`keep_freed_memory` asks glibc for the same, once for the whole
+benchmark run, every variant alike. ``python -m fastseq bench --malloc default`` leaves glibc as it is.
 
 Blocks above 32 MiB are mapped afresh whatever glibc is told. PyTorch backs such tensors with
 transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is in the environment before it first

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from fastseq import _backend
-from fastseq.ops import rotary as _rotary_ops  # noqa: F401 (registers torch.ops.fastseq.rotary_)
+from fastseq.ops.rotary import no_heads  # (importing it registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
 
@@ -174,6 +174,8 @@ def _last_dim_dense(t):
 
 def _laid_out_like(t, like):
     """``t`` in the memory layout of ``torch.empty_like(like)`` (what the fake impl promises)."""
+    if like.is_contiguous() and t.stride() == like.stride():
+        return t  # what empty_like(like) would be: no need to allocate it
     want = torch.empty_like(like)
     return t if t.stride() == want.stride() else want.copy_(t)
 
@@ -281,12 +283,9 @@ def _rotate_back(dq, dk, cos, sin, key_lengths, interleaved, bottom_right):
     qpos = query_positions(dq.shape[0], dq.shape[2], dk.shape[2], key_lengths, bottom_right,
                            dq.device)
     table = (cos[None], sin[None])
-    no_heads = dq.new_empty(dq.shape[0], dq.shape[2], 0, dq.shape[3])
-    torch.ops.fastseq.rotary_(dq.transpose(1, 2), no_heads, *table, qpos, 0, 2 * cos.shape[-1],
-                              interleaved, True)
-    no_heads = dk.new_empty(dk.shape[0], dk.shape[2], 0, dk.shape[3])
-    torch.ops.fastseq.rotary_(dk.transpose(1, 2), no_heads, *table, None, 0, 2 * cos.shape[-1],
-                              interleaved, True)
+    for grad, positions in ((dq.transpose(1, 2), qpos), (dk.transpose(1, 2), None)):
+        torch.ops.fastseq.rotary_(grad, no_heads(grad), *table, positions, 0, 2 * cos.shape[-1],
+                                  interleaved, True)
 
 
 @attention_backward_op.register_fake

@@ -127,8 +127,9 @@ def _(q, k, cos, sin, positions, offset, rotary_dim, interleaved, conjugate):
     return None
 
 
-def _no_heads(x):
-    """An operand with no heads, for rotating one tensor through the two-operand ops."""
+def no_heads(x):
+    """An operand with no heads, (B, N, 0, D) like x, for rotating one tensor through the
+    two-operand ops."""
     return x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
 
 
@@ -138,7 +139,7 @@ class _RotaryInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, positions, offset, rotary_dim, interleaved):
-        rotary_(x, _no_heads(x), cos, sin, positions, offset, rotary_dim, interleaved, False)
+        rotary_(x, no_heads(x), cos, sin, positions, offset, rotary_dim, interleaved, False)
         ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin, positions)
         ctx.config = (offset, rotary_dim, interleaved, True)
@@ -147,7 +148,7 @@ class _RotaryInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin, positions = ctx.saved_tensors
-        dx, _ = rotary(grad, _no_heads(grad), cos, sin, positions, *ctx.config)
+        dx, _ = rotary(grad, no_heads(grad), cos, sin, positions, *ctx.config)
         return dx, None, None, None, None, None, None
 
 
@@ -259,7 +260,7 @@ def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inp
     """Rotate canonical (B, N, H, D) views q and k (k may be None); returns (q_out, k_out)."""
     k_given = k is not None
     if not k_given:
-        k = q.new_empty(q.shape[0], q.shape[1], 0, q.shape[3])
+        k = no_heads(q)
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         args = (cos, sin, positions, offset, rotary_dim, interleaved)
         q_out = _RotaryInplace.apply(q, *args)
