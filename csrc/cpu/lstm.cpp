@@ -20,10 +20,11 @@
 // plan through ATen GEMMs. The whole-sequence GEMMs go through oneDNN where torch carries it
 // (csrc/cpu/onednn_linear.h).
 //
-// The pointwise math is AVX2 intrinsics under a function-level target attribute: the extension is
-// compiled for the baseline ISA, where at::vec::Vectorized falls back to one std::exp call per
-// element, which would cost more than the GEMMs at small batch. The AVX2 code runs when ATen
-// reports AVX2 or better, so ATEN_CPU_CAPABILITY=default selects the portable path (for testing).
+// The pointwise math is csrc/cpu/lstm_cell_simd.h compiled under function-level target
+// attributes, 16 lanes for AVX-512 and 8 for AVX2: the extension is built for the baseline ISA,
+// where at::vec::Vectorized falls back to one std::exp call per element, which would cost more
+// than the GEMMs at small batch. The vector code runs at the level ATen reports, so
+// ATEN_CPU_CAPABILITY=avx2 or =default selects the narrower or the portable path (for testing).
 //
 // Padding (`lengths`): step t is padding for sequence b when t >= lengths[b]; there the state is
 // carried unchanged and y is zero, and in the backward d pre is zero while dh and dc pass through.
@@ -47,6 +48,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "lstm_common.h"
 #include "onednn_linear.h"
 #include "packed_gemm_avx512.h"
 #include "lstm_cell_simd.h"
@@ -62,18 +64,7 @@ namespace {
 
 using at::Tensor;
 
-// Below about this much work a parallel region costs more (fork and join, a few microseconds
-// with 2 threads) than it saves.
-constexpr int64_t kMinParallelFlops = 1 << 18;
 constexpr int64_t kFlopsPerCell = 40;  // pointwise cell, per hidden unit (transcendentals)
-
-int64_t grain_for(int64_t flops_per_item) {
-  return std::max<int64_t>(1, kMinParallelFlops / std::max<int64_t>(flops_per_item, 1));
-}
-
-bool is_active(const int64_t* lengths, int64_t b, int64_t t) {
-  return lengths == nullptr || t < lengths[b];
-}
 
 // ----------------------------------------------------------------------------------------------
 // Pointwise cell, scalar: the portable path, the tail of the vector path, and the whole of double.
@@ -255,19 +246,6 @@ FASTSEQ_AVX2 void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, 
 
 }  // namespace avx2
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX2" || cap == "AVX512";
-  }();
-  return has;
-}
-
-// ATen's AVX512 level (avx512f, bw, vl, dq); ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 kernels.
-bool cpu_has_avx512() {
-  static const bool has = at::get_cpu_capability() == "AVX512";
-  return has;
-}
 
 // The vector cell's entry points for one instruction set: csrc/cpu/lstm_cell_simd.h compiled for
 // `isa_target`, `width` floats at a time. Each returns the column where it stopped.
@@ -419,11 +397,6 @@ void backward_cell_step(const BackwardStep<scalar_t>& s, int64_t B) {
 // ----------------------------------------------------------------------------------------------
 // W_hh packed for the recurrent GEMMs (float32, AVX2): 16-column panels, 16 floats per k.
 
-constexpr int64_t kPanel = 16;
-
-int64_t panel_count(int64_t n) {
-  return (n + kPanel - 1) / kPanel;
-}
 
 // Forward, B operand W_hh^T (P x 4H): panel (u, q) holds columns q H + [16 u, 16 u + 16), gate q
 // of units block u, so one block's four gates are adjacent. Shape (ceil(H/16), 4, P, 16).
@@ -448,24 +421,6 @@ Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P) {
   return packed;
 }
 
-// Backward, B operand W_hh (4H x P): panel v holds columns [16 v, 16 v + 16) of P.
-// Shape (ceil(P/16), 4H, 16).
-Tensor pack_column_panels(const Tensor& w, int64_t K, int64_t N) {
-  const int64_t NP = panel_count(N);
-  Tensor packed = at::zeros({NP, K, kPanel}, w.options());
-  float* dst = packed.data_ptr<float>();
-  const float* src = w.const_data_ptr<float>();
-  at::parallel_for(0, NP, 1, [&](int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) {
-      const int64_t n = std::min(kPanel, N - v * kPanel);
-      for (int64_t k = 0; k < K; ++k) {
-        std::memcpy(dst + (v * K + k) * kPanel, src + k * N + v * kPanel, n * sizeof(float));
-      }
-    }
-  });
-  return packed;
-}
-
 // The float32 AVX2 path applies (ATen GEMMs otherwise).
 template <typename scalar_t>
 bool use_packed() {
@@ -476,21 +431,13 @@ bool use_packed() {
 #endif
 }
 
-// dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh packed by pack_column_panels.
+// dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh packed by pack_column_panels
+// (csrc/cpu/lstm_common.h).
 void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B, int64_t K,
                    int64_t P, int64_t v0, int64_t v1) {
 #ifdef FASTSEQ_LSTM_AVX2
   if (cpu_has_avx512()) {
-    // Up to four full panels per pass; a ragged last panel (its own mask) alone.
-    const int64_t full = P / kPanel;
-    for (int64_t v = v0; v < v1;) {
-      const int np = v < full ? static_cast<int>(std::min<int64_t>({4, v1 - v, full - v})) : 1;
-      const cpu::avx512::Panels panels{packed + v * K * kPanel, K * kPanel, dh + v * kPanel,
-                                       kPanel, P, std::min(kPanel, P - v * kPanel)};
-      cpu::avx512::gemm_panels(B, K, dpre, K, panels, np);
-      v += np;
-    }
-    return;
+    return cpu::avx512::gemm_column_panels(B, K, dpre, K, packed, dh, P, P, v0, v1);
   }
   for (int64_t v = v0; v < v1; ++v) {
     avx2::gemm_panel(B, K, dpre, K, packed + v * K * kPanel, dh + v * kPanel, P,
@@ -501,34 +448,6 @@ void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B,
 
 // ----------------------------------------------------------------------------------------------
 // Argument checks.
-
-struct Sizes {
-  int64_t T, B, I, H, P;
-};
-
-void check_tensor(const Tensor& t, const char* name, at::IntArrayRef sizes,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(t.sizes() == sizes, "lstm_layer: ", name, " must have shape ", sizes, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "lstm_layer: ", name, " must have dtype ", dtype,
-              " (that of x), got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "lstm_layer: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "lstm_layer: ", name, " must be contiguous");
-}
-
-// The lengths as a pointer (null when not given), after checking them against batch and steps.
-const int64_t* check_lengths(const std::optional<Tensor>& lengths, const Sizes& s) {
-  if (!lengths.has_value() || !lengths->defined()) {
-    return nullptr;
-  }
-  check_tensor(*lengths, "lengths", {s.B}, at::kLong);
-  const int64_t* len = lengths->const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.B; ++b) {
-    TORCH_CHECK(len[b] >= 0 && len[b] <= s.T, "lstm_layer: lengths[", b, "] = ", len[b],
-                " is outside [0, ", s.T, "]");
-  }
-  return len;
-}
 
 // Shapes common to forward and backward, checked against x, the weights and the initial state.
 Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
@@ -543,13 +462,13 @@ Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Ten
   if (w_hr.has_value()) {
     TORCH_CHECK(w_hr->dim() == 2, "lstm_layer: w_hr must be (P, H), got ", w_hr->sizes());
     s.P = w_hr->size(0);
-    check_tensor(*w_hr, "w_hr", {s.P, s.H}, dtype);
+    check_tensor("lstm_layer", *w_hr, "w_hr", {s.P, s.H}, dtype);
   }
-  check_tensor(x, "x", {s.T, s.B, s.I}, dtype);
-  check_tensor(h0, "h0", {s.B, s.P}, dtype);
-  check_tensor(c0, "c0", {s.B, s.H}, dtype);
-  check_tensor(w_ih, "w_ih", {4 * s.H, s.I}, dtype);
-  check_tensor(w_hh, "w_hh", {4 * s.H, s.P}, dtype);
+  check_tensor("lstm_layer", x, "x", {s.T, s.B, s.I}, dtype);
+  check_tensor("lstm_layer", h0, "h0", {s.B, s.P}, dtype);
+  check_tensor("lstm_layer", c0, "c0", {s.B, s.H}, dtype);
+  check_tensor("lstm_layer", w_ih, "w_ih", {4 * s.H, s.I}, dtype);
+  check_tensor("lstm_layer", w_hh, "w_hh", {4 * s.H, s.P}, dtype);
   return s;
 }
 
@@ -775,9 +694,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   at::AutoDispatchBelowADInplaceOrView guard;
   const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
   if (bias.has_value()) {
-    check_tensor(*bias, "bias", {4 * s.H}, x.scalar_type());
+    check_tensor("lstm_layer", *bias, "bias", {4 * s.H}, x.scalar_type());
   }
-  const int64_t* len = check_lengths(lengths, s);
+  const int64_t* len = check_lengths("lstm_layer", lengths, s);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward", [&] {
     out = forward_impl<scalar_t>(s, x, h0, c0, w_ih, w_hh, bias, w_hr, len, reverse,
@@ -1033,16 +952,16 @@ Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Te
   at::AutoDispatchBelowADInplaceOrView guard;
   const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
   const auto dtype = x.scalar_type();
-  check_tensor(grad_y, "grad_y", {s.T, s.B, s.P}, dtype);
-  check_tensor(grad_h_n, "grad_h_n", {s.B, s.P}, dtype);
-  check_tensor(grad_c_n, "grad_c_n", {s.B, s.H}, dtype);
-  check_tensor(gates, "gates", {s.T, s.B, 4 * s.H}, dtype);
-  check_tensor(cells, "cells", {s.T, s.B, s.H}, dtype);
+  check_tensor("lstm_layer", grad_y, "grad_y", {s.T, s.B, s.P}, dtype);
+  check_tensor("lstm_layer", grad_h_n, "grad_h_n", {s.B, s.P}, dtype);
+  check_tensor("lstm_layer", grad_c_n, "grad_c_n", {s.B, s.H}, dtype);
+  check_tensor("lstm_layer", gates, "gates", {s.T, s.B, 4 * s.H}, dtype);
+  check_tensor("lstm_layer", cells, "cells", {s.T, s.B, s.H}, dtype);
   if (w_hr.has_value()) {
-    check_tensor(hidden, "hidden", {s.T, s.B, s.H}, dtype);
+    check_tensor("lstm_layer", hidden, "hidden", {s.T, s.B, s.H}, dtype);
   }
-  check_tensor(y, "y", {s.T, s.B, s.P}, dtype);
-  const int64_t* len = check_lengths(lengths, s);
+  check_tensor("lstm_layer", y, "y", {s.T, s.B, s.P}, dtype);
+  const int64_t* len = check_lengths("lstm_layer", lengths, s);
   const BackwardInputs in{grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
                           gates, cells, hidden, y};
   Grads out;

@@ -140,6 +140,23 @@ FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int
   }
 }
 
+// C[0:M, cols of panels v0..v1) += A (M x K) B, B (K x N) packed into 16-column panels of K rows
+// (lstm::pack_column_panels), C with row stride ldc. Four full panels per pass; a ragged last
+// panel (its own mask) alone.
+FASTSEQ_AVX512 inline void gemm_column_panels(int64_t M, int64_t K, const float* A, int64_t lda,
+                                              const float* packed, float* C, int64_t ldc,
+                                              int64_t N, int64_t v0, int64_t v1) {
+  constexpr int64_t kWidth = 16;
+  const int64_t full = N / kWidth;
+  for (int64_t v = v0; v < v1;) {
+    const int np = v < full ? static_cast<int>(std::min<int64_t>({4, v1 - v, full - v})) : 1;
+    const Panels panels{packed + v * K * kWidth, K * kWidth, C + v * kWidth, kWidth, ldc,
+                        std::min(kWidth, N - v * kWidth)};
+    gemm_panels(M, K, A, lda, panels, np);
+    v += np;
+  }
+}
+
 #undef FASTSEQ_AVX512
 
 }  // namespace fastseq::cpu::avx512

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastseq.ops.lstm import layer_norm_lstm_layer, lstm_layer
+from fastseq.ops.layer_norm_lstm import layer_norm_lstm_layer
+from fastseq.ops.lstm import lstm_layer
 
 
 def _fail(message):

@@ -306,15 +306,3 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse, save)
     return y, h_n, c_n
 
-
-def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
-                          lengths=None, reverse=False, eps=1e-5):
-    """One LayerNorm-LSTM layer; returns ``(y (T, B, H), h_n (B, H), c_n (B, H))``. Differentiable.
-
-    Shapes as :func:`lstm_layer` (no projection), plus the LayerNorm gains ``ln_ih``, ``ln_hh``
-    (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); formulas in
-    :func:`fastseq.reference.lstm.layer_norm_lstm_layer`. Runs as PyTorch ops on every device
-    (autograd, ``torch.compile``); it has no fused kernel yet.
-    """
-    return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight,
-                                           ln_c_bias, lengths, reverse, eps)

@@ -73,7 +73,7 @@ def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight
     :func:`lstm_layer`. Returns (y (T, B, H), h_n, c_n); differentiable by autograd.
     """
     steps, batch, _ = x.shape
-    pre_x = layer_norm(x.flatten(0, 1) @ w_ih.t(), ln_ih, eps=eps).view(steps, batch, -1)
+    pre_x = layer_norm(x.flatten(0, 1) @ w_ih.t(), ln_ih, eps=eps).view(steps, batch, w_ih.shape[0])
     if bias is not None:
         pre_x = pre_x + bias
     h, c = h0, c0
@@ -89,4 +89,5 @@ def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight
         else:
             ys[t] = h_new
         h, c = h_new, c_new
-    return torch.stack(ys), h, c
+    y = torch.stack(ys) if ys else x.new_zeros(0, batch, h0.shape[1])
+    return y, h, c

@@ -1,0 +1,214 @@
+"""LayerNorm-LSTM: the C++ layer (torch.ops.fastseq.layer_norm_lstm_layer) against the
+plain-PyTorch reference, forward and every gradient, and the LayerNormLSTM module."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tolerance import assert_within_rule
+
+import fastseq
+from fastseq import _extension
+from fastseq.ops.layer_norm_lstm import layer_norm_lstm_layer
+from fastseq.reference import lstm as ref
+
+_CPP = _extension.load() is not None and hasattr(torch.ops.fastseq, "layer_norm_lstm_forward")
+needs_cpp = pytest.mark.skipif(not _CPP, reason="extension built without its CPU kernels")
+
+NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "bias", "ln_ih", "ln_hh", "ln_c_weight", "ln_c_bias"]
+
+
+def _inputs(steps, batch, input_size, hidden, dtype=torch.float64, bias=True, seed=0):
+    """Random layer inputs in float64, LayerNorms moved off the identity so that they matter."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+
+    inputs = [rand(steps, batch, input_size), rand(batch, hidden, scale=0.5),
+              rand(batch, hidden, scale=0.5), rand(4 * hidden, input_size, scale=0.3),
+              rand(4 * hidden, hidden, scale=0.3), rand(4 * hidden, scale=0.1) if bias else None,
+              rand(4 * hidden, scale=0.3, shift=1.0), rand(4 * hidden, scale=0.3, shift=1.0),
+              rand(hidden, scale=0.3, shift=1.0), rand(hidden, scale=0.3)]
+    return [t if t is None else t.to(dtype) for t in inputs]
+
+
+def _run(inputs, lengths, reverse, upstream, backend):
+    """Outputs (y, h_n, c_n) and the gradients of every input under a fixed upstream gradient."""
+    leaves = [t if t is None else t.detach().requires_grad_() for t in inputs]
+    with fastseq.use_backend(backend):
+        outputs = layer_norm_lstm_layer(*leaves, lengths=lengths, reverse=reverse)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outputs, present, [u.to(outputs[0].dtype) for u in upstream])
+    return outputs, grads
+
+
+def _check(steps, batch, input_size, hidden, dtype, lengths=None, reverse=False, bias=True):
+    truth_in = _inputs(steps, batch, input_size, hidden, bias=bias)
+    upstream = [torch.randn(steps, batch, hidden, dtype=torch.float64),
+                torch.randn(batch, hidden, dtype=torch.float64),
+                torch.randn(batch, hidden, dtype=torch.float64)]
+    truth = _run(truth_in, lengths, reverse, upstream, "reference")
+    low_in = [t if t is None else t.to(dtype) for t in truth_in]
+    got = _run(low_in, lengths, reverse, upstream, "cpu")
+    low = _run(low_in, lengths, reverse, upstream, "reference")
+    names = ["y", "h_n", "c_n"] + [n for n, t in zip(NAMES, truth_in, strict=True) if t is not None]
+    for name, g, t, lo in zip(names, [*got[0], *got[1]], [*truth[0], *truth[1]],
+                              [*low[0], *low[1]], strict=True):
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, t, msg=name)
+        else:
+            # The cell's LayerNorm divides by the spread of c, which amplifies rounding, and a
+            # gradient goes back through every step: the float32 error is noise that the order
+            # of the sums sets, and the reference's own error is one draw of it. On these shapes
+            # it moved 2.5x with nothing but ATen's vector width (ATEN_CPU_CAPABILITY), and two
+            # valid orders differed by up to 3.8x on a gradient; hence 4x here, not 2x.
+            assert_within_rule(g, t, lo, name, factor=4.0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (7, 5, 33, 37), (1, 1, 4, 16), (4, 18, 6, 20)],
+                         ids=["small", "ragged", "one_step_one_row", "many_rows"])
+def test_cpp_layer_matches_reference(dtype, reverse, shape):
+    _check(*shape, dtype, reverse=reverse)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpp_layer_with_lengths_and_no_bias(dtype, reverse):
+    """Lengths from full to zero: padding keeps the state and outputs zeros; a reverse sequence
+    shorter than T starts from h0."""
+    _check(6, 5, 5, 21, dtype, lengths=torch.tensor([6, 3, 1, 0, 5]), reverse=reverse, bias=False)
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (4, 0, 4, 5)], ids=["no_steps", "empty_batch"])
+def test_cpp_layer_empty_inputs(shape):
+    inputs = _inputs(*shape, dtype=torch.float32)
+    (y, h_n, c_n), grads = _run(inputs, None, False,
+                                [torch.ones(shape[0], shape[1], shape[3]),
+                                 torch.ones(shape[1], shape[3]), torch.ones(shape[1], shape[3])],
+                                "cpu")
+    assert y.shape == (shape[0], shape[1], shape[3])
+    torch.testing.assert_close(h_n, inputs[1])
+    torch.testing.assert_close(c_n, inputs[2])
+    for g, t in zip(grads, [t for t in inputs if t is not None], strict=True):
+        assert g.shape == t.shape
+
+
+@needs_cpp
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpp_layer_under_lower_cpu_capabilities(capability):
+    """The baseline-ISA row math, which an AVX-512 machine never takes by itself (ATen reads
+    ATEN_CPU_CAPABILITY once per process, so the tests run in a child)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "matches_reference and fp32", os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+
+
+@needs_cpp
+def test_fake_matches_real_strides_and_shapes():
+    inputs = _inputs(3, 2, 4, 5, dtype=torch.float32)
+    args = (*inputs, torch.tensor([3, 1]), True, 1e-5, True)
+    torch.library.opcheck(torch.ops.fastseq.layer_norm_lstm_layer, args,
+                          test_utils=("test_faketensor",))
+
+
+def test_bfloat16_runs_the_reference():
+    inputs = _inputs(3, 2, 4, 5, dtype=torch.bfloat16)
+    got = layer_norm_lstm_layer(*inputs)
+    want = ref.layer_norm_lstm_layer(*inputs)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@needs_cpp
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.__setitem__(6, a[6][:-1]), "ln_ih must have shape"),
+    (lambda a: a.__setitem__(9, a[9].double()), "ln_c_bias must have dtype"),
+    (lambda a: a.__setitem__(4, a[4][:, :-1]), "w_hh must have shape"),
+    (lambda a: a.__setitem__(10, torch.tensor([4, 1])), r"lengths\[0\] = 4 is outside"),
+    (lambda a: a.__setitem__(12, -1.0), "eps must be finite and >= 0"),
+], ids=["ln_ih_shape", "ln_c_bias_dtype", "w_hh_shape", "lengths_too_long", "negative_eps"])
+def test_bad_inputs_raise_clear_errors(change, match):
+    args = [*_inputs(3, 2, 4, 5, dtype=torch.float32), None, False, 1e-5, False]
+    change(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastseq.layer_norm_lstm_forward(*args)
+
+
+def _layer_norm_lstm_by_hand(module, x, lengths):
+    """The LayerNorm-LSTM written out step by step, one sequence at a time, from the module's
+    parameters (float64): the oracle for LayerNormLSTM's wiring of layers, directions and lengths."""
+    def ln(v, weight, bias=None):
+        v = (v - v.mean(-1, keepdim=True)) / (v.var(-1, unbiased=False, keepdim=True) + module.eps).sqrt()
+        return v * weight + (0 if bias is None else bias)
+
+    p = dict(module.named_parameters())
+    outputs = []
+    for b in range(x.shape[1]):
+        seq = x[: int(lengths[b]), b]
+        for layer in range(module.num_layers):
+            outs = []
+            for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
+                def w(name, suffix=suffix, layer=layer):
+                    return p[f"{name}_l{layer}{suffix}"]
+                h = c = torch.zeros(module.hidden_size, dtype=x.dtype)
+                ys = {}
+                order = range(len(seq) - 1, -1, -1) if suffix else range(len(seq))
+                for t in order:
+                    pre = (ln(w("weight_ih") @ seq[t], w("layernorm_ih_weight"))
+                           + ln(w("weight_hh") @ h, w("layernorm_hh_weight")) + w("bias_ih") + w("bias_hh"))
+                    i, f, g, o = pre.chunk(4)
+                    c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+                    h = o.sigmoid() * ln(c, w("layernorm_c_weight"), w("layernorm_c_bias")).tanh()
+                    ys[t] = h
+                outs.append(torch.stack([ys[t] for t in range(len(seq))]) if len(seq)
+                            else seq.new_zeros(0, module.hidden_size))
+            seq = torch.cat(outs, -1)
+        outputs.append(seq)
+    return outputs
+
+
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True)], ids=["one", "two_bidir"])
+def test_layer_norm_lstm_matches_step_by_step_oracle(config):
+    torch.manual_seed(0)
+    module = fastseq.nn.LayerNormLSTM(5, 7, **config).double()
+    with torch.no_grad():  # move the LayerNorms off the identity so that they are exercised
+        for name, param in module.named_parameters():
+            if name.startswith("layernorm_"):
+                param.add_(torch.randn_like(param) * 0.3)
+    x = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 1, 0])
+    y, (h, c) = module(x, lengths=lengths)
+    want = _layer_norm_lstm_by_hand(module, x, lengths)
+    for b, seq in enumerate(want):
+        torch.testing.assert_close(y[: len(seq), b], seq)
+        assert torch.equal(y[len(seq):, b], torch.zeros_like(y[len(seq):, b]))
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    grads = torch.autograd.grad((y * weights).sum(), [x, *module.parameters()])
+    want_loss = sum((seq * weights[: len(seq), b]).sum() for b, seq in enumerate(want) if len(seq))
+    want_grads = torch.autograd.grad(want_loss, [x, *module.parameters()])
+    for name, g, w in zip(["x", *dict(module.named_parameters())], grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_layer_norm_lstm_state_dict_and_compile():
+    module = fastseq.nn.LayerNormLSTM(5, 6, num_layers=2, batch_first=True)
+    names = set(module.state_dict())
+    assert {"weight_ih_l1", "bias_hh_l0", "layernorm_ih_weight_l0", "layernorm_c_bias_l1"} <= names
+    assert set(torch.nn.LSTM(5, 6, num_layers=2).state_dict()) <= names
+    assert torch.equal(module.layernorm_c_weight_l0, torch.ones(6))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 5, requires_grad=True)
+    y, _ = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, module(x)[0])
