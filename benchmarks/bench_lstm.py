@@ -1,6 +1,8 @@
 """LSTM: ``fastseq.nn.LSTM`` against ``torch.nn.LSTM`` (cuDNN / oneDNN) and the eager loop.
 
-All three hold the same weights. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
+All three hold the same weights. LayerNorm cases (``ln``) time ``fastseq.nn.LayerNormLSTM``
+against the same module on the plain-PyTorch reference loop, the only other implementation of it
+here, and show ``torch.nn.LSTM`` (no LayerNorm) for what the normalisations cost. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
 backward with a fixed upstream gradient). Padding cases compare three ways to run a batch of
 unequal lengths: fastseq with ``lengths=``, torch on a ``PackedSequence``, and both on the padded
 batch.
@@ -31,6 +33,7 @@ class Shape:
     layers: int = 1
     bidirectional: bool = False
     padding: str | None = None  # None, "lengths" (fastseq lengths= vs torch packed)
+    layer_norm: bool = False  # fastseq.nn.LayerNormLSTM
 
     def label(self):
         parts = [_DTYPE_NAMES[self.dtype], f"B{self.batch}", f"T{self.steps}", f"I{self.input_size}",
@@ -41,14 +44,17 @@ class Shape:
             parts.append("bidir")
         if self.padding:
             parts.append(f"padded:{self.padding}")
+        if self.layer_norm:
+            parts.append("ln")
         return " ".join(parts)
 
 
 def _modules(shape, device):
     kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
     theirs = torch.nn.LSTM(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
-    ours = fastseq.nn.LSTM(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
-    ours.load_state_dict(theirs.state_dict())
+    kind = fastseq.nn.LayerNormLSTM if shape.layer_norm else fastseq.nn.LSTM
+    ours = kind(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=not shape.layer_norm)
     return ours, theirs
 
 
@@ -89,7 +95,11 @@ def _case(shape, pass_, device):
     x = torch.randn(shape.steps, shape.batch, shape.input_size, device=device, dtype=shape.dtype,
                     requires_grad=pass_ != "fwd")
     variants = {}
-    if shape.padding:
+    if shape.layer_norm:
+        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
+        variants["reference"] = _timed(_forced(ours, "reference"), pass_, x)
+        variants["torch_no_ln"] = _timed(lambda t: theirs(t)[0], pass_, x)
+    elif shape.padding:
         lengths = torch.linspace(shape.steps // 4, shape.steps, shape.batch).long()
         variants["fastseq"] = _timed(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x)
         variants["torch_packed"] = _timed(
@@ -120,7 +130,8 @@ def _shapes(device, quick):
         return shapes[:2] if quick else shapes
     headline = Shape(torch.float32, batch=16, steps=128, input_size=128, hidden=256)
     if quick:
-        return [dataclasses.replace(headline, batch=4, steps=16, hidden=64, input_size=32)]
+        small = dataclasses.replace(headline, batch=4, steps=16, hidden=64, input_size=32)
+        return [small, dataclasses.replace(small, layer_norm=True)]
     return [
         headline,
         dataclasses.replace(headline, batch=1),
@@ -130,6 +141,8 @@ def _shapes(device, quick):
         dataclasses.replace(headline, steps=512, batch=8),
         dataclasses.replace(headline, layers=2, bidirectional=True),
         dataclasses.replace(headline, padding="lengths"),
+        dataclasses.replace(headline, layer_norm=True),
+        dataclasses.replace(headline, layer_norm=True, batch=64),
     ]
 
 

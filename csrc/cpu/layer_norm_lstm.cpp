@@ -277,7 +277,15 @@ struct Cols {
     s[1] += L::sum(s1);
   }
 
-  // Second pass: dv = rstd (d gain - m0 - x_hat m1), m the means of the first pass's sums.
+  // acc += v.
+  static FASTSEQ_INLINE void accumulate(T* acc, const T* v, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j += L::kWidth) {
+      L::store(acc + j, L::load(acc + j) + L::load(v + j));
+    }
+  }
+
+  // Second pass: dv = rstd (d gain - m0 - x_hat m1), m the means of the first pass's sums (dv
+  // may be d).
   static FASTSEQ_INLINE void norm_grad(const T* d, const T* x_hat, const T* gain, T* dv, T rstd,
                                        T m0, T m1, int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; j += L::kWidth) {
@@ -392,23 +400,26 @@ FASTSEQ_INLINE void backward_rows(const BackwardArgs<typename L::T>& a, Accumula
   }
 }
 
-// Rows [r0, r1) of all steps: the input LayerNorm's backward, d (x W_ih^T) from d pre.
+// Rows [r0, r1) of all steps, in place: d pre in, d (x W_ih^T) out (the input LayerNorm's
+// backward). Adds the rows' d pre to bias_grad and d pre x_hat to ln_ih_grad.
 template <class L, class LT>
-FASTSEQ_INLINE void input_norm_grad_rows(const typename L::T* dpre, const typename L::T* x_hat,
+FASTSEQ_INLINE void input_norm_grad_rows(typename L::T* dpre, const typename L::T* x_hat,
                                          const typename L::T* stats, const typename L::T* ln_ih,
-                                         typename L::T* ln_ih_grad, typename L::T* dq, int64_t G,
-                                         int64_t r0, int64_t r1) {
+                                         typename L::T* ln_ih_grad, typename L::T* bias_grad,
+                                         int64_t G, int64_t r0, int64_t r1) {
   using T = typename L::T;
   const int64_t mg = body_end<L>(G);
   for (int64_t row = r0; row < r1; ++row) {
-    const T* d = dpre + row * G;
+    T* d = dpre + row * G;
     const T* xh = x_hat + row * G;
+    Cols<L>::accumulate(bias_grad, d, 0, mg);
+    Cols<LT>::accumulate(bias_grad, d, mg, G);
     T n[2] = {0, 0};
     Cols<L>::norm_grad_sums(d, xh, ln_ih, ln_ih_grad, 0, mg, n);
     Cols<LT>::norm_grad_sums(d, xh, ln_ih, ln_ih_grad, mg, G, n);
     const T rstd = stats[row * kStats];
-    Cols<L>::norm_grad(d, xh, ln_ih, dq + row * G, rstd, n[0] / G, n[1] / G, 0, mg);
-    Cols<LT>::norm_grad(d, xh, ln_ih, dq + row * G, rstd, n[0] / G, n[1] / G, mg, G);
+    Cols<L>::norm_grad(d, xh, ln_ih, d, rstd, n[0] / G, n[1] / G, 0, mg);
+    Cols<LT>::norm_grad(d, xh, ln_ih, d, rstd, n[0] / G, n[1] / G, mg, G);
   }
 }
 
@@ -418,8 +429,7 @@ struct RowKernels {
   void (*input_norm)(T*, T*, int64_t, double, int64_t, int64_t);
   void (*forward)(const ForwardArgs<T>&, int64_t, int64_t, int64_t);
   void (*backward)(const BackwardArgs<T>&, Accumulators<T>&, int64_t, int64_t, int64_t);
-  void (*input_norm_grad)(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t,
-                          int64_t);
+  void (*input_norm_grad)(T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t);
 };
 
 #define FASTSEQ_LN_LSTM_ROWS(ns, attributes, L, LT)                                              \
@@ -435,9 +445,10 @@ struct RowKernels {
                            int64_t b0, int64_t b1) {                                             \
     backward_rows<L, LT>(a, acc, k, b0, b1);                                                     \
   }                                                                                              \
-  attributes void input_norm_grad(const T* dpre, const T* x_hat, const T* stats, const T* ln_ih, \
-                                  T* ln_ih_grad, T* dq, int64_t G, int64_t r0, int64_t r1) {     \
-    input_norm_grad_rows<L, LT>(dpre, x_hat, stats, ln_ih, ln_ih_grad, dq, G, r0, r1);           \
+  attributes void input_norm_grad(T* dpre, const T* x_hat, const T* stats, const T* ln_ih,       \
+                                  T* ln_ih_grad, T* bias_grad, int64_t G, int64_t r0,            \
+                                  int64_t r1) {                                                  \
+    input_norm_grad_rows<L, LT>(dpre, x_hat, stats, ln_ih, ln_ih_grad, bias_grad, G, r0, r1);    \
   }                                                                                              \
   RowKernels<T> kernels() {                                                                      \
     return {&input_norm, &forward, &backward, &input_norm_grad};                                 \
@@ -702,19 +713,20 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
   });
   const Tensor block_sums = sums.sum(0);
 
-  // The input LayerNorm over all steps at once, then the GEMMs.
-  Tensor dq = at::empty({rows, G}, opts);
+  // The input LayerNorm over all steps at once (d pre becomes d (x W_ih^T) in place), then the
+  // GEMMs.
   const Blocks row_blocks = Blocks::over(rows);
-  Tensor ln_ih_sums = at::zeros({row_blocks.blocks, G}, opts);
+  Tensor row_sums = at::zeros({row_blocks.blocks, 2, G}, opts);  // ln_ih's and the bias's
   at::parallel_for(0, row_blocks.blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      kernels.input_norm_grad(dpre.const_data_ptr<T>(), sv.x_hat.const_data_ptr<T>(),
-                              sv.stats.const_data_ptr<T>(), ln.ln_ih.const_data_ptr<T>(),
-                              ln_ih_sums.data_ptr<T>() + i * G, dq.data_ptr<T>(),
-                              G, row_blocks.start(i), row_blocks.start(i + 1));
+      T* own = row_sums.data_ptr<T>() + i * 2 * G;
+      kernels.input_norm_grad(dpre.data_ptr<T>(), sv.x_hat.const_data_ptr<T>(),
+                              sv.stats.const_data_ptr<T>(), ln.ln_ih.const_data_ptr<T>(), own,
+                              own + G, G, row_blocks.start(i), row_blocks.start(i + 1));
     }
   });
-  const Tensor dpre2d = dpre.view({rows, G});
+  const Tensor row_grads = row_sums.sum(0);
+  const Tensor dq = dpre.view({rows, G});
   Tensor grad_x = cpu::linear(dq, w_ih.t()).view({s.T, s.B, s.I});
   // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the second
   // is taken as a transposed view, which oneDNN reads in place.
@@ -724,7 +736,7 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
       cpu::linear(sv.h_in.view({s.H, rows}), dr.view({rows, G}).t()).t().contiguous();
   std::optional<Tensor> grad_bias;
   if (has_bias) {
-    grad_bias = dpre2d.sum(0);
+    grad_bias = row_grads.select(0, 1).clone();
   }
   return {grad_x,
           dh,
@@ -732,7 +744,7 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
           grad_w_ih,
           grad_w_hh,
           grad_bias,
-          ln_ih_sums.sum(0),
+          row_grads.select(0, 0).clone(),
           block_sums.narrow(0, 0, G).clone(),
           block_sums.narrow(0, G, s.H).clone(),
           block_sums.narrow(0, G + s.H, s.H).clone()};

@@ -115,18 +115,22 @@ FASTSEQ_AVX512 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, i
   }
 }
 
-// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels 6 at a
-// time, over k in blocks small enough that the panels' block (32 KiB) stays in L1 for all of them.
+// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels in tiles of
+// at most 6, over k in blocks small enough that the panels' block (32 KiB) stays in L1 for all of
+// them. The tiles are as even as they can be (8 rows: 4 + 4, not 6 + 2): a tile of one or two rows
+// has too few accumulators to hide the FMA latency.
 FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int64_t lda,
                                        const Panels& w, int np) {
-  constexpr int64_t kRows = 6;
+  constexpr int64_t kMaxRows = 6;
+  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
   const int64_t depth = 512 / np;
   for (int64_t k0 = 0; k0 < K; k0 += depth) {
     const int64_t kd = std::min(depth, K - k0);
     Panels block = w;
     block.P = w.P + 16 * k0;
-    for (int64_t m = 0; m < M; m += kRows) {
-      const int64_t rows = std::min(kRows, M - m);
+    for (int64_t tile_index = 0, m = 0; tile_index < tiles; ++tile_index) {
+      const int64_t left = tiles - tile_index;
+      const int64_t rows = (M - m + left - 1) / left;
       const float* Am = A + m * lda + k0;
       Panels tile = block;
       tile.C = w.C + m * w.ldc;
@@ -136,6 +140,7 @@ FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int
         case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile); break;
         default: micro_kernel_rows<1>(rows, kd, Am, lda, tile); break;
       }
+      m += rows;
     }
   }
 }
