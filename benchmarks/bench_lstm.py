@@ -1,11 +1,11 @@
 """LSTM: ``fastseq.nn.LSTM`` against ``torch.nn.LSTM`` (cuDNN / oneDNN) and the eager loop.
 
-All three hold the same weights. LayerNorm cases (``ln``) time ``fastseq.nn.LayerNormLSTM``
-against the same module on the plain-PyTorch reference loop, the only other implementation of it
-here, and show ``torch.nn.LSTM`` (no LayerNorm) for what the normalisations cost. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
+All three hold the same weights. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
 backward with a fixed upstream gradient). Padding cases compare three ways to run a batch of
 unequal lengths: fastseq with ``lengths=``, torch on a ``PackedSequence``, and both on the padded
-batch.
+batch. LayerNorm cases (``ln``) time ``fastseq.nn.LayerNormLSTM`` against the same module on the
+plain-PyTorch reference loop, the only other implementation of it here, and show
+``torch.nn.LSTM`` (no LayerNorm) for what the normalisations cost.
 """
 
 from __future__ import annotations
