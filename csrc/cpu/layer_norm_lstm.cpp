@@ -96,10 +96,10 @@ template <typename T>
 struct Norms {
   const T* ln_ih;   // (4H)
   const T* ln_hh;   // (4H)
-  const T* bias;    // (4H), zeros when the layer has none
+  const T* bias;    // (4H), zeros when the layer has none; not read by the backward
   const T* ln_c_w;  // (H)
   const T* ln_c_b;  // (H)
-  T eps;
+  double eps;
 };
 
 template <typename T>
@@ -277,13 +277,6 @@ struct Cols {
     s[1] += L::sum(s1);
   }
 
-  // acc += v.
-  static FASTSEQ_INLINE void accumulate(T* acc, const T* v, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; j += L::kWidth) {
-      L::store(acc + j, L::load(acc + j) + L::load(v + j));
-    }
-  }
-
   // Second pass: dv = rstd (d gain - m0 - x_hat m1), m the means of the first pass's sums (dv
   // may be d).
   static FASTSEQ_INLINE void norm_grad(const T* d, const T* x_hat, const T* gain, T* dv, T rstd,
@@ -353,6 +346,9 @@ FASTSEQ_INLINE void forward_rows(const ForwardArgs<typename L::T>& a, int64_t t,
       st[3] = cs.rstd;
     } else {
       std::fill_n(y, H, T(0));
+      // Never read by the backward; zeros keep the op's outputs a function of its inputs.
+      std::fill_n(a.gates + a.saved_row(t, b) * G, G, T(0));
+      std::fill_n(a.stats + (t * a.B + b) * kStats + 1, kStats - 1, T(0));
     }
     if (a.save) {
       std::memcpy(a.cells + (t * a.B + b) * H, c, H * sizeof(T));
@@ -400,20 +396,23 @@ FASTSEQ_INLINE void backward_rows(const BackwardArgs<typename L::T>& a, Accumula
   }
 }
 
-// Rows [r0, r1) of all steps, in place: d pre in, d (x W_ih^T) out (the input LayerNorm's
-// backward). Adds the rows' d pre to bias_grad and d pre x_hat to ln_ih_grad.
+// Rows [r0, r1) of all steps (row = t B + b), in place: d pre in, d (x W_ih^T) out (the input
+// LayerNorm's backward); adds d pre x_hat to ln_ih_grad. Padding rows get zeros without reading
+// x_hat, which with eps = 0 is not finite on a constant (say zero-padded) row.
 template <class L, class LT>
 FASTSEQ_INLINE void input_norm_grad_rows(typename L::T* dpre, const typename L::T* x_hat,
                                          const typename L::T* stats, const typename L::T* ln_ih,
-                                         typename L::T* ln_ih_grad, typename L::T* bias_grad,
-                                         int64_t G, int64_t r0, int64_t r1) {
+                                         typename L::T* ln_ih_grad, const int64_t* lengths,
+                                         int64_t B, int64_t G, int64_t r0, int64_t r1) {
   using T = typename L::T;
   const int64_t mg = body_end<L>(G);
   for (int64_t row = r0; row < r1; ++row) {
     T* d = dpre + row * G;
+    if (!is_active(lengths, row % B, row / B)) {
+      std::fill_n(d, G, T(0));
+      continue;
+    }
     const T* xh = x_hat + row * G;
-    Cols<L>::accumulate(bias_grad, d, 0, mg);
-    Cols<LT>::accumulate(bias_grad, d, mg, G);
     T n[2] = {0, 0};
     Cols<L>::norm_grad_sums(d, xh, ln_ih, ln_ih_grad, 0, mg, n);
     Cols<LT>::norm_grad_sums(d, xh, ln_ih, ln_ih_grad, mg, G, n);
@@ -429,7 +428,8 @@ struct RowKernels {
   void (*input_norm)(T*, T*, int64_t, double, int64_t, int64_t);
   void (*forward)(const ForwardArgs<T>&, int64_t, int64_t, int64_t);
   void (*backward)(const BackwardArgs<T>&, Accumulators<T>&, int64_t, int64_t, int64_t);
-  void (*input_norm_grad)(T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t);
+  void (*input_norm_grad)(T*, const T*, const T*, const T*, T*, const int64_t*, int64_t, int64_t,
+                          int64_t, int64_t);
 };
 
 #define FASTSEQ_LN_LSTM_ROWS(ns, attributes, L, LT)                                              \
@@ -446,9 +446,9 @@ struct RowKernels {
     backward_rows<L, LT>(a, acc, k, b0, b1);                                                     \
   }                                                                                              \
   attributes void input_norm_grad(T* dpre, const T* x_hat, const T* stats, const T* ln_ih,       \
-                                  T* ln_ih_grad, T* bias_grad, int64_t G, int64_t r0,            \
-                                  int64_t r1) {                                                  \
-    input_norm_grad_rows<L, LT>(dpre, x_hat, stats, ln_ih, ln_ih_grad, bias_grad, G, r0, r1);    \
+                                  T* ln_ih_grad, const int64_t* lengths, int64_t B, int64_t G,   \
+                                  int64_t r0, int64_t r1) {                                      \
+    input_norm_grad_rows<L, LT>(dpre, x_hat, stats, ln_ih, ln_ih_grad, lengths, B, G, r0, r1);   \
   }                                                                                              \
   RowKernels<T> kernels() {                                                                      \
     return {&input_norm, &forward, &backward, &input_norm_grad};                                 \
@@ -569,9 +569,9 @@ Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Ten
 }
 
 template <typename T>
-Norms<T> norms_of(const LayerNorms& ln, const Tensor& bias, double eps) {
-  return {ln.ln_ih.const_data_ptr<T>(), ln.ln_hh.const_data_ptr<T>(), bias.const_data_ptr<T>(),
-          ln.ln_c_w.const_data_ptr<T>(), ln.ln_c_b.const_data_ptr<T>(), static_cast<T>(eps)};
+Norms<T> norms_of(const LayerNorms& ln, const T* bias, double eps) {
+  return {ln.ln_ih.const_data_ptr<T>(), ln.ln_hh.const_data_ptr<T>(), bias,
+          ln.ln_c_w.const_data_ptr<T>(), ln.ln_c_b.const_data_ptr<T>(), eps};
 }
 
 Tensor bias_or_zeros(const std::optional<Tensor>& bias, const Sizes& s, const Tensor& x) {
@@ -619,7 +619,7 @@ ForwardOut forward_impl(const Sizes& s, const Tensor& x, const Tensor& h0, const
   Tensor gates = at::empty({saved, s.B, G}, opts);
   Tensor cells = save ? at::empty({s.T, s.B, s.H}, opts) : at::empty({0}, opts);
   Tensor h_in = save ? at::empty({s.H, s.T, s.B}, opts) : at::empty({0}, opts);
-  const ForwardArgs<T> args{s.T, s.B, s.H, lengths, save, norms_of<T>(ln, bias, eps),
+  const ForwardArgs<T> args{s.T, s.B, s.H, lengths, save, norms_of<T>(ln, bias.const_data_ptr<T>(), eps),
                             x_hat.const_data_ptr<T>(), r.data_ptr<T>(), gates.data_ptr<T>(),
                             stats.data_ptr<T>(), save ? cells.data_ptr<T>() : nullptr,
                             h.data_ptr<T>(), c.data_ptr<T>(), y.data_ptr<T>()};
@@ -689,8 +689,7 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
   Tensor dh = grad_h_n.clone(), dc = grad_c_n.clone();
   Tensor dpre = at::empty({s.T, s.B, G}, opts);
   Tensor dr = at::empty({s.T, s.B, G}, opts);
-  const Tensor zeros = at::zeros({G}, opts);  // the bias is not read by the backward
-  const BackwardArgs<T> args{s.T, s.B, s.H, lengths, reverse, norms_of<T>(ln, zeros, eps),
+  const BackwardArgs<T> args{s.T, s.B, s.H, lengths, reverse, norms_of<T>(ln, nullptr, eps),
                              sv.gates.const_data_ptr<T>(), sv.cells.const_data_ptr<T>(),
                              sv.r_hat.const_data_ptr<T>(), sv.stats.const_data_ptr<T>(),
                              c0.const_data_ptr<T>(), grad_y.const_data_ptr<T>(), dh.data_ptr<T>(),
@@ -713,19 +712,23 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
   });
   const Tensor block_sums = sums.sum(0);
 
-  // The input LayerNorm over all steps at once (d pre becomes d (x W_ih^T) in place), then the
-  // GEMMs.
+  // The bias gradient (ATen's blocked sum: a running float32 sum over T B rows would drift),
+  // then the input LayerNorm over all steps at once (d pre becomes d (x W_ih^T) in place), then
+  // the GEMMs.
+  std::optional<Tensor> grad_bias;
+  if (has_bias) {
+    grad_bias = dpre.view({rows, G}).sum(0);
+  }
   const Blocks row_blocks = Blocks::over(rows);
-  Tensor row_sums = at::zeros({row_blocks.blocks, 2, G}, opts);  // ln_ih's and the bias's
+  Tensor ln_ih_sums = at::zeros({row_blocks.blocks, G}, opts);
   at::parallel_for(0, row_blocks.blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      T* own = row_sums.data_ptr<T>() + i * 2 * G;
       kernels.input_norm_grad(dpre.data_ptr<T>(), sv.x_hat.const_data_ptr<T>(),
-                              sv.stats.const_data_ptr<T>(), ln.ln_ih.const_data_ptr<T>(), own,
-                              own + G, G, row_blocks.start(i), row_blocks.start(i + 1));
+                              sv.stats.const_data_ptr<T>(), ln.ln_ih.const_data_ptr<T>(),
+                              ln_ih_sums.data_ptr<T>() + i * G, lengths, s.B, G,
+                              row_blocks.start(i), row_blocks.start(i + 1));
     }
   });
-  const Tensor row_grads = row_sums.sum(0);
   const Tensor dq = dpre.view({rows, G});
   Tensor grad_x = cpu::linear(dq, w_ih.t()).view({s.T, s.B, s.I});
   // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the second
@@ -734,17 +737,13 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
   Tensor grad_w_ih = cpu::linear(x_t, dq.t()).t().contiguous();
   Tensor grad_w_hh =
       cpu::linear(sv.h_in.view({s.H, rows}), dr.view({rows, G}).t()).t().contiguous();
-  std::optional<Tensor> grad_bias;
-  if (has_bias) {
-    grad_bias = row_grads.select(0, 1).clone();
-  }
   return {grad_x,
           dh,
           dc,
           grad_w_ih,
           grad_w_hh,
           grad_bias,
-          row_grads.select(0, 0).clone(),
+          ln_ih_sums.sum(0),
           block_sums.narrow(0, 0, G).clone(),
           block_sums.narrow(0, G, s.H).clone(),
           block_sums.narrow(0, G + s.H, s.H).clone()};

@@ -91,6 +91,8 @@ inline const int64_t* check_lengths(const char* op, const std::optional<at::Tens
   if (!lengths.has_value() || !lengths->defined()) {
     return nullptr;
   }
+  TORCH_CHECK(lengths->scalar_type() == at::kLong, op, ": lengths must be int64, got ",
+              lengths->scalar_type());
   check_tensor(op, *lengths, "lengths", {s.B}, at::kLong);
   const int64_t* len = lengths->const_data_ptr<int64_t>();
   for (int64_t b = 0; b < s.B; ++b) {

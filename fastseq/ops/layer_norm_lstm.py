@@ -8,7 +8,15 @@ features, and the cell over its H before its tanh. Backends:
   csrc/cpu/layer_norm_lstm.cpp), float32 and float64: one GEMM for the input projection of all
   steps, then every block of sequences runs through the steps on its own thread with a GEMM and
   fused pointwise and LayerNorm math per step; backward through time in C++;
-* ``reference``: the plain-PyTorch loop, differentiated by autograd; every other device and dtype.
+* ``triton``: the same plan driven from Python, a cuBLAS GEMM and one fused Triton kernel per step
+  (kernels/layer_norm_lstm.py), float32, bfloat16 and float16, H up to 4096;
+* ``reference``: the plain-PyTorch loop, differentiated by autograd; every other case, and the only
+  backend with double backward.
+
+Both fused backends save the same tensors for the backward: the activated gates, the cells, the
+state entering each step (transposed, (H, T, B)), the normalised projections x_hat and r_hat, and
+per row [1/std of x W_ih^T, 1/std of h W_hh^T, mean and 1/std of c]. Cells and statistics are kept
+in at least float32.
 """
 
 from __future__ import annotations
@@ -18,47 +26,150 @@ import torch
 from fastseq import _backend, _extension
 from fastseq.reference import lstm as reference
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_HIDDEN = 4096  # one program holds a row's 4H features
 _SAVED = 6  # gates, cells, h_in, x_hat, r_hat, stats
 
 
 # torch.compile runs the choice while tracing and keeps its answer (it looks up the extension,
-# which Dynamo cannot trace); its arguments are constants there.
+# which Dynamo cannot trace); its arguments are constants there. A compiled module therefore keeps
+# the backend it was traced with.
 @torch.compiler.assume_constant_result
-def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
-    reasons = {"triton": "no Triton LayerNorm-LSTM kernel", "cuda": "no CUDA LayerNorm-LSTM kernel"}
-    if dtype not in KERNEL_DTYPES:
+def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
+    reasons = {"cuda": "no CUDA LayerNorm-LSTM kernel"}
+    if dtype not in CPU_DTYPES:
         reasons["cpu"] = f"dtype {dtype} (the C++ layer takes float32 and float64)"
     elif not _extension.cpu_built() or not hasattr(torch.ops.fastseq, "layer_norm_lstm_forward"):
         reasons["cpu"] = "the C++ LayerNorm-LSTM layer is not built"
+    if dtype not in TRITON_DTYPES:
+        reasons["triton"] = f"dtype {dtype}"
+    elif hidden > TRITON_MAX_HIDDEN:
+        reasons["triton"] = f"hidden size {hidden} > {TRITON_MAX_HIDDEN}"
     return _backend.choose("layer_norm_lstm", device, reasons)
 
+
+def _state_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton backend: a Python loop over the steps, one GEMM and one fused kernel each.
+
+def _step_order(steps, reverse):
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def _active_rows(lengths, steps, batch, device):
+    """(T, B, 1) bool: which (step, row) are inside their sequence; None without lengths."""
+    if lengths is None:
+        return None
+    return (torch.arange(steps, device=device)[:, None] < lengths[None, :])[..., None]
+
+
+def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
+                    reverse, eps):
+    from fastseq.kernels import layer_norm_lstm as kernels
+
+    steps, batch, _ = x.shape
+    hidden = c0.shape[1]
+    acc = _state_dtype(x.dtype)
+    q = (x.flatten(0, 1) @ w_ih.t()).to(acc)
+    x_hat, _, rstd = torch.native_layer_norm(q, [4 * hidden], None, None, eps)
+    stats = x.new_zeros(steps, batch, 4, dtype=acc)
+    stats[..., 0] = rstd.view(steps, batch)
+    x_hat = x_hat.to(x.dtype).view(steps, batch, 4 * hidden)
+    y = x.new_empty(steps, batch, hidden)
+    gates = x.new_empty(steps, batch, 4 * hidden)
+    r_hat = x.new_empty(steps, batch, 4 * hidden)
+    cells = x.new_empty(steps, batch, hidden, dtype=acc)
+    h_in = x.new_empty(hidden, steps, batch)
+    h, c = h0.clone(), c0.to(acc, copy=True)
+    for t in _step_order(steps, reverse):
+        h_in[:, t] = h.t()
+        torch.mm(h, w_hh.t(), out=r_hat[t])
+        kernels.cell_forward(r_hat[t], x_hat[t], ln_ih, ln_hh, bias, ln_c_weight, ln_c_bias, h, c,
+                             y[t], gates[t], stats[t], cells[t], lengths, t, eps)
+    return y, h, c.to(c0.dtype), gates, cells, h_in, x_hat, r_hat, stats
+
+
+def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
+                     ln_c_bias, lengths, reverse, has_bias, gates, cells, h_in, x_hat, r_hat,
+                     stats):
+    from fastseq.kernels import layer_norm_lstm as kernels
+
+    steps, batch, _ = x.shape
+    hidden = c0.shape[1]
+    acc = _state_dtype(x.dtype)
+    dh, dc = grad_h_n.clone(), grad_c_n.to(acc, copy=True)
+    dpre, dr = torch.empty_like(gates), torch.empty_like(gates)
+    part_w = x.new_empty(steps, batch, hidden, dtype=acc)
+    part_b = torch.empty_like(part_w)
+    c_prev = c0.to(acc)
+    order = list(_step_order(steps, reverse))
+    for k in range(steps - 1, -1, -1):
+        t = order[k]
+        kernels.cell_backward(gates[t], cells[t], c_prev if k == 0 else cells[order[k - 1]],
+                              r_hat[t], stats[t], ln_hh, ln_c_weight, ln_c_bias, grad_y[t], dh, dc,
+                              dpre[t], dr[t], part_w[t], part_b[t], lengths, t)
+        dh.addmm_(dr[t], w_hh)
+    # Over all steps at once: the input LayerNorm's backward, the GEMMs and the parameter sums.
+    # Padding rows have d pre = 0; their x_hat is left out (not finite for a constant row at
+    # eps = 0).
+    d = dpre.to(acc)
+    xh = x_hat.to(acc)
+    active = _active_rows(lengths, steps, batch, x.device)
+    if active is not None:
+        xh = torch.where(active, xh, 0)
+    e = d * ln_ih.to(acc)
+    dq = (e - e.mean(-1, keepdim=True) - xh * (e * xh).mean(-1, keepdim=True)) * stats[..., :1]
+    if active is not None:
+        dq = torch.where(active, dq, 0)
+    dq = dq.to(x.dtype).flatten(0, 1)
+    flat_dr = dr.flatten(0, 1)
+    grad_x = (dq @ w_ih).view_as(x)
+    grad_w_ih = dq.t() @ x.flatten(0, 1)
+    grad_w_hh = flat_dr.t() @ h_in.flatten(1).t()
+    sums = [d.sum((0, 1)) if has_bias else None, (d * xh).sum((0, 1)),
+            (d * r_hat.to(acc)).sum((0, 1)), part_w.sum((0, 1)), part_b.sum((0, 1))]
+    like = [w_ih, ln_ih, ln_hh, ln_c_weight, ln_c_bias]
+    gbias, *g_norms = [s if s is None else s.to(p.dtype) for s, p in zip(sums, like, strict=True)]
+    return grad_x, dh, dc.to(c0.dtype), grad_w_ih, grad_w_hh, gbias, *g_norms
+
+
+# ------------------------------------------------------------------------------------------------
+# The op.
 
 @torch.library.custom_op("fastseq::layer_norm_lstm_layer", mutates_args=())
 def layer_norm_lstm_op(
     x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     bias: torch.Tensor | None, ln_ih: torch.Tensor, ln_hh: torch.Tensor, ln_c_weight: torch.Tensor,
     ln_c_bias: torch.Tensor, lengths: torch.Tensor | None, reverse: bool, eps: float, save: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h_n, c_n) and, with ``save``, what the backward takes (empty tensors otherwise)."""
-    return tuple(torch.ops.fastseq.layer_norm_lstm_forward(
-        x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps,
-        save))
+    """(y, h_n, c_n) and, with ``save``, what the backward takes (empty tensors otherwise), on
+    ``backend`` ("cpu" or "triton")."""
+    args = (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps)
+    if backend == "cpu":
+        return tuple(torch.ops.fastseq.layer_norm_lstm_forward(*args, save))
+    out = _triton_forward(*args)
+    return out if save else (*out[:3], *(x.new_empty(0) for _ in range(_SAVED)))
 
 
 @layer_norm_lstm_op.register_fake
 def _(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps,
-      save):
+      save, backend):
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
     outputs = (x.new_empty(steps, batch, hidden), torch.empty_like(h0), torch.empty_like(c0))
     if not save:
         return (*outputs, *(x.new_empty(0) for _ in range(_SAVED)))
     rows = (steps, batch)
-    return (*outputs, x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, hidden),
+    acc = _state_dtype(x.dtype)
+    return (*outputs, x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, hidden, dtype=acc),
             x.new_empty(hidden, *rows), x.new_empty(*rows, 4 * hidden),
-            x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, 4))
+            x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, 4, dtype=acc))
 
 
 @torch.library.custom_op("fastseq::layer_norm_lstm_layer_grad", mutates_args=())
@@ -68,29 +179,35 @@ def layer_norm_lstm_grad_op(
     ln_ih: torch.Tensor, ln_hh: torch.Tensor, ln_c_weight: torch.Tensor, ln_c_bias: torch.Tensor,
     lengths: torch.Tensor | None, reverse: bool, eps: float, has_bias: bool, gates: torch.Tensor,
     cells: torch.Tensor, h_in: torch.Tensor, x_hat: torch.Tensor, r_hat: torch.Tensor,
-    stats: torch.Tensor,
+    stats: torch.Tensor, backend: str,
 ) -> list[torch.Tensor]:
     """Gradients [x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias] of
     :func:`layer_norm_lstm_op` (bias's empty when the layer has none)."""
-    grads = torch.ops.fastseq.layer_norm_lstm_backward(
-        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
-        lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats)
+    if backend == "cpu":
+        grads = torch.ops.fastseq.layer_norm_lstm_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
+            ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats)
+    else:
+        grads = _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
+                                 ln_c_weight, ln_c_bias, lengths, reverse, has_bias, gates, cells,
+                                 h_in, x_hat, r_hat, stats)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @layer_norm_lstm_grad_op.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
-      lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats):
+      lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats, backend):
     like = (x, h0, c0, w_ih, w_hh)
     return [*(torch.empty_like(t) for t in like), x.new_empty(w_ih.shape[0] if has_bias else 0),
             *(torch.empty_like(t) for t in (ln_ih, ln_hh, ln_c_weight, ln_c_bias))]
 
 
 def _setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps, _ = inputs
+    x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps, _, \
+        backend = inputs
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
                           *output[3:])
-    ctx.reverse, ctx.eps, ctx.has_bias = reverse, eps, bias is not None
+    ctx.reverse, ctx.eps, ctx.has_bias, ctx.backend = reverse, eps, bias is not None, backend
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
@@ -98,10 +215,10 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     grads = layer_norm_lstm_grad_op(grad_y.contiguous(), grad_h_n.contiguous(),
                                     grad_c_n.contiguous(), x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
                                     ln_c_weight, ln_c_bias, lengths, ctx.reverse, ctx.eps,
-                                    ctx.has_bias, *saved)
+                                    ctx.has_bias, *saved, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, *g_norms = grads
     return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None, *g_norms, None, None,
-            None, None)
+            None, None, None)
 
 
 layer_norm_lstm_op.register_autograd(_backward, setup_context=_setup)
@@ -109,19 +226,21 @@ layer_norm_lstm_op.register_autograd(_backward, setup_context=_setup)
 
 def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
                           lengths=None, reverse=False, eps=1e-5):
-    """One LayerNorm-LSTM layer; returns ``(y (T, B, H), h_n (B, H), c_n (B, H))``. Differentiable.
+    """One LayerNorm-LSTM layer; returns ``(y (T, B, H), h_n (B, H), c_n (B, H))``. Differentiable
+    once (double backward: the reference backend).
 
     Shapes as :func:`fastseq.ops.lstm.lstm_layer` (no projection), plus the LayerNorm gains
-    ``ln_ih``, ``ln_hh`` (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); formulas in
-    :func:`fastseq.reference.lstm.layer_norm_lstm_layer`. The C++ layer runs float32 and float64
-    on the CPU; everything else runs the reference loop.
+    ``ln_ih``, ``ln_hh`` (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); ``lengths`` (B,)
+    integer, on x's device; formulas in :func:`fastseq.reference.lstm.layer_norm_lstm_layer`.
     """
-    if _backend_for(x.device, x.dtype) == "reference":
+    backend = _backend_for(x.device, x.dtype, c0.shape[-1])
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
+    if backend == "reference":
         return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh,
                                                ln_c_weight, ln_c_bias, lengths, reverse, eps)
     tensors = [t if t is None else t.contiguous()
                for t in (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    lengths = lengths if lengths is None else lengths.contiguous()
-    y, h_n, c_n, *_ = layer_norm_lstm_op(*tensors, lengths, reverse, float(eps), save)
+    y, h_n, c_n, *_ = layer_norm_lstm_op(*tensors, lengths, reverse, float(eps), save, backend)
     return y, h_n, c_n
