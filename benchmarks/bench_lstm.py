@@ -126,7 +126,8 @@ def _shapes(device, quick):
                   dataclasses.replace(base, hidden=1024, input_size=1024),
                   dataclasses.replace(base, bidirectional=True, layers=2),
                   dataclasses.replace(base, hidden=500, input_size=500),
-                  dataclasses.replace(base, padding="lengths")]
+                  dataclasses.replace(base, padding="lengths"),
+                  dataclasses.replace(base, layer_norm=True)]
         return shapes[:2] if quick else shapes
     headline = Shape(torch.float32, batch=16, steps=128, input_size=128, hidden=256)
     if quick:

@@ -259,3 +259,30 @@ def test_layer_norm_lstm_state_dict_and_compile():
     y, _ = compiled(x)
     y.sum().backward()
     torch.testing.assert_close(y, module(x)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [19, 700])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_triton_layer_on_the_gpu(dtype, hidden, with_lengths):
+    """The Triton backend compiled for real: outputs and gradients against the float64 reference
+    on the CPU, within the rule against the same reference on the GPU in ``dtype``."""
+    shape = (9, 6, 13, hidden)
+    truth_in = _inputs(*shape)
+    lengths = torch.tensor([9, 4, 1, 0, 9, 7]) if with_lengths else None
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(9, 6, hidden, dtype=torch.float64, generator=g),
+                torch.randn(6, hidden, dtype=torch.float64, generator=g),
+                torch.randn(6, hidden, dtype=torch.float64, generator=g)]
+    truth = _run(truth_in, lengths, True, upstream, "reference")
+    low_in = [t.to("cuda", dtype) for t in truth_in]
+    cuda_lengths = lengths.cuda() if lengths is not None else None
+    cuda_upstream = [u.cuda() for u in upstream]
+    got = _run(low_in, cuda_lengths, True, cuda_upstream, "triton")
+    low = _run(low_in, cuda_lengths, True, cuda_upstream, "reference")
+    for g_, t, lo in zip([*got[0], *got[1]], [*truth[0], *truth[1]], [*low[0], *low[1]],
+                         strict=True):
+        ulps = 16 * torch.finfo(dtype).eps * t.abs().max().item()
+        assert_within_rule(g_.cpu(), t, lo.cpu(), factor=4.0,
+                           floor=ulps if dtype == torch.float32 else None)
