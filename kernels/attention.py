@@ -19,6 +19,8 @@ per key block and kv head, summing over the heads of its GQA group) and dQ (one 
 block): no atomics, so it is deterministic.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -352,11 +354,20 @@ def _gpu_configs(block_ms, block_ns, warps, stages):
     ]
 
 
-def _fits(configs, named_args, **kwargs):
-    """Drop tiles too large for the head dim (register pressure, shared memory)."""
+def _fits(configs, named_args, big_head_tile=64 * 64, **kwargs):
+    """Drop tiles too large for the head dim (register pressure, shared memory). float32
+    operands take twice the shared memory of 16-bit ones per pipeline stage: they keep a quarter of
+    the tile area and at most two stages, as do head dims above 128, where the tile area is
+    ``big_head_tile`` (tests/triton_compile_check.py compiles the extremes for sm_80 and sm_90 and
+    checks their shared memory)."""
     block_d = kwargs["BLOCK_D"]
-    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else big_head_tile)
+    wide = named_args["Q"].element_size() == 4
+    if wide:
+        limit //= 4
+    max_stages = 2 if wide or block_d > 128 else 4
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
+            and c.num_stages <= max_stages]
     return kept or configs[:1]
 
 
@@ -369,7 +380,8 @@ _attn_fwd_tuned = triton.autotune(
 _attn_bwd_dkdv_tuned = triton.autotune(
     configs=_gpu_configs((32, 64), (64, 128), (4, 8), (2, 3)),
     key=["Lq", "Lk", "D"],
-    prune_configs_by={"early_config_prune": _fits},
+    # dK and dV stay on chip: at head dim 256 a 32 x 128 tile needs 172 KiB, past sm_80's 163
+    prune_configs_by={"early_config_prune": functools.partial(_fits, big_head_tile=32 * 64)},
 )(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_gpu_configs((64, 128), (32, 64), (4, 8), (2, 3)),

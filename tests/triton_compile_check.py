@@ -1,0 +1,235 @@
+"""Compile every Triton kernel for real GPU targets, on a machine without a GPU.
+
+The tests run the Triton kernels under the interpreter, which takes code that the compiler
+rejects and knows nothing of registers or shared memory. Here each launcher runs on small CPU
+tensors while its launches are recorded instead of run; every recorded launch (for an autotuned
+kernel: its smallest and largest surviving tiles) is then compiled by Triton's own compiler down to
+a cubin for sm_80 and sm_90, which needs no driver, and its shared memory is checked against the
+device's limit.
+
+Run as a script, without TRITON_INTERPRET: ``python tests/triton_compile_check.py [label ...]``
+(optional substrings of the case labels). Prints one line per compiled kernel and exits non-zero,
+naming the kernels, when any fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, KernelInterface
+
+# sm_80 (A100) and sm_90 (H100): opt-in shared memory per block, in bytes.
+TARGETS = {80: 166912, 90: 232448}
+_POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                  torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32",
+                  torch.uint8: "u8", torch.bool: "i1"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Inside the block ``kernel[grid](...)`` records ``(kernel, args, kwargs)`` and runs nothing."""
+    launches = []
+    original = KernelInterface.__getitem__
+
+    def record(self, grid):
+        return lambda *args, **kwargs: launches.append((self, args, kwargs))
+
+    KernelInterface.__getitem__ = record
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _source(fn: JITFunction, args, kwargs):
+    """(ASTSource, compile options) of one launch of ``fn``."""
+    named = dict(zip(fn.arg_names, args, strict=False))  # the rest come as keywords
+    named.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = named[param.name] if param.name in named else param.default
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = _arg_type(value)
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs), options
+
+
+def _variants(kernel, args, kwargs):
+    """(name, JITFunction, kwargs) to compile for one recorded launch."""
+    if not isinstance(kernel, Autotuner):
+        return [(kernel.fn.__name__, kernel, kwargs)]
+    configs = kernel.configs
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:
+        configs = prune(configs, dict(zip(kernel.arg_names, args, strict=False)), **kwargs)
+    def size(config):
+        tile = 1
+        for value in config.kwargs.values():
+            tile *= value
+        return tile, config.num_warps, config.num_stages
+
+    picked = {id(c): c for c in (min(configs, key=size), max(configs, key=size))}.values()
+    return [(f"{kernel.fn.fn.__name__} {c.kwargs} warps={c.num_warps} stages={c.num_stages}",
+             kernel.fn, {**kwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
+            for c in picked]
+
+
+def compile_launches(launches, label):
+    """Compile each recorded launch for every target; returns the failures' descriptions."""
+    failures = []
+    for kernel, args, kwargs in launches:
+        for name, fn, kw in _variants(kernel, args, kwargs):
+            for arch, shared_limit in TARGETS.items():
+                where = f"{label}: {name} sm_{arch}"
+                try:
+                    source, options = _source(fn, args, kw)
+                    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                              options=options)
+                    shared = compiled.metadata.shared
+                    if "cubin" not in compiled.asm:
+                        raise RuntimeError("no cubin")
+                    if shared > shared_limit:
+                        raise RuntimeError(f"{shared} bytes of shared memory > {shared_limit}")
+                    print(f"ok    {where} (shared {shared} B)", flush=True)
+                except Exception:  # noqa: BLE001 - every failure is reported, then the next runs
+                    failures.append(where)
+                    print(f"FAIL  {where}\n{traceback.format_exc()}", flush=True)
+    return failures
+
+
+def _launches_of_every_family():
+    """(label, launch function) for each family: the launchers on small CPU tensors, with the
+    options that change what is compiled (dtypes, masks, causality, rotary, dropout, lengths)."""
+    from fastseq.kernels import attention, attention_decode, cross_attention, layer_norm_lstm, lstm, rotary
+
+    def t(*shape, dtype=torch.float16):
+        return torch.zeros(*shape, dtype=dtype)
+
+    def attention_case(dtype, causal, mask, lengths, rotary_tables, p_drop, head_dim=64):
+        q = t(2, 4, 48, head_dim, dtype=dtype)
+        k, v = t(2, 2, 80, head_dim, dtype=dtype), t(2, 2, 80, head_dim, dtype=dtype)
+        out, lse = torch.empty_like(q), t(2, 4, 48, dtype=torch.float32)
+        cos = sin = t(80, 16, dtype=torch.float32) if rotary_tables else None
+        key_lengths = torch.tensor([80, 33]) if lengths else None
+        common = dict(mask=mask, key_lengths=key_lengths, cos=cos, sin=sin, interleaved=False,
+                      causal=causal, bottom_right=causal, scale=0.125, p_drop=p_drop, seed=1)
+        attention.forward(q, k, v, out, lse, **common)
+        attention.backward(torch.empty_like(q), q, k, v, out, lse, torch.empty_like(q),
+                           torch.empty_like(k), torch.empty_like(v), **common)
+
+    def layer_norm_lstm_case(dtype, lengths):
+        batch, hidden = 3, 700
+        f32 = torch.float32
+        layer_norm_lstm.cell_forward(
+            t(batch, 4 * hidden, dtype=dtype), t(batch, 4 * hidden, dtype=dtype),
+            t(4 * hidden, dtype=dtype), t(4 * hidden, dtype=dtype), t(4 * hidden, dtype=dtype),
+            t(hidden, dtype=dtype), t(hidden, dtype=dtype), t(batch, hidden, dtype=dtype),
+            t(batch, hidden, dtype=f32), t(batch, hidden, dtype=dtype),
+            t(batch, 4 * hidden, dtype=dtype), t(batch, 4, dtype=f32), t(batch, hidden, dtype=f32),
+            lengths, 3, 1e-5)
+        layer_norm_lstm.cell_backward(
+            t(batch, 4 * hidden, dtype=dtype), t(batch, hidden, dtype=f32),
+            t(batch, hidden, dtype=f32), t(batch, 4 * hidden, dtype=dtype), t(batch, 4, dtype=f32),
+            t(4 * hidden, dtype=dtype), t(hidden, dtype=dtype), t(hidden, dtype=dtype),
+            t(batch, hidden, dtype=dtype), t(batch, hidden, dtype=dtype),
+            t(batch, hidden, dtype=f32), t(batch, 4 * hidden, dtype=dtype),
+            t(batch, 4 * hidden, dtype=dtype), t(batch, hidden, dtype=f32),
+            t(batch, hidden, dtype=f32), lengths, 3)
+
+    def lstm_case(dtype):
+        pre, c = t(4, 4 * 300, dtype=dtype), t(4, 300, dtype=torch.float32)
+        lstm.cell_forward(pre, c, torch.empty_like(pre), torch.empty_like(c), t(4, 300, dtype=dtype))
+        lstm.cell_backward(t(4, 300, dtype=dtype), c, pre, c, c, torch.empty_like(pre),
+                           torch.empty_like(c))
+
+    def rotary_case(dtype, positions, interleaved):
+        q, k = t(2, 40, 8, 128, dtype=dtype), t(2, 40, 2, 128, dtype=dtype)
+        cos = sin = t(1, 64, 32, dtype=torch.float32)
+        rotary.rotary(torch.empty_like(q), torch.empty_like(k), q, k, cos, sin,
+                      torch.zeros(2, 40, dtype=torch.int64) if positions else None, 0, 64,
+                      interleaved, False)
+
+    def decode_case(dtype):
+        q = t(2, 8, 1, 128, dtype=dtype)
+        cache = t(2, 2, 300, 128, dtype=dtype)
+        attention_decode.decode(q, cache, cache, torch.tensor([300, 7]), torch.empty_like(q),
+                                t(2, 8, 1, dtype=torch.float32), 0.088)
+
+    def cross_case(dtype, residual, lengths):
+        q, kv = t(2, 8, 1024, 40, dtype=dtype), t(2, 8, 77, 40, dtype=dtype)
+        ctx = torch.tensor([77, 20]) if lengths else None
+        cross_attention.forward(q, kv, kv, torch.empty_like(q), t(2, 8, 1024, dtype=torch.float32),
+                                ctx, q if residual else None, 0.158)
+        cross_attention.backward(q, q, kv, kv, t(2, 8, 1024, dtype=torch.float32), ctx,
+                                 torch.empty_like(q), 0.158)
+
+    bool_mask = torch.zeros(2, 4, 48, 80, dtype=torch.bool)
+    add_mask = torch.zeros(2, 4, 48, 80, dtype=torch.float32)
+    return [
+        ("attention fp16 plain", lambda: attention_case(torch.float16, False, None, False, False, 0.0)),
+        ("attention bf16 causal lengths bool-mask dropout",
+         lambda: attention_case(torch.bfloat16, True, bool_mask, True, False, 0.1)),
+        ("attention fp32 additive-mask rotary",
+         lambda: attention_case(torch.float32, False, add_mask, False, True, 0.0)),
+        ("attention fp32 head_dim 128 causal",
+         lambda: attention_case(torch.float32, True, None, False, False, 0.0, head_dim=128)),
+        ("attention fp16 head_dim 256",
+         lambda: attention_case(torch.float16, False, None, False, False, 0.0, head_dim=256)),
+        ("attention_decode fp16", lambda: decode_case(torch.float16)),
+        ("attention_decode fp32", lambda: decode_case(torch.float32)),
+        ("cross_attention fp16 residual", lambda: cross_case(torch.float16, True, False)),
+        ("cross_attention bf16 context lengths", lambda: cross_case(torch.bfloat16, False, True)),
+        ("lstm fp16", lambda: lstm_case(torch.float16)),
+        ("lstm fp32", lambda: lstm_case(torch.float32)),
+        ("layer_norm_lstm bf16 lengths",
+         lambda: layer_norm_lstm_case(torch.bfloat16, torch.tensor([3, 1, 0]))),
+        ("layer_norm_lstm fp32", lambda: layer_norm_lstm_case(torch.float32, None)),
+        ("rotary fp16 positions", lambda: rotary_case(torch.float16, True, False)),
+        ("rotary bf16 interleaved", lambda: rotary_case(torch.bfloat16, False, True)),
+    ]
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("run without TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
+        return 2
+    wanted = sys.argv[1:]  # optional: only the cases whose label contains one of these
+    failures = []
+    for label, launch in _launches_of_every_family():
+        if wanted and not any(w in label for w in wanted):
+            continue
+        with recorded_launches() as launches:
+            launch()
+        if not launches:
+            failures.append(f"{label}: nothing launched")
+        failures += compile_launches(launches, label)
+    print(f"{len(failures)} failed" + "".join(f"\n  {f}" for f in failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
