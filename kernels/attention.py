@@ -354,40 +354,46 @@ def _gpu_configs(block_ms, block_ns, warps, stages):
     ]
 
 
-def _fits(configs, named_args, big_head_tile=64 * 64, **kwargs):
-    """Drop tiles too large for the head dim (register pressure, shared memory). float32
-    operands take twice the shared memory of 16-bit ones per pipeline stage: they keep a quarter of
-    the tile area and at most two stages, as do head dims above 128, where the tile area is
-    ``big_head_tile`` (tests/triton_compile_check.py compiles the extremes for sm_80 and sm_90 and
-    checks their shared memory)."""
+def _fits(configs, named_args, big_head_tile=64 * 64, fallback=None, **kwargs):
+    """Drop tiles too large for the head dim (register pressure, shared memory).
+
+    Every config kept fits an H100's shared memory and the smallest fits an A100's (the
+    autotuner skips the others there); tests/triton_compile_check.py compiles the extremes for
+    sm_80 and sm_90 and checks them. Per pipeline stage, float32 operands take twice the shared
+    memory of 16-bit ones and head dims above 64 more than that: float32 keeps a quarter of the
+    tile area and two stages, head dim 128 three stages, above 128 two stages and
+    ``big_head_tile``. Where nothing is left (float32 above head dim 128) ``fallback`` runs.
+    """
     block_d = kwargs["BLOCK_D"]
     limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else big_head_tile)
     wide = named_args["Q"].element_size() == 4
     if wide:
         limit //= 4
-    max_stages = 2 if wide or block_d > 128 else 4
+    max_stages = 2 if wide or block_d > 128 else (3 if block_d > 64 else 4)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
             and c.num_stages <= max_stages]
-    return kept or configs[:1]
+    return kept or [fallback or configs[0]]
 
 
-# Autotuned on GPUs (key: the sizes that change the best tile); fixed tiles under the interpreter.
-_attn_fwd_tuned = triton.autotune(
-    configs=_gpu_configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
-    key=["Lq", "Lk", "D"],
-    prune_configs_by={"early_config_prune": _fits},
-)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(
-    configs=_gpu_configs((32, 64), (64, 128), (4, 8), (2, 3)),
-    key=["Lq", "Lk", "D"],
-    # dK and dV stay on chip: at head dim 256 a 32 x 128 tile needs 172 KiB, past sm_80's 163
-    prune_configs_by={"early_config_prune": functools.partial(_fits, big_head_tile=32 * 64)},
-)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(
-    configs=_gpu_configs((64, 128), (32, 64), (4, 8), (2, 3)),
-    key=["Lq", "Lk", "D"],
-    prune_configs_by={"early_config_prune": _fits},
-)(_attn_bwd_dq)
+def _tuned(kernel, block_ms, block_ns, stages, fallback, big_head_tile=64 * 64):
+    """``kernel`` autotuned over the tiles and pipeline depths given (warps 4 or 8), pruned by
+    :func:`_fits`; key: the sizes that change the best tile."""
+    return triton.autotune(
+        configs=_gpu_configs(block_ms, block_ns, (4, 8), stages),
+        key=["Lq", "Lk", "D"],
+        prune_configs_by={"early_config_prune": functools.partial(
+            _fits, big_head_tile=big_head_tile,
+            fallback=triton.Config(fallback, num_warps=4, num_stages=1))},
+    )(kernel)
+
+
+# Autotuned on GPUs; fixed tiles under the interpreter.
+_attn_fwd_tuned = _tuned(_attn_fwd, (64, 128), (32, 64, 128), (2, 3, 4),
+                         dict(BLOCK_M=32, BLOCK_N=32))
+# dK and dV stay on chip: at head dim 256 a 32 x 128 tile needs 172 KiB, past an A100's 163.
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, (32, 64), (64, 128), (2, 3),
+                              dict(BLOCK_M=16, BLOCK_N=32), big_head_tile=32 * 64)
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, (64, 128), (32, 64), (2, 3), dict(BLOCK_M=32, BLOCK_N=16))
 
 
 def _pick(kernel, tuned, head_dim, interpreted):

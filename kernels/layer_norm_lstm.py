@@ -50,7 +50,9 @@ def _sum4(a, b, c, d):
     return tl.sum(a) + tl.sum(b) + tl.sum(c) + tl.sum(d)
 
 
-@triton.jit
+# The step index changes every launch: specialising on it (t = 1, multiples of 16) would compile
+# the same kernel several times over.
+@triton.jit(do_not_specialize=["t"])
 def _ln_cell_fwd(R, XHAT, LN_IH, LN_HH, BIAS, LNC_W, LNC_B, H_STATE, C_STATE, Y, GATES, STATS,
                  CELLS, LENGTHS, t, H, eps, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -100,7 +102,7 @@ def _ln_cell_fwd(R, XHAT, LN_IH, LN_HH, BIAS, LNC_W, LNC_B, H_STATE, C_STATE, Y,
     tl.store(Y + b * H + cols, tl.where(active, h, 0.0).to(Y.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _ln_cell_bwd(GATES, CELLS, C_PREV, RHAT, STATS, LN_HH, LNC_W, LNC_B, GY, DH, DC, DPRE, DR,
                  PART_W, PART_B, LENGTHS, t, H, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)

@@ -286,3 +286,40 @@ def test_triton_layer_on_the_gpu(dtype, hidden, with_lengths):
         ulps = 16 * torch.finfo(dtype).eps * t.abs().max().item()
         assert_within_rule(g_.cpu(), t, lo.cpu(), factor=4.0,
                            floor=ulps if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("index, bad, match", [
+    (6, lambda t: t[:-1], r"ln_ih must have shape \(24,\)"),
+    (9, lambda t: t[:-2], r"ln_c_bias must have shape \(6,\)"),
+    (5, lambda t: t[:-3], r"bias must have shape \(24,\)"),
+    (8, lambda t: t.double(), "ln_c_weight must be torch.float32"),
+    (1, lambda t: t[:1], r"h0 must have shape \(2, 6\)"),
+], ids=["ln_ih", "ln_c_bias", "bias", "ln_c_weight_dtype", "h0"])
+def test_functional_checks_inputs_before_any_kernel(backend, index, bad, match):
+    inputs = _inputs(3, 2, 4, 6, dtype=torch.float32)
+    inputs[index] = bad(inputs[index])
+    with fastseq.use_backend(backend), pytest.raises(ValueError, match=match):
+        layer_norm_lstm_layer(*inputs)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("lengths", [torch.tensor([1]), torch.tensor([4, 1])],
+                         ids=["wrong_size", "past_T"])
+def test_functional_checks_lengths(backend, lengths):
+    with fastseq.use_backend(backend), pytest.raises(ValueError, match="lengths must"):
+        layer_norm_lstm_layer(*_inputs(3, 2, 4, 6, dtype=torch.float32), lengths=lengths)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inference_matches_training_forward(backend):
+    """Without grad nothing per step is kept; the outputs are the training forward's."""
+    inputs = _inputs(5, 3, 4, 6, dtype=torch.float32)
+    lengths = torch.tensor([5, 2, 0])
+    with fastseq.use_backend(backend):
+        with torch.no_grad():
+            inference = layer_norm_lstm_layer(*inputs, lengths=lengths, reverse=True)
+        training = layer_norm_lstm_layer(*[t.requires_grad_() for t in inputs], lengths=lengths,
+                                         reverse=True)
+    for a, b in zip(inference, training, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)

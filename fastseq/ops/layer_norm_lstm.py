@@ -49,6 +49,35 @@ def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
     return _backend.choose("layer_norm_lstm", device, reasons)
 
 
+def _fail(message):
+    raise ValueError(f"fastseq.layer_norm_lstm_layer: {message}")
+
+
+def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths):
+    """Shapes, dtypes and devices of a layer's inputs, before any kernel runs."""
+    if x.dim() != 3:
+        _fail(f"x must be (T, B, I), got shape {tuple(x.shape)}")
+    steps, batch, input_size = x.shape
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4:
+        _fail(f"w_ih must be (4H, I), got shape {tuple(w_ih.shape)}")
+    hidden = w_ih.shape[0] // 4
+    expected = {"h0": (h0, (batch, hidden)), "c0": (c0, (batch, hidden)),
+                "w_ih": (w_ih, (4 * hidden, input_size)), "w_hh": (w_hh, (4 * hidden, hidden)),
+                "bias": (bias, (4 * hidden,)), "ln_ih": (ln_ih, (4 * hidden,)),
+                "ln_hh": (ln_hh, (4 * hidden,)), "ln_c_weight": (ln_c_weight, (hidden,)),
+                "ln_c_bias": (ln_c_bias, (hidden,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            _fail(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            _fail(f"{name} must be {x.dtype} on {x.device} (as x), got {tensor.dtype} on "
+                  f"{tensor.device}")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != batch):
+        _fail(f"lengths must be (B,) = ({batch},), got shape {tuple(lengths.shape)}")
+
+
 def _state_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
@@ -68,7 +97,7 @@ def _active_rows(lengths, steps, batch, device):
 
 
 def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
-                    reverse, eps):
+                    reverse, eps, save):
     from fastseq.kernels import layer_norm_lstm as kernels
 
     steps, batch, _ = x.shape
@@ -80,16 +109,19 @@ def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c
     stats[..., 0] = rstd.view(steps, batch)
     x_hat = x_hat.to(x.dtype).view(steps, batch, 4 * hidden)
     y = x.new_empty(steps, batch, hidden)
-    gates = x.new_empty(steps, batch, 4 * hidden)
-    r_hat = x.new_empty(steps, batch, 4 * hidden)
-    cells = x.new_empty(steps, batch, hidden, dtype=acc)
-    h_in = x.new_empty(hidden, steps, batch)
+    kept = steps if save else 1  # without saving, one step's scratch serves every step
+    gates = x.new_empty(kept, batch, 4 * hidden)
+    r_hat = x.new_empty(kept, batch, 4 * hidden)
+    cells = x.new_empty(kept, batch, hidden, dtype=acc)
+    h_in = x.new_empty(hidden, steps, batch) if save else None
     h, c = h0.clone(), c0.to(acc, copy=True)
     for t in _step_order(steps, reverse):
-        h_in[:, t] = h.t()
-        torch.mm(h, w_hh.t(), out=r_hat[t])
-        kernels.cell_forward(r_hat[t], x_hat[t], ln_ih, ln_hh, bias, ln_c_weight, ln_c_bias, h, c,
-                             y[t], gates[t], stats[t], cells[t], lengths, t, eps)
+        k = t if save else 0
+        if save:
+            h_in[:, t] = h.t()
+        torch.mm(h, w_hh.t(), out=r_hat[k])
+        kernels.cell_forward(r_hat[k], x_hat[t], ln_ih, ln_hh, bias, ln_c_weight, ln_c_bias, h, c,
+                             y[t], gates[k], stats[t], cells[k], lengths, t, eps)
     return y, h, c.to(c0.dtype), gates, cells, h_in, x_hat, r_hat, stats
 
 
@@ -153,7 +185,7 @@ def layer_norm_lstm_op(
     args = (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps)
     if backend == "cpu":
         return tuple(torch.ops.fastseq.layer_norm_lstm_forward(*args, save))
-    out = _triton_forward(*args)
+    out = _triton_forward(*args, save)
     return out if save else (*out[:3], *(x.new_empty(0) for _ in range(_SAVED)))
 
 
@@ -233,8 +265,12 @@ def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight
     ``ln_ih``, ``ln_hh`` (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); ``lengths`` (B,)
     integer, on x's device; formulas in :func:`fastseq.reference.lstm.layer_norm_lstm_layer`.
     """
+    _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths)
     backend = _backend_for(x.device, x.dtype, c0.shape[-1])
     if lengths is not None:
+        if not torch.compiler.is_compiling() and lengths.numel() and (
+                int(lengths.min()) < 0 or int(lengths.max()) > x.shape[0]):
+            _fail(f"lengths must lie in [0, T = {x.shape[0]}], got {lengths.tolist()}")
         lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
     if backend == "reference":
         return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh,
