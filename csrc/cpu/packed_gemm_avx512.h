@@ -31,28 +31,14 @@ struct Panels {
   int64_t n;
 };
 
-// How far ahead (in k) the first row tile fetches the panels. When W does not fit in L2 (an
-// LSTM with H = 1024 streams 16 MiB of W_hh from L3 every step) the hardware prefetcher alone
-// leaves the FMAs waiting: 64 rows (4 KiB per panel) ahead took such a step from 17.4 to 15.3 ms
-// on a Zen 5 EPYC, and cost nothing where W sits in L2.
-constexpr int64_t kPrefetchRows = 64;
-
-// acc[r][p] += A[r, k] B_p[k, :] for one k; with `prefetch`, fetches the panels kPrefetchRows on.
+// acc[r][p] += A[r, k] B_p[k, :] for one k.
 template <int MR, int NP>
 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
-    __m512 (&acc)[MR][NP], const float* A, int64_t lda, const Panels& w, int64_t k,
-    bool prefetch) {
+    __m512 (&acc)[MR][NP], const float* A, int64_t lda, const Panels& w, int64_t k) {
   __m512 b[NP];
 #pragma GCC unroll 4
   for (int p = 0; p < NP; ++p) {
     b[p] = _mm512_loadu_ps(w.P + p * w.p_stride + 16 * k);
-  }
-  if (prefetch) {  // a hint: past the panel's end it fetches a useless line, never faults
-#pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(w.P + p * w.p_stride + 16 * (k + kPrefetchRows)),
-                   _MM_HINT_T0);
-    }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -67,8 +53,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
 // C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
 // about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
 template <int MR, int NP>
-FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w,
-                                 bool prefetch) {
+FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w) {
   constexpr int kTiles = MR * NP;
   constexpr int KU = std::min(4, (8 + kTiles - 1) / kTiles);
   const __mmask16 mask = static_cast<__mmask16>((1u << w.n) - 1u);
@@ -96,11 +81,11 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
   for (; k + KU <= K; k += KU) {
 #pragma GCC unroll 4
     for (int u = 0; u < KU; ++u) {
-      fma_step<MR, NP>(acc[u], A, lda, w, k + u, prefetch);
+      fma_step<MR, NP>(acc[u], A, lda, w, k + u);
     }
   }
   for (; k < K; ++k) {
-    fma_step<MR, NP>(acc[0], A, lda, w, k, prefetch);
+    fma_step<MR, NP>(acc[0], A, lda, w, k);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -119,14 +104,14 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
 
 template <int NP>
 FASTSEQ_AVX512 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, int64_t lda,
-                                      const Panels& w, bool prefetch) {
+                                      const Panels& w) {
   switch (rows) {
-    case 6: return micro_kernel<6, NP>(K, A, lda, w, prefetch);
-    case 5: return micro_kernel<5, NP>(K, A, lda, w, prefetch);
-    case 4: return micro_kernel<4, NP>(K, A, lda, w, prefetch);
-    case 3: return micro_kernel<3, NP>(K, A, lda, w, prefetch);
-    case 2: return micro_kernel<2, NP>(K, A, lda, w, prefetch);
-    default: return micro_kernel<1, NP>(K, A, lda, w, prefetch);
+    case 6: return micro_kernel<6, NP>(K, A, lda, w);
+    case 5: return micro_kernel<5, NP>(K, A, lda, w);
+    case 4: return micro_kernel<4, NP>(K, A, lda, w);
+    case 3: return micro_kernel<3, NP>(K, A, lda, w);
+    case 2: return micro_kernel<2, NP>(K, A, lda, w);
+    default: return micro_kernel<1, NP>(K, A, lda, w);
   }
 }
 
@@ -149,13 +134,11 @@ FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int
       const float* Am = A + m * lda + k0;
       Panels tile = block;
       tile.C = w.C + m * w.ldc;
-      // The first tile brings the panels' block into L1; the others find it there.
-      const bool prefetch = tile_index == 0;
       switch (np) {
-        case 4: micro_kernel_rows<4>(rows, kd, Am, lda, tile, prefetch); break;
-        case 3: micro_kernel_rows<3>(rows, kd, Am, lda, tile, prefetch); break;
-        case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile, prefetch); break;
-        default: micro_kernel_rows<1>(rows, kd, Am, lda, tile, prefetch); break;
+        case 4: micro_kernel_rows<4>(rows, kd, Am, lda, tile); break;
+        case 3: micro_kernel_rows<3>(rows, kd, Am, lda, tile); break;
+        case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile); break;
+        default: micro_kernel_rows<1>(rows, kd, Am, lda, tile); break;
       }
       m += rows;
     }
