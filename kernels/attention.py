@@ -357,12 +357,14 @@ def _gpu_configs(block_ms, block_ns, warps, stages):
 def _fits(configs, named_args, big_head_tile=64 * 64, fallback=None, **kwargs):
     """Drop tiles too large for the head dim (register pressure, shared memory).
 
-    Every config kept fits an H100's shared memory and the smallest fits an A100's (the
-    autotuner skips the others there); tests/triton_compile_check.py compiles the extremes for
-    sm_80 and sm_90 and checks them. Per pipeline stage, float32 operands take twice the shared
-    memory of 16-bit ones and head dims above 64 more than that: float32 keeps a quarter of the
-    tile area and two stages, head dim 128 three stages, above 128 two stages and
-    ``big_head_tile``. Where nothing is left (float32 above head dim 128) ``fallback`` runs.
+    The smallest config kept fits an A100's shared memory; a larger one that does not fit a
+    device is skipped there by the autotuner, which scores it as out of resources (so more than one
+    must be kept whenever one may not fit). tests/triton_compile_check.py compiles the smallest and
+    the largest kept (by tile area x stages) for sm_80 and sm_90. Per pipeline stage, float32
+    operands take twice the shared memory of 16-bit ones and head dims above 64 more than that:
+    float32 keeps a quarter of the tile area and two stages, head dim 128 three stages, above 128
+    two stages and ``big_head_tile``. Where nothing is left (float32 above head dim 128)
+    ``fallback`` runs alone.
     """
     block_d = kwargs["BLOCK_D"]
     limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else big_head_tile)

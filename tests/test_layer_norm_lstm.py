@@ -304,8 +304,9 @@ def test_functional_checks_inputs_before_any_kernel(backend, index, bad, match):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("lengths", [torch.tensor([1]), torch.tensor([4, 1])],
-                         ids=["wrong_size", "past_T"])
+@pytest.mark.parametrize("lengths", [torch.tensor([1]), torch.tensor([4, 1]),
+                                     torch.tensor([2.5, 1.0]), torch.tensor([True, False])],
+                         ids=["wrong_size", "past_T", "float", "bool"])
 def test_functional_checks_lengths(backend, lengths):
     with fastseq.use_backend(backend), pytest.raises(ValueError, match="lengths must"):
         layer_norm_lstm_layer(*_inputs(3, 2, 4, 6, dtype=torch.float32), lengths=lengths)
@@ -323,3 +324,5 @@ def test_inference_matches_training_forward(backend):
                                          reverse=True)
     for a, b in zip(inference, training, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    unsaved = torch.ops.fastseq.layer_norm_lstm_layer(*inputs, lengths, True, 1e-5, False, backend)
+    assert all(t.numel() == 0 for t in unsaved[3:])

@@ -76,6 +76,9 @@ def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_b
                   f"{tensor.device}")
     if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != batch):
         _fail(f"lengths must be (B,) = ({batch},), got shape {tuple(lengths.shape)}")
+    if lengths is not None and (lengths.dtype.is_floating_point or lengths.dtype.is_complex
+                                or lengths.dtype == torch.bool):
+        _fail(f"lengths must be an integer tensor, got {lengths.dtype}")
 
 
 def _state_dtype(dtype):
