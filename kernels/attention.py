@@ -357,14 +357,15 @@ def _gpu_configs(block_ms, block_ns, warps, stages):
 def _fits(configs, named_args, big_head_tile=64 * 64, fallback=None, **kwargs):
     """Drop tiles too large for the head dim (register pressure, shared memory).
 
-    The smallest config kept fits an A100's shared memory; a larger one that does not fit a
-    device is skipped there by the autotuner, which scores it as out of resources (so more than one
-    must be kept whenever one may not fit). tests/triton_compile_check.py compiles the smallest and
-    the largest kept (by tile area x stages) for sm_80 and sm_90. Per pipeline stage, float32
-    operands take twice the shared memory of 16-bit ones and head dims above 64 more than that:
-    float32 keeps a quarter of the tile area and two stages, head dim 128 three stages, above 128
-    two stages and ``big_head_tile``. Where nothing is left (float32 above head dim 128)
-    ``fallback`` runs alone.
+    The smallest config kept fits the shared memory of an A100, an H100 and a 99 KiB sm_86/89
+    part; a larger one that does not fit a device is skipped there by the autotuner, which scores
+    it as out of resources (so more than one must be kept whenever one may not fit).
+    tests/triton_compile_check.py compiles the smallest and the largest kept (by tile area x
+    stages) for sm_80, sm_86 and sm_90. Per pipeline stage, float32 operands take twice the shared
+    memory of 16-bit ones and head dims above 64 more than that: float32 keeps a quarter of the
+    tile area and two stages, head dim 128 three stages, above 128 two stages and
+    ``big_head_tile``. float32 and head dims above 128 also keep ``fallback`` (for float32 above
+    head dim 128 it is all that is left).
     """
     block_d = kwargs["BLOCK_D"]
     limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else big_head_tile)
@@ -374,6 +375,8 @@ def _fits(configs, named_args, big_head_tile=64 * 64, fallback=None, **kwargs):
     max_stages = 2 if wide or block_d > 128 else (3 if block_d > 64 else 4)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
             and c.num_stages <= max_stages]
+    if (wide or block_d > 128) and fallback is not None:
+        kept.append(fallback)  # the smallest tiles above still exceed a 99 KiB part (sm_86/89)
     return kept or [fallback or configs[0]]
 
 

@@ -125,7 +125,10 @@ def decode(q, k_cache, v_cache, lengths, out, lse, scale, interpreted=False):
     group = H // Hk
     block_m = max(16, triton.next_power_of_2(group * Lq))
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 16 if interpreted else (64 if block_d <= 128 else 32)
+    # Key blocks of 64 at 16 bits; float32 (twice the bytes) and head dims above 128 take 32, which
+    # keeps the kernel within the 99 KiB of shared memory of sm_86/sm_89 parts.
+    wide = q.element_size() == 4 or block_d > 128
+    block_n = 16 if interpreted else (32 if wide else 64)
     n_splits = _splits(B * Hk, S, block_n, interpreted)
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
     part_o = torch.empty(B * Hk * n_splits * block_m * block_d, device=q.device, dtype=torch.float32)

@@ -29,8 +29,9 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface
 
-# sm_80 (A100) and sm_90 (H100): opt-in shared memory per block, in bytes.
-TARGETS = {80: 166912, 90: 232448}
+# sm_80 (A100), sm_86 (RTX 30xx, A10; sm_89 has the same limit) and sm_90 (H100): opt-in shared
+# memory per block, in bytes.
+TARGETS = {80: 166912, 86: 101376, 90: 232448}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
