@@ -545,19 +545,11 @@ struct LayerNorms {
 Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                   const Tensor& w_hh, const std::optional<Tensor>& bias, const LayerNorms& ln,
                   double eps) {
-  TORCH_CHECK(x.dim() == 3, kOp, ": x must be (T, B, I), got ", x.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, kOp, ": w_ih must be (4H, I), got ",
-              w_ih.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kOp,
               ": x must be float32 or float64, got ", dtype);
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), kOp, ": eps must be finite and >= 0, got ", eps);
-  const Sizes s{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_ih.size(0) / 4};
-  check_tensor(kOp, x, "x", {s.T, s.B, s.I}, dtype);
-  check_tensor(kOp, h0, "h0", {s.B, s.H}, dtype);
-  check_tensor(kOp, c0, "c0", {s.B, s.H}, dtype);
-  check_tensor(kOp, w_ih, "w_ih", {4 * s.H, s.I}, dtype);
-  check_tensor(kOp, w_hh, "w_hh", {4 * s.H, s.H}, dtype);
+  const Sizes s = check_layer_tensors(kOp, x, h0, c0, w_ih, w_hh);
   if (bias.has_value()) {
     check_tensor(kOp, *bias, "bias", {4 * s.H}, dtype);
   }

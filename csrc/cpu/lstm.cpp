@@ -452,23 +452,16 @@ void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B,
 // Shapes common to forward and backward, checked against x, the weights and the initial state.
 Sizes check_layer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                   const Tensor& w_hh, const std::optional<Tensor>& w_hr) {
-  TORCH_CHECK(x.dim() == 3, "lstm_layer: x must be (T, B, I), got ", x.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
-              "lstm_layer: w_ih must be (4H, I), got ", w_ih.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
               "lstm_layer: x must be float32, float64 or bfloat16, got ", dtype);
-  Sizes s{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_ih.size(0) / 4};
+  TORCH_CHECK(!w_hr.has_value() || w_hr->dim() == 2, "lstm_layer: w_hr must be (P, H), got ",
+              w_hr->sizes());
+  const Sizes s = check_layer_tensors("lstm_layer", x, h0, c0, w_ih, w_hh,
+                                      w_hr.has_value() ? w_hr->size(0) : 0);
   if (w_hr.has_value()) {
-    TORCH_CHECK(w_hr->dim() == 2, "lstm_layer: w_hr must be (P, H), got ", w_hr->sizes());
-    s.P = w_hr->size(0);
     check_tensor("lstm_layer", *w_hr, "w_hr", {s.P, s.H}, dtype);
   }
-  check_tensor("lstm_layer", x, "x", {s.T, s.B, s.I}, dtype);
-  check_tensor("lstm_layer", h0, "h0", {s.B, s.P}, dtype);
-  check_tensor("lstm_layer", c0, "c0", {s.B, s.H}, dtype);
-  check_tensor("lstm_layer", w_ih, "w_ih", {4 * s.H, s.I}, dtype);
-  check_tensor("lstm_layer", w_hh, "w_hh", {4 * s.H, s.P}, dtype);
   return s;
 }
 

@@ -85,6 +85,25 @@ inline void check_tensor(const char* op, const at::Tensor& t, const char* name,
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// The tensors every LSTM layer takes, checked against x (dtype, shape, device, layout): x (T, B, I),
+// h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), where P = proj_size, or H when it is 0.
+inline Sizes check_layer_tensors(const char* op, const at::Tensor& x, const at::Tensor& h0,
+                                 const at::Tensor& c0, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, int64_t proj_size = 0) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (T, B, I), got ", x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be (4H, I), got ",
+              w_ih.sizes());
+  const int64_t H = w_ih.size(0) / 4;
+  const Sizes s{x.size(0), x.size(1), x.size(2), H, proj_size > 0 ? proj_size : H};
+  const auto dtype = x.scalar_type();
+  check_tensor(op, x, "x", {s.T, s.B, s.I}, dtype);
+  check_tensor(op, h0, "h0", {s.B, s.P}, dtype);
+  check_tensor(op, c0, "c0", {s.B, s.H}, dtype);
+  check_tensor(op, w_ih, "w_ih", {4 * s.H, s.I}, dtype);
+  check_tensor(op, w_hh, "w_hh", {4 * s.H, s.P}, dtype);
+  return s;
+}
+
 // The lengths as a pointer (null when not given), after checking them against batch and steps.
 inline const int64_t* check_lengths(const char* op, const std::optional<at::Tensor>& lengths,
                                     const Sizes& s) {

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastseq.ops.layer_norm_lstm import layer_norm_lstm_layer
-from fastseq.ops.lstm import lstm_layer
+from fastseq.ops.layer_norm_lstm import run_layer_norm_lstm_layer
+from fastseq.ops.lstm import checked_lengths, lstm_layer
 
 
 def _fail(message):
@@ -98,15 +98,7 @@ class LSTM(nn.Module):
     def _check_lengths(self, lengths, x):
         if lengths is None:
             return None
-        lengths = torch.as_tensor(lengths)
-        if lengths.shape != (x.shape[1],) or lengths.is_floating_point():
-            _fail(f"lengths must be {x.shape[1]} integers, got {tuple(lengths.shape)} {lengths.dtype}")
-        lengths = lengths.to(device=x.device, dtype=torch.int64)
-        if not torch.compiler.is_compiling() and lengths.numel():
-            if bool(lengths.max() > x.shape[0]) or bool(lengths.min() < 0):
-                _fail(f"lengths must lie in [0, {x.shape[0]}] (the sequence length), got "
-                      f"{lengths.tolist()}")
-        return lengths
+        return checked_lengths(lengths, x.shape[0], x.shape[1], x.device, _fail)
 
     def _initial_state(self, x, hx, unbatched):
         layers = self.num_layers * (2 if self.bidirectional else 1)
@@ -194,8 +186,9 @@ class LayerNormLSTM(LSTM):
         w_ih, w_hh, bias, _ = self._weights(layer, suffix)
         norms = [getattr(self, f"layernorm_{n}_l{layer}{suffix}")
                  for n in ("ih_weight", "hh_weight", "c_weight", "c_bias")]
-        return layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, *norms, lengths=lengths,
-                                     reverse=bool(suffix), eps=self.eps)
+        # forward() has checked the input, the state and lengths; the parameters are its own.
+        return run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, *norms, lengths=lengths,
+                                         reverse=bool(suffix), eps=self.eps)
 
 
 class LSTMCell(nn.LSTMCell):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastseq import _backend, _extension
+from fastseq.ops.lstm import cell_dtype, checked_lengths
 from fastseq.reference import lstm as reference
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -54,7 +55,8 @@ def _fail(message):
 
 
 def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths):
-    """Shapes, dtypes and devices of a layer's inputs, before any kernel runs."""
+    """Shapes, dtypes and devices of a layer's inputs, before any kernel runs; returns lengths as
+    int64 on x's device (or None)."""
     if x.dim() != 3:
         _fail(f"x must be (T, B, I), got shape {tuple(x.shape)}")
     steps, batch, input_size = x.shape
@@ -74,23 +76,11 @@ def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_b
         if tensor.dtype != x.dtype or tensor.device != x.device:
             _fail(f"{name} must be {x.dtype} on {x.device} (as x), got {tensor.dtype} on "
                   f"{tensor.device}")
-    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != batch):
-        _fail(f"lengths must be (B,) = ({batch},), got shape {tuple(lengths.shape)}")
-    if lengths is not None and (lengths.dtype.is_floating_point or lengths.dtype.is_complex
-                                or lengths.dtype == torch.bool):
-        _fail(f"lengths must be an integer tensor, got {lengths.dtype}")
-
-
-def _state_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
+    return None if lengths is None else checked_lengths(lengths, steps, batch, x.device, _fail)
 
 
 # ------------------------------------------------------------------------------------------------
 # The Triton backend: a Python loop over the steps, one GEMM and one fused kernel each.
-
-def _step_order(steps, reverse):
-    return range(steps - 1, -1, -1) if reverse else range(steps)
-
 
 def _active_rows(lengths, steps, batch, device):
     """(T, B, 1) bool: which (step, row) are inside their sequence; None without lengths."""
@@ -105,7 +95,7 @@ def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c
 
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
-    acc = _state_dtype(x.dtype)
+    acc = cell_dtype(x.dtype)
     q = (x.flatten(0, 1) @ w_ih.t()).to(acc)
     x_hat, _, rstd = torch.native_layer_norm(q, [4 * hidden], None, None, eps)
     stats = x.new_zeros(steps, batch, 4, dtype=acc)
@@ -118,7 +108,7 @@ def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c
     cells = x.new_empty(kept, batch, hidden, dtype=acc)
     h_in = x.new_empty(hidden, steps, batch) if save else None
     h, c = h0.clone(), c0.to(acc, copy=True)
-    for t in _step_order(steps, reverse):
+    for t in reference.step_order(steps, reverse):
         k = t if save else 0
         if save:
             h_in[:, t] = h.t()
@@ -135,13 +125,13 @@ def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, l
 
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
-    acc = _state_dtype(x.dtype)
+    acc = cell_dtype(x.dtype)
     dh, dc = grad_h_n.clone(), grad_c_n.to(acc, copy=True)
     dpre, dr = torch.empty_like(gates), torch.empty_like(gates)
     part_w = x.new_empty(steps, batch, hidden, dtype=acc)
     part_b = torch.empty_like(part_w)
     c_prev = c0.to(acc)
-    order = list(_step_order(steps, reverse))
+    order = list(reference.step_order(steps, reverse))
     for k in range(steps - 1, -1, -1):
         t = order[k]
         kernels.cell_backward(gates[t], cells[t], c_prev if k == 0 else cells[order[k - 1]],
@@ -201,7 +191,7 @@ def _(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths
     if not save:
         return (*outputs, *(x.new_empty(0) for _ in range(_SAVED)))
     rows = (steps, batch)
-    acc = _state_dtype(x.dtype)
+    acc = cell_dtype(x.dtype)
     return (*outputs, x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, hidden, dtype=acc),
             x.new_empty(hidden, *rows), x.new_empty(*rows, 4 * hidden),
             x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, 4, dtype=acc))
@@ -266,15 +256,21 @@ def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight
 
     Shapes as :func:`fastseq.ops.lstm.lstm_layer` (no projection), plus the LayerNorm gains
     ``ln_ih``, ``ln_hh`` (4H) and the cell's ``ln_c_weight``, ``ln_c_bias`` (H); ``lengths`` (B,)
-    integer, on x's device; formulas in :func:`fastseq.reference.lstm.layer_norm_lstm_layer`.
+    integers; formulas in :func:`fastseq.reference.lstm.layer_norm_lstm_layer`. Raises
+    ValueError, naming the argument, on inputs of the wrong shape, dtype or device.
     """
-    _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths)
+    lengths = _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                            lengths)
+    return run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight,
+                                     ln_c_bias, lengths, reverse, eps)
+
+
+def run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                              lengths=None, reverse=False, eps=1e-5):
+    """:func:`layer_norm_lstm_layer` without its input checks, for callers that made them
+    (``fastseq.nn.LayerNormLSTM`` checks once per call, not once per layer); ``lengths`` int64 on
+    x's device."""
     backend = _backend_for(x.device, x.dtype, c0.shape[-1])
-    if lengths is not None:
-        if not torch.compiler.is_compiling() and lengths.numel() and (
-                int(lengths.min()) < 0 or int(lengths.max()) > x.shape[0]):
-            _fail(f"lengths must lie in [0, T = {x.shape[0]}], got {lengths.tolist()}")
-        lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
     if backend == "reference":
         return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh,
                                                ln_c_weight, ln_c_bias, lengths, reverse, eps)

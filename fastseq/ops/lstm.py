@@ -55,6 +55,21 @@ def _persistent_unsupported(x, w_hh, w_hr) -> str | None:
     return None if units else f"hidden size {hidden}: W_hh does not fit on chip"
 
 
+def checked_lengths(lengths, steps, batch, device, fail):
+    """``lengths`` as int64 (B,) on ``device``, after checking that they are ``batch`` integers in
+    [0, steps] (the range only outside torch.compile: it reads the values). ``fail(message)``
+    raises."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() \
+            or lengths.dtype == torch.bool:
+        fail(f"lengths must be {batch} integers, got {tuple(lengths.shape)} {lengths.dtype}")
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    if not torch.compiler.is_compiling() and lengths.numel():
+        if bool(lengths.max() > steps) or bool(lengths.min() < 0):
+            fail(f"lengths must lie in [0, {steps}] (the sequence length), got {lengths.tolist()}")
+    return lengths.contiguous()
+
+
 def cell_dtype(dtype):
     """Dtype of the carried cell state: at least float32."""
     return torch.promote_types(dtype, torch.float32)
