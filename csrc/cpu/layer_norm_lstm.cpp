@@ -497,28 +497,32 @@ struct RowBlockGemm {
     return gemm;
   }
 
-  // c rows [b0, b1) of c (B, N) += a rows (B, K) W; `overwrite` sets them instead.
-  void run(const Tensor& a, const Tensor& c, int64_t b0, int64_t b1, bool overwrite) const {
-    if (b1 <= b0) {
+  // c (rows x N) += a (rows x K) W, both row-major at the pointers; `overwrite` sets c instead.
+  // Pointers, not tensors: this runs once per step and thread, and only the ATen path needs
+  // tensors (views made here).
+  template <typename T>
+  void run(const T* a, T* c, int64_t rows, bool overwrite) const {
+    if (rows <= 0) {
       return;
     }
 #ifdef FASTSEQ_PACKED_GEMM_AVX512
-    if (packed.defined()) {
-      float* out = c.data_ptr<float>() + b0 * N;
-      if (overwrite) {
-        std::fill_n(out, (b1 - b0) * N, 0.f);
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.defined()) {
+        if (overwrite) {
+          std::fill_n(c, rows * N, 0.f);
+        }
+        cpu::avx512::gemm_column_panels(rows, K, a, K, packed.const_data_ptr<float>(), c, N, N, 0,
+                                        panel_count(N));
+        return;
       }
-      cpu::avx512::gemm_column_panels(b1 - b0, K, a.const_data_ptr<float>() + b0 * K, K,
-                                      packed.const_data_ptr<float>(), out, N, N, 0,
-                                      panel_count(N));
-      return;
     }
 #endif
-    Tensor rows = c.narrow(0, b0, b1 - b0);
+    const Tensor a_rows = at::from_blob(const_cast<T*>(a), {rows, K}, w.options());
+    Tensor c_rows = at::from_blob(c, {rows, N}, w.options());
     if (overwrite) {
-      at::mm_out(rows, a.narrow(0, b0, b1 - b0), w);
+      at::mm_out(c_rows, a_rows, w);
     } else {
-      rows.addmm_(a.narrow(0, b0, b1 - b0), w);
+      c_rows.addmm_(a_rows, w);
     }
   }
 };
@@ -625,7 +629,8 @@ ForwardOut forward_impl(const Sizes& s, const Tensor& x, const Tensor& h0, const
         if (save) {
           save_state_transposed(h.const_data_ptr<T>(), h_in.data_ptr<T>(), s, t, b0, b1);
         }
-        gemm.run(h, r.select(0, save ? t : 0), b0, b1, /*overwrite=*/true);
+        gemm.run(h.const_data_ptr<T>() + b0 * s.H,
+                 r.data_ptr<T>() + ((save ? t : 0) * s.B + b0) * G, b1 - b0, /*overwrite=*/true);
         kernels.forward(args, t, b0, b1);
       }
     }
@@ -698,7 +703,8 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
       for (int64_t k = s.T - 1; k >= 0; --k) {
         kernels.backward(args, acc, k, b0, b1);
         const int64_t t = reverse ? s.T - 1 - k : k;
-        gemm.run(dr.select(0, t), dh, b0, b1, /*overwrite=*/false);
+        gemm.run(dr.const_data_ptr<T>() + (t * s.B + b0) * G, dh.data_ptr<T>() + b0 * s.H,
+                 b1 - b0, /*overwrite=*/false);
       }
     }
   });
