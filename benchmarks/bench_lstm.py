@@ -108,8 +108,8 @@ def _case(shape, pass_, device):
         variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x)
     else:
         variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
-        if device.type == "cuda":  # the persistent kernel is opt-in until measured against triton
-            variants["fastseq_persistent"] = _timed(_forced(ours, "cuda"), pass_, x)
+        if device.type == "cuda":  # the default is the persistent kernel where it can run
+            variants["fastseq_triton"] = _timed(_forced(ours, "triton"), pass_, x)
         variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x)
         if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
             variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x)

@@ -106,14 +106,19 @@ def _warn_once(op: str, wanted: str, used: str, reason: str) -> None:
     )
 
 
-def choose(op: str, device: torch.device, unsupported: dict[str, str] | None = None) -> str:
+def choose(op: str, device: torch.device, unsupported: dict[str, str] | None = None,
+           prefer: str | None = None) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``unsupported`` maps backend names to the reason they cannot take this call's inputs. A forced
     backend that is unavailable or unsupported falls back, warning once per (op, backend, reason).
+    ``prefer`` names a backend that goes first for this op when it can run (one measured faster
+    for it than the device's usual order).
     """
     unsupported = dict(unsupported or {})
     candidates = [b for b in available_backends(device) if b not in unsupported]
+    if prefer in candidates:
+        candidates.insert(0, candidates.pop(candidates.index(prefer)))
     forced = forced_backend()
     if forced is not None:
         if forced in candidates:

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastseq.kernels.grid import flat_grid, flat_program
+from fastseq.kernels.tuning import untuned
 
 LOG2E = 1.4426950408889634
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -377,7 +378,7 @@ def _fits(configs, named_args, big_head_tile=64 * 64, fallback=None, **kwargs):
             and c.num_stages <= max_stages]
     if (wide or block_d > 128) and fallback is not None:
         kept.append(fallback)  # the smallest tiles above still exceed a 99 KiB part (sm_86/89)
-    return kept or [fallback or configs[0]]
+    return untuned(kept or [fallback or configs[0]])
 
 
 def _tuned(kernel, block_ms, block_ns, stages, fallback, big_head_tile=64 * 64):
@@ -395,8 +396,12 @@ def _tuned(kernel, block_ms, block_ns, stages, fallback, big_head_tile=64 * 64):
 # Autotuned on GPUs; fixed tiles under the interpreter.
 _attn_fwd_tuned = _tuned(_attn_fwd, (64, 128), (32, 64, 128), (2, 3, 4),
                          dict(BLOCK_M=32, BLOCK_N=32))
-# dK and dV stay on chip: at head dim 256 a 32 x 128 tile needs 172 KiB, past an A100's 163.
-_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, (32, 64), (64, 128), (2, 3),
+# dK and dV stay on chip: at head dim 256 a 32 x 128 tile needs 172 KiB, past an A100's 163,
+# so above head dim 128 only the unpipelined fallback is left. Pipelined over 32 query rows
+# (32 x 64 tiles, 2 stages), dK came out wrong on an H200 with Triton 3.6 at head dims 128 and
+# 160 (max error 0.23 against 0.004 for the fp16 reference) while the same tiles unpipelined, and
+# 64-row tiles pipelined, were right: the tuned tiles take 64 query rows.
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, (64,), (64, 128), (2, 3),
                               dict(BLOCK_M=16, BLOCK_N=32), big_head_tile=32 * 64)
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, (64, 128), (32, 64), (2, 3), dict(BLOCK_M=32, BLOCK_N=16))
 

@@ -133,21 +133,47 @@ def _cross_bwd(
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
         tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=io_mask)
-    part = (chunk.to(tl.int64) * tl.num_programs(1) + bh) * BLOCK_N * BLOCK_D
+    # One partial tile per program: (batch head, chunk) is the flat program id.
+    part = tl.program_id(0).to(tl.int64) * BLOCK_N * BLOCK_D
     tile = offs_n[:, None] * BLOCK_D + offs_d[None, :]
     tl.store(DK_PART + part + tile, dk * sm_scale)
     tl.store(DV_PART + part + tile, dv)
 
 
 def _launch_shape(lq, head_dim, lk, batch_heads, interpreted):
-    block_n = max(16, triton.next_power_of_2(lk))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, block_d = _kv_blocks(head_dim, lk)
     block_m = 16 if interpreted else (64 if block_n * block_d <= 128 * 64 else 32)
     row_blocks_total = triton.cdiv(lq, block_m)
     # enough programs to fill the GPU, each sweeping several query blocks against its K/V
-    target = 4 if interpreted else 4 * 132
+    target = 8 if interpreted else 4 * 132
     chunks = max(1, min(row_blocks_total, triton.cdiv(target, batch_heads)))
     return block_m, block_n, block_d, triton.cdiv(row_blocks_total, chunks)
+
+
+# A program keeps its whole K and V, and in the backward their gradients, in registers and shared
+# memory: past 128 x 256 (context x head dim, rounded up to powers of two) ptxas runs out of
+# registers (a float16 head dim of 256 against 256 tokens failed to compile for sm_90).
+MAX_TILE = 128 * 256
+
+
+def _kv_blocks(head_dim, lk):
+    """(BLOCK_N, BLOCK_D): the K/V tile of a program, each size rounded up to a power of two."""
+    return max(16, triton.next_power_of_2(lk)), max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_elements(head_dim, lk):
+    """Elements of the K (or V) tile a program holds."""
+    block_n, block_d = _kv_blocks(head_dim, lk)
+    return block_n * block_d
+
+
+def shared_memory_bytes(lq, head_dim, lk, batch_heads, element_size):
+    """A bound on the kernels' shared memory on a GPU: the K and V tiles, a query and an
+    output-gradient tile, and the backward's float32 probabilities. The dispatcher compares it with
+    the device's limit (a float32 head dim of 160 against 77 tokens needs 336 KiB, more than an H100
+    has); tests/triton_compile_check.py checks it against what the compiler allocates."""
+    block_m, block_n, block_d, _ = _launch_shape(lq, head_dim, lk, batch_heads, False)
+    return (2 * block_n + 2 * block_m) * block_d * element_size + block_m * block_n * 4
 
 
 def _common(q, context_lengths, residual, interpreted):
@@ -178,7 +204,7 @@ def backward(do, q, k, v, lse, context_lengths, dq, scale, interpreted=False):
     Lk = k.shape[2]
     block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
     chunks = triton.cdiv(triton.cdiv(Lq, block_m), row_blocks)
-    dk_part = torch.empty(chunks, B, H, block_n, block_d, device=q.device, dtype=torch.float32)
+    dk_part = torch.empty(B, H, chunks, block_n, block_d, device=q.device, dtype=torch.float32)
     dv_part = torch.empty_like(dk_part)
     common = _common(q, context_lengths, None, interpreted)
     common.pop("HAS_RESIDUAL")
@@ -189,6 +215,6 @@ def backward(do, q, k, v, lse, context_lengths, dq, scale, interpreted=False):
         H, Lq, Lk, D, scale * 1.4426950408889634, scale, **common, ROW_BLOCKS=row_blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )
-    dk = dk_part.sum(0)[:, :, :Lk, :D]
-    dv = dv_part.sum(0)[:, :, :Lk, :D]
+    dk = dk_part.sum(2)[:, :, :Lk, :D]
+    dv = dv_part.sum(2)[:, :, :Lk, :D]
     return dk, dv

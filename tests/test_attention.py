@@ -57,19 +57,24 @@ def _check(name, got, truth, low):
     assert err <= bound, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + floor"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_forward_backward_match_reference(backend, dtype, config):
-    q, k, v, options, alignment = _inputs(CONFIGS[config], dtype)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+def _on(device, options):
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in options.items()}
+
+
+def _match_reference(backend, dtype, cfg, device="cpu"):
+    """Run ``backend`` on ``device`` and check output, lse and gradients against the reference
+    computed on the CPU in float64 (truth) and in ``dtype`` (the low-precision reference)."""
+    q, k, v, options, alignment = _inputs(cfg, dtype)
+    leaves = [t.detach().to(device).requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=dtype)
     with fastseq.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback would hide the kernel
+        on_device = _on(device, options)
         out, lse = fastseq.attention(
             *leaves, causal=options["causal"], causal_alignment=alignment,
-            attn_mask=options["attn_mask"], key_lengths=options["key_lengths"], return_lse=True)
-        grad = torch.randn_like(out)
-        grads = torch.autograd.grad(out, leaves, grad)
+            attn_mask=on_device["attn_mask"], key_lengths=on_device["key_lengths"], return_lse=True)
+        grads = [g.cpu() for g in torch.autograd.grad(out, leaves, grad.to(device))]
+    out, lse = out.cpu(), lse.cpu()
 
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     truth, truth_lse = ref.attention(*leaves64, **options)
@@ -87,6 +92,30 @@ def test_forward_backward_match_reference(backend, dtype, config):
     for name, g, t, lo in zip(("dq", "dk", "dv"), grads, truth_grads, low_grads, strict=True):
         assert torch.isfinite(g).all(), f"{name} has NaN/inf"
         _check(name, g, t, lo)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_forward_backward_match_reference(backend, dtype, config):
+    _match_reference(backend, dtype, CONFIGS[config])
+
+
+# On the GPU the autotuned tiles run: lengths past several blocks, every head dim the tuner caps.
+GPU_CONFIGS = {
+    **CONFIGS,
+    "long_causal_gqa_klen": (2, 4, 2, 1000, 1000, 64, True, "bottom_right", None, True),
+    "long_cross_bool_mask": (1, 4, 4, 513, 777, 128, False, "top_left", "bool", False),
+    "long_head_dim_256": (1, 2, 2, 300, 300, 256, True, "top_left", None, False),
+    "long_causal_head_dim_128": (1, 2, 2, 300, 300, 128, True, "bottom_right", None, False),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(GPU_CONFIGS))
+def test_triton_on_the_gpu_matches_reference(dtype, config):
+    _match_reference("triton", dtype, GPU_CONFIGS[config], device="cuda")
 
 
 def test_fully_masked_rows_give_zero_output_and_gradients():

@@ -10,24 +10,42 @@ from fastseq.reference import attention as ref
 BACKENDS = [b for b in ("triton", "cpu", "reference") if b in fastseq.available_backends("cpu")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(3, 4, 2, 1, 100, 64), (2, 8, 1, 5, 77, 40),
-                                   (1, 2, 2, 16, 33, 80), (2, 3, 3, 2, 19, 160)], ids=str)
-def test_decode_matches_full_attention(backend, dtype, shape):
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SHAPES = [(3, 4, 2, 1, 100, 64), (2, 8, 1, 5, 77, 40), (1, 2, 2, 16, 33, 80), (2, 3, 3, 2, 19, 160)]
+# On the GPU: caches long enough for many key blocks and splits, and a 128 head dim.
+GPU_SHAPES = SHAPES + [(4, 32, 8, 1, 5000, 128), (2, 8, 2, 3, 1031, 64)]
+
+
+def _decode_matches_full_attention(backend, dtype, shape, device="cpu"):
     B, H, Hk, Lq, S, D = shape
     q = torch.randn(B, H, Lq, D).to(dtype)
     k_cache, v_cache = (torch.randn(B, Hk, S, D).to(dtype) for _ in range(2))
     lengths = torch.randint(Lq, S + 1, (B,))
     lengths[0] = Lq  # a sequence that holds nothing but the new tokens
     with fastseq.use_backend(backend):
-        out, lse = fastseq.attention_decode(q, k_cache, v_cache, lengths, return_lse=True)
+        out, lse = fastseq.attention_decode(*(t.to(device) for t in (q, k_cache, v_cache, lengths)),
+                                            return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
     options = dict(causal=True, bottom_right=True, key_lengths=lengths)
     truth, truth_lse = ref.attention(q.double(), k_cache.double(), v_cache.double(), **options)
     low, _ = ref.attention(q, k_cache, v_cache, compute_dtype=dtype, **options)
     err, ref_err = max_error(out, truth), max_error(low, truth)
     assert err <= 2 * ref_err + FLOORS[dtype], f"error {err:.3e} vs reference {ref_err:.3e}"
     torch.testing.assert_close(lse, truth_lse.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_decode_matches_full_attention(backend, dtype, shape):
+    _decode_matches_full_attention(backend, dtype, shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_triton_decode_on_the_gpu(dtype, shape):
+    _decode_matches_full_attention("triton", dtype, shape, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,6 +8,7 @@ from tolerance import FLOORS, max_error
 
 import fastseq
 from fastseq.integrations import diffusers as fastseq_diffusers
+from fastseq.ops import cross_attention as cross_attention_ops
 from fastseq.reference import attention as ref
 
 # triton: the short-context kernel (interpreted here); cpu: the general path through torch's CPU
@@ -21,35 +22,34 @@ def _check(name, got, truth, low, factor=2.0):
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
-def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layout, with_residual):
-    heads, batch, height, width, context = 2, 2, 5, 7, 13  # 35 query tokens: ragged
+def _feature_map_kernel_matches_reference(backend, dtype, head_dim, layout, with_residual,
+                                          device="cpu", size=(2, 5, 7, 13), falls_back=False):
+    heads, (batch, height, width, context) = 2, size
     x = torch.randn(batch, heads * head_dim, height, width, dtype=torch.float64)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     k64 = torch.randn(batch, heads, context, head_dim, dtype=torch.float64)
     v64 = torch.randn(batch, heads, context, head_dim, dtype=torch.float64)
-    lengths = torch.tensor([context, 4])
-    xs, k, v = (t.to(dtype).requires_grad_() for t in (x, k64, v64))
+    lengths = torch.tensor([context, 4] + [context] * (batch - 2))
+    xs, k, v = (t.to(device, dtype).requires_grad_() for t in (x, k64, v64))
     q = fastseq.feature_map_heads(xs, heads)
     residual = q if with_residual else None  # the feature map itself, as in a residual block
     with fastseq.use_backend(backend), warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        out = fastseq.cross_attention(q, k, v, context_lengths=lengths, residual=residual)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (xs, k, v), grad)
+        warnings.simplefilter("ignore" if falls_back else "error", UserWarning)
+        out = fastseq.cross_attention(q, k, v, context_lengths=lengths.to(device), residual=residual)
+        grad = torch.randn(out.shape, dtype=dtype).to(out.device)
+        got = [g.cpu() for g in torch.autograd.grad(out, (xs, k, v), grad)]
+    if falls_back:  # declined before any launch, for want of shared memory
+        assert "shared memory" in cross_attention_ops._unsupported(q, k).get("triton", "")
     assert out.stride() == q.stride(), "the output keeps the feature map's layout"
+    out, grad = out.cpu(), grad.cpu()
 
     leaves64 = [t.detach().requires_grad_() for t in (x, k64, v64)]
     q64 = fastseq.feature_map_heads(leaves64[0], heads)
     truth = ref.attention(q64, leaves64[1], leaves64[2], key_lengths=lengths)[0]
     truth = truth + q64 if with_residual else truth
     want = torch.autograd.grad(truth, leaves64, grad.double())
-    low_leaves = [t.detach().requires_grad_() for t in (xs, k, v)]
+    low_leaves = [t.detach().cpu().requires_grad_() for t in (xs, k, v)]
     q_low = fastseq.feature_map_heads(low_leaves[0], heads)
     low = ref.attention(q_low, low_leaves[1], low_leaves[2], key_lengths=lengths,
                         compute_dtype=dtype)[0]
@@ -58,6 +58,39 @@ def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layo
     _check("out", out, truth, low)
     for name, g, w, lo in zip(("dx", "dk", "dv"), got, want, low_grads, strict=True):
         _check(name, g, w, lo, factor=3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_kernel_on_feature_maps_matches_reference(backend, dtype, head_dim, layout, with_residual):
+    _feature_map_kernel_matches_reference(backend, dtype, head_dim, layout, with_residual)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_kernel_on_the_gpu(dtype, head_dim, layout):
+    """A 32x33 feature map (1056 query tokens, many blocks) against a 77-token context. float32
+    at head dim 160 needs more shared memory than a GPU has: it takes the general path."""
+    _feature_map_kernel_matches_reference("triton", dtype, head_dim, layout, True, device="cuda",
+                                          size=(3, 32, 33, 77),
+                                          falls_back=dtype == torch.float32 and head_dim == 160)
+
+
+def test_tiles_too_large_for_the_kernel_take_the_general_path():
+    """head dim 160 against 200 tokens: a 256 x 256 K tile, more than a program can hold."""
+    q, k, v = torch.randn(1, 2, 30, 160), torch.randn(1, 2, 200, 160), torch.randn(1, 2, 200, 160)
+    assert "context tokens" in cross_attention_ops._unsupported(q, k).get("triton", "")
+    assert cross_attention_ops._unsupported(q, k[:, :, :77]) == {}
+    want = ref.attention(q.double(), k.double(), v.double())[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        got = fastseq.cross_attention(q, k, v)
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("context", [1, 77, 256])

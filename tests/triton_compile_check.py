@@ -29,6 +29,8 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface
 
+from fastseq.kernels.tuning import config_size
+
 # sm_80 (A100), sm_86 (RTX 30xx, A10; sm_89 has the same limit) and sm_90 (H100): opt-in shared
 # memory per block, in bytes.
 TARGETS = {80: 166912, 86: 101376, 90: 232448}
@@ -91,13 +93,7 @@ def _variants(kernel, args, kwargs):
     if prune is not None:
         configs = prune(configs, dict(zip(kernel.arg_names, args, strict=False)), **kwargs)
 
-    def size(config):  # the tiles' area times the pipeline's depth: what shared memory grows with
-        tile = 1
-        for value in config.kwargs.values():
-            tile *= value
-        return tile * config.num_stages, config.num_warps
-
-    smallest, largest = min(configs, key=size), max(configs, key=size)
+    smallest, largest = min(configs, key=config_size), max(configs, key=config_size)
     picked = [(smallest, True)] + ([(largest, False)] if largest is not smallest else [])
     return [(f"{kernel.fn.fn.__name__} {c.kwargs} warps={c.num_warps} stages={c.num_stages}",
              kernel.fn, {**kwargs, **c.kwargs, "num_warps": c.num_warps,
@@ -227,6 +223,35 @@ def _launches_of_every_family():
     ]
 
 
+def check_cross_attention_estimate():
+    """The cross-attention dispatcher declines a shape whose estimated shared memory
+    (``shared_memory_bytes``) exceeds the device's: the estimate must bound what the compiled
+    kernels take, here for sm_90 at large head dims and contexts. Returns the failures."""
+    from fastseq.kernels import cross_attention
+
+    failures = []
+    for dtype, head_dim, context in ((torch.float16, 160, 77), (torch.float32, 160, 77),
+                                     (torch.float16, 128, 256), (torch.float32, 80, 256)):
+        q, kv = torch.zeros(2, 8, 1024, head_dim, dtype=dtype), torch.zeros(2, 8, context, head_dim,
+                                                                            dtype=dtype)
+        lse = torch.zeros(2, 8, 1024)
+        estimate = cross_attention.shared_memory_bytes(1024, head_dim, context, 16, q.element_size())
+        with recorded_launches() as launches:
+            cross_attention.forward(q, kv, kv, torch.empty_like(q), lse, None, None, 0.1)
+            cross_attention.backward(q, q, kv, kv, lse, None, torch.empty_like(q), 0.1)
+        for fn, args, kwargs in launches:
+            where = f"cross_attention estimate {dtype} D{head_dim} context {context}: {fn.__name__}"
+            source, options = _source(fn, args, kwargs)
+            shared = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                    options=options).metadata.shared
+            fits = shared <= estimate
+            print(f"{'ok   ' if fits else 'FAIL '} {where} (shared {shared} B, estimate {estimate} B)",
+                  flush=True)
+            if not fits:
+                failures.append(where)
+    return failures
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("run without TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
@@ -241,6 +266,8 @@ def main() -> int:
         if not launches:
             failures.append(f"{label}: nothing launched")
         failures += compile_launches(launches, label)
+    if not wanted or any("cross_attention" in w for w in wanted):
+        failures += check_cross_attention_estimate()
     print(f"{len(failures)} failed" + "".join(f"\n  {f}" for f in failures))
     return 1 if failures else 0
 

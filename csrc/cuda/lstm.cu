@@ -322,7 +322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     FASTSEQ_LSTM_UNITS(units, forward_kernel, args, H, units, smem);
   });
   const int64_t last = reverse ? 0 : T - 1;
-  return {y, h_buf[T % 2].clone(), cells[last].to(c0.scalar_type()), gates, cells};
+  // A copy even for float32: c_n may not be a view of `cells`, another output.
+  return {y, h_buf[T % 2].clone(),
+          cells[last].to(c0.scalar_type(), /*non_blocking=*/false, /*copy=*/true), gates, cells};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

@@ -26,7 +26,27 @@ def _unsupported(q, k) -> dict[str, str]:
         return {"triton": f"context of {k.shape[2]} tokens (short-context kernel takes <= 256)"}
     if q.shape[-1] > 256:
         return {"triton": f"head dim {q.shape[-1]}"}
+    if _backend.triton_importable():
+        return _on_chip_reason(q, k)
     return {}
+
+
+def _on_chip_reason(q, k) -> dict[str, str]:
+    """Why K and V of one (batch, head) cannot stay on chip, if they cannot."""
+    from fastseq.kernels import cross_attention as kernels
+
+    if kernels.tile_elements(q.shape[-1], k.shape[2]) > kernels.MAX_TILE:
+        return {"triton": f"head dim {q.shape[-1]} with {k.shape[2]} context tokens (the kernel "
+                          f"takes up to 128 x 256 or 256 x 128, rounded up to powers of two)"}
+    if q.device.type != "cuda":
+        return {}
+    need = kernels.shared_memory_bytes(q.shape[2], q.shape[3], k.shape[2], q.shape[0] * q.shape[1],
+                                       q.element_size())
+    have = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    if need <= have:
+        return {}
+    return {"triton": f"{q.dtype} head dim {q.shape[-1]} with {k.shape[2]} context tokens needs "
+                      f"{need // 1024} KiB of shared memory, the GPU has {have // 1024} KiB"}
 
 
 def _use_kernel(q, k) -> bool:
