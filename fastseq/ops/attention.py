@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from fastseq import _backend
+from fastseq.ops.checks import out_of_range
 from fastseq.ops.rotary import no_heads  # (importing it registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
@@ -378,7 +379,7 @@ def _check_key_lengths(key_lengths, q, k):
     if key_lengths.device != q.device:
         _fail(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
     if not torch.compiler.is_compiling() and key_lengths.numel():
-        if bool(key_lengths.min() < 0) or bool(key_lengths.max() > k.shape[2]):
+        if out_of_range(key_lengths, key_lengths, 0, k.shape[2]):
             _fail(f"key_lengths must lie in [0, Lk={k.shape[2]}], got {key_lengths.tolist()}")
     return key_lengths
 

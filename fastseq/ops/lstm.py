@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastseq import _backend, _extension
+from fastseq.ops.checks import out_of_range
 from fastseq.reference import lstm as reference
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +71,7 @@ def checked_lengths(lengths, steps, batch, device, fail):
         fail(f"lengths must be {batch} integers, got {tuple(lengths.shape)} {lengths.dtype}")
     lengths = lengths.to(device=device, dtype=torch.int64)
     if not torch.compiler.is_compiling() and lengths.numel():
-        if bool(lengths.max() > steps) or bool(lengths.min() < 0):
+        if out_of_range(lengths, lengths, 0, steps):
             fail(f"lengths must lie in [0, {steps}] (the sequence length), got {lengths.tolist()}")
     return lengths.contiguous()
 
@@ -81,24 +82,32 @@ def cell_dtype(dtype):
 
 
 def _cells(backend):
-    """(cell_forward, cell_backward) for the Python-driven loop of ``backend``."""
+    """(cell_forward, cell_backward) of the Python-driven loop of ``backend``. They write into
+    the step's slices of the saved tensors, so that a step costs the GEMM and one cell launch:
+
+    * ``cell_forward(pre, c_prev, gates, c, m)`` fills gates (B, 4H), c and m (B, H);
+    * ``cell_backward(dm, dc, gates, c_prev, c, dpre)`` fills dpre (B, 4H), returns d c_prev.
+    """
     if backend != "triton":
-        return reference.cell_forward, reference.cell_backward
+        def reference_forward(pre, c_prev, gates, c, m):
+            for out, value in zip((gates, c, m), reference.cell_forward(pre, c_prev), strict=True):
+                out.copy_(value)
+
+        def reference_backward(dm, dc, gates, c_prev, c, dpre):
+            d_pre, dc_prev = reference.cell_backward(dm, dc, gates, c_prev, c)
+            dpre.copy_(d_pre)
+            return dc_prev
+
+        return reference_forward, reference_backward
     from fastseq.kernels import lstm as kernels
 
-    def forward(pre, c_prev):
-        gates = torch.empty_like(pre)
-        c, m = torch.empty_like(c_prev), torch.empty_like(pre[:, : c_prev.shape[1]])
-        kernels.cell_forward(pre, c_prev, gates, c, m)
-        return gates, c, m
-
-    def backward(dm, dc, gates, c_prev, c):
-        dpre, dc_prev = torch.empty_like(gates), torch.empty_like(c)  # dc_prev in c's dtype
+    def backward(dm, dc, gates, c_prev, c, dpre):
+        dc_prev = torch.empty_like(c)  # in c's dtype
         kernels.cell_backward(dm.contiguous(), dc.contiguous(), gates, c_prev.contiguous(), c, dpre,
                               dc_prev)
-        return dpre, dc_prev
+        return dc_prev
 
-    return forward, backward
+    return kernels.cell_forward, backward
 
 
 def _active(lengths, t, like):
@@ -130,22 +139,25 @@ def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
     pre_proj = x.new_empty(steps, batch, hidden) if w_hr is not None else x.new_empty(0)
     h, c = h0, c0.to(cells.dtype)
     for t in reference.step_order(steps, reverse):
-        g, c_new, m = cell(torch.addmm(pre_x[t], h, w_hh.t()), c)
-        m = m.to(x.dtype)
-        h_new = m if w_hr is None else m @ w_hr.t()
         active = _active(lengths, t, h)
-        if active is not None:
-            c_new = torch.where(active, c_new, c)
+        # The cell's output m goes straight to where it is kept: y, or the pre-projection outputs.
+        if w_hr is not None:
+            m = pre_proj[t]
+        else:
+            m = y[t] if active is None else torch.empty_like(y[t])
+        cell(torch.addmm(pre_x[t], h, w_hh.t()), c, gates[t], cells[t], m)
+        h_new = m
+        if w_hr is not None:
+            h_new = torch.mm(m, w_hr.t(), out=y[t]) if active is None else m @ w_hr.t()
+        c_new = cells[t]
+        if active is not None:  # padding: the state passes through, the output is zero
+            torch.where(active, c_new, c, out=c_new)
             h_new = torch.where(active, h_new, h)
             y[t] = torch.where(active, h_new, 0)
-        else:
-            y[t] = h_new
-        gates[t], cells[t] = g, c_new
-        if w_hr is not None:
-            pre_proj[t] = m
         h, c = h_new, c_new
-    # With no steps the state is h0/c0 itself, which an op may not return.
-    return y, h.clone() if h is h0 else h, c.to(c0.dtype, copy=True), gates, cells, pre_proj
+    # h_n and c_n are copies: an op may return neither an input (h0, c0) nor a view of another
+    # output (y, cells).
+    return y, h.clone(), c.to(c0.dtype, copy=True), gates, cells, pre_proj
 
 
 def _previous(states, first, lengths, reverse):
@@ -171,23 +183,23 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
                    reverse, gates, cells, pre_proj, y, has_bias):
     steps, batch, _ = x.shape
     c_prev_all = _previous(cells, c0.to(cells.dtype), lengths, reverse)
-    dpre_all = torch.zeros_like(gates)
+    dpre_all = torch.empty_like(gates)  # every step's slice is written below
     dh_all = torch.zeros_like(y) if w_hr is not None else None
     dh, dc = grad_h_n, grad_c_n.to(cells.dtype)
     for t in reversed(reference.step_order(steps, reverse)):
         active = _active(lengths, t, dh)
         dh_t = dh + (grad_y[t] if active is None else torch.where(active, grad_y[t], 0))
         dm = dh_t if w_hr is None else dh_t @ w_hr
-        dpre, dc_prev = cell_bwd(dm, dc, gates[t], c_prev_all[t], cells[t])
-        dpre = dpre.to(gates.dtype)
+        dpre = dpre_all[t]
+        dc_prev = cell_bwd(dm, dc, gates[t], c_prev_all[t], cells[t], dpre)
+        if active is not None:  # padding steps pass dh and dc through, and no gradient to pre
+            dpre.masked_fill_(~active, 0)
+            dc_prev = torch.where(active, dc_prev, dc)
         dh_prev = dpre @ w_hh
         if active is not None:
-            dpre = torch.where(active, dpre, 0)
-            dc_prev = torch.where(active, dc_prev, dc)
             dh_prev = torch.where(active, dh_prev, dh)
             if dh_all is not None:
                 dh_t = torch.where(active, dh_t, 0)
-        dpre_all[t] = dpre
         if dh_all is not None:
             dh_all[t] = dh_t
         dh, dc = dh_prev, dc_prev

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from fastseq import _backend, _extension
+from fastseq.ops.checks import out_of_range
 from fastseq.reference import rotary as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -225,7 +226,7 @@ def _check_positions(positions, batch, seqlen, table_len, device):
         _fail(f"positions must be 1-D (per-batch offsets) or 2-D (ids), got {positions.dim()}-D")
     if seqlen > 0 and batch > 0 and not torch.compiler.is_compiling():
         # A data-dependent check (one device sync); an out-of-range position would read garbage.
-        if bool(low.min() < 0) or bool(high.max() >= table_len):
+        if out_of_range(low, high, 0, table_len - 1):
             _fail(
                 f"positions span {int(low.min())}..{int(high.max())}, past the cos/sin table of "
                 f"{table_len} positions"
