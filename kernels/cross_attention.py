@@ -168,12 +168,14 @@ def tile_elements(head_dim, lk):
 
 
 def shared_memory_bytes(lq, head_dim, lk, batch_heads, element_size):
-    """A bound on the kernels' shared memory on a GPU: the K and V tiles, a query and an
-    output-gradient tile, and the backward's float32 probabilities. The dispatcher compares it with
-    the device's limit (a float32 head dim of 160 against 77 tokens needs 336 KiB, more than an H100
-    has); tests/triton_compile_check.py checks it against what the compiler allocates."""
+    """A bound on the kernels' shared memory on a GPU: the K and V tiles and the backward's float32
+    probabilities, and for float32 (whose products do not run on tensor cores) the query and
+    output-gradient tiles too. The dispatcher compares it with the device's limit (a float32 head
+    dim of 160 against 77 tokens needs 336 KiB, more than an H100 has); tests/triton_compile_check.py
+    checks that it bounds what the compiler allocates for sm_80, sm_86 and sm_90."""
     block_m, block_n, block_d, _ = _launch_shape(lq, head_dim, lk, batch_heads, False)
-    return (2 * block_n + 2 * block_m) * block_d * element_size + block_m * block_n * 4
+    rows = 2 * block_n + (2 * block_m if element_size >= 4 else 0)
+    return rows * block_d * element_size + block_m * block_n * 4
 
 
 def _common(q, context_lengths, residual, interpreted):

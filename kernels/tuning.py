@@ -2,7 +2,8 @@
 
 ``FASTSEQ_AUTOTUNE=smallest`` or ``largest`` makes every autotuned kernel take that one of its
 kept configs without tuning: a first call then compiles one kernel instead of dozens (tests,
-quick starts). ``smallest`` fits every GPU that the full set fits.
+quick starts). ``smallest`` fits every GPU that the full set fits; ``largest`` may need more
+shared memory than a smaller GPU has (the autotuner would have skipped it there).
 """
 
 import math

@@ -17,6 +17,7 @@ naming the kernels, when any fails.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import traceback
@@ -226,12 +227,15 @@ def _launches_of_every_family():
 def check_cross_attention_estimate():
     """The cross-attention dispatcher declines a shape whose estimated shared memory
     (``shared_memory_bytes``) exceeds the device's: the estimate must bound what the compiled
-    kernels take, here for sm_90 at large head dims and contexts. Returns the failures."""
+    kernels take, for every target, at the head dims and contexts that come near the limits.
+    Returns the failures."""
     from fastseq.kernels import cross_attention
 
     failures = []
     for dtype, head_dim, context in ((torch.float16, 160, 77), (torch.float32, 160, 77),
-                                     (torch.float16, 128, 256), (torch.float32, 80, 256)):
+                                     (torch.float16, 128, 256), (torch.float32, 80, 256),
+                                     (torch.bfloat16, 256, 128), (torch.float16, 64, 77),
+                                     (torch.float32, 40, 77)):
         q, kv = torch.zeros(2, 8, 1024, head_dim, dtype=dtype), torch.zeros(2, 8, context, head_dim,
                                                                             dtype=dtype)
         lse = torch.zeros(2, 8, 1024)
@@ -239,10 +243,11 @@ def check_cross_attention_estimate():
         with recorded_launches() as launches:
             cross_attention.forward(q, kv, kv, torch.empty_like(q), lse, None, None, 0.1)
             cross_attention.backward(q, q, kv, kv, lse, None, torch.empty_like(q), 0.1)
-        for fn, args, kwargs in launches:
-            where = f"cross_attention estimate {dtype} D{head_dim} context {context}: {fn.__name__}"
+        for (fn, args, kwargs), arch in itertools.product(launches, TARGETS):
+            where = (f"cross_attention estimate {dtype} D{head_dim} context {context}: "
+                     f"{fn.__name__} sm_{arch}")
             source, options = _source(fn, args, kwargs)
-            shared = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+            shared = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                     options=options).metadata.shared
             fits = shared <= estimate
             print(f"{'ok   ' if fits else 'FAIL '} {where} (shared {shared} B, estimate {estimate} B)",

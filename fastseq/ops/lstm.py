@@ -11,7 +11,7 @@ The forward runs the whole recurrence and returns ``(y, h_n, c_n)`` plus what th
   in one persistent kernel with W_hh kept in shared memory (``lstm_recurrence_forward`` /
   ``_backward``, csrc/cuda/lstm.cu); no projections, and only where the weights fit on chip.
   The default on the GPU where it can run: on an H200 it ran 2 to 4.5 times faster than the
-  ``triton`` plan, whose two launches per step are what cost (see benchmarks/results);
+  ``triton`` plan (benchmarks/results/nvidia-h200/lstm.md);
 * ``reference``: the same plan with the cell written in PyTorch.
 
 Padding is handled by ``lengths`` (B,): steps at or past ``lengths[b]`` keep the state and output
