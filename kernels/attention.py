@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseq.kernels.grid import flat_grid, flat_program
+from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
 from fastseq.kernels.tuning import untuned
 
 LOG2E = 1.4426950408889634
@@ -345,7 +345,7 @@ def _mask_args(mask):
 
 def _interpreter_blocks(head_dim):
     # Small tiles so that tests on tiny shapes still cross several blocks.
-    return dict(BLOCK_M=16, BLOCK_N=16), max(16, triton.next_power_of_2(head_dim))
+    return dict(BLOCK_M=16, BLOCK_N=16), max(16, next_power_of_2(head_dim))
 
 
 def _gpu_configs(block_ms, block_ns, warps, stages):
@@ -411,7 +411,7 @@ def _pick(kernel, tuned, head_dim, interpreted):
     if interpreted:
         blocks, block_d = _interpreter_blocks(head_dim)
         return kernel, dict(blocks, BLOCK_D=block_d)
-    return tuned, dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    return tuned, dict(BLOCK_D=max(16, next_power_of_2(head_dim)))
 
 
 def _precision(dtype):
@@ -449,7 +449,7 @@ def forward(q, k, v, out, lse, mask, key_lengths, cos, sin, interleaved, causal,
     kernel, blocks = _pick(_attn_fwd, _attn_fwd_tuned, D, interpreted)
     mask_t, mask_kind, mstrides = _mask_args(mask)
     cos, sin, rstrides, half = _rotary_args(cos, sin)
-    kernel[lambda meta: flat_grid(triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    kernel[lambda meta: flat_grid(cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse, q if mask_t is None else mask_t,
         q if key_lengths is None else key_lengths, q if cos is None else cos,
         q if sin is None else sin,
@@ -470,9 +470,9 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, int
     """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[flat_grid(triton.cdiv(Lq, 16), B * H)](
+    _attn_bwd_delta[flat_grid(cdiv(Lq, 16), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, Lq, D, BLOCK_M=16, BLOCK_D=block_d,
     )
     mask_t, mask_kind, mstrides = _mask_args(mask)
@@ -483,13 +483,13 @@ def backward(do, q, k, v, out, lse, dq, dk, dv, mask, key_lengths, cos, sin, int
     dq_kernel, dq_blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, D, interpreted)
     extra = (q if mask_t is None else mask_t, q if key_lengths is None else key_lengths,
              q if cos is None else cos, q if sin is None else sin)
-    dkdv[lambda meta: flat_grid(triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)](
+    dkdv[lambda meta: flat_grid(cdiv(Lk, meta["BLOCK_N"]), B * Hk)](
         q, k, v, do, dk, dv, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstrides,
         *rstrides, H, Hk, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed,
         **common, **dkdv_blocks,
     )
-    dq_kernel[lambda meta: flat_grid(triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    dq_kernel[lambda meta: flat_grid(cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *extra,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstrides, *rstrides,
         H, H // Hk, Lq, Lk, D, scale * LOG2E, scale, p_drop, seed, **common, **dq_blocks,

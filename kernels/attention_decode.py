@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseq.kernels.grid import flat_grid, flat_program
+from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
 
 
 @triton.jit
@@ -114,8 +114,8 @@ def _decode_merge(
 def _splits(batch_kv_heads, cache_len, block_n, interpreted):
     """Enough programs to cover the GPU a few times over, never less than one key block each."""
     target = 4 if interpreted else 528  # 4 x 132 SMs on an H100
-    by_occupancy = triton.cdiv(target, max(batch_kv_heads, 1))
-    return max(1, min(by_occupancy, triton.cdiv(cache_len, block_n)))
+    by_occupancy = cdiv(target, max(batch_kv_heads, 1))
+    return max(1, min(by_occupancy, cdiv(cache_len, block_n)))
 
 
 def decode(q, k_cache, v_cache, lengths, out, lse, scale, interpreted=False):
@@ -123,14 +123,14 @@ def decode(q, k_cache, v_cache, lengths, out, lse, scale, interpreted=False):
     B, H, Lq, D = q.shape
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     group = H // Hk
-    block_m = max(16, triton.next_power_of_2(group * Lq))
-    block_d = max(16, triton.next_power_of_2(D))
+    block_m = max(16, next_power_of_2(group * Lq))
+    block_d = max(16, next_power_of_2(D))
     # Key blocks of 64 at 16 bits; float32 (twice the bytes) and head dims above 128 take 32, which
     # keeps the kernel within the 99 KiB of shared memory of sm_86/sm_89 parts.
     wide = q.element_size() == 4 or block_d > 128
     block_n = 16 if interpreted else (32 if wide else 64)
     n_splits = _splits(B * Hk, S, block_n, interpreted)
-    chunk = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
+    chunk = cdiv(cdiv(S, n_splits), block_n) * block_n
     part_o = torch.empty(B * Hk * n_splits * block_m * block_d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(B * Hk * n_splits * block_m, device=q.device, dtype=torch.float32)
     # fp32 runs exact fp32 dots; the interpreter cannot multiply bfloat16 tiles (triton 3.8).

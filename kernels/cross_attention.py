@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseq.kernels.grid import flat_grid, flat_program
+from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
 
 MAX_CONTEXT = 256
 
@@ -143,11 +143,11 @@ def _cross_bwd(
 def _launch_shape(lq, head_dim, lk, batch_heads, interpreted):
     block_n, block_d = _kv_blocks(head_dim, lk)
     block_m = 16 if interpreted else (64 if block_n * block_d <= 128 * 64 else 32)
-    row_blocks_total = triton.cdiv(lq, block_m)
+    row_blocks_total = cdiv(lq, block_m)
     # enough programs to fill the GPU, each sweeping several query blocks against its K/V
     target = 8 if interpreted else 4 * 132
-    chunks = max(1, min(row_blocks_total, triton.cdiv(target, batch_heads)))
-    return block_m, block_n, block_d, triton.cdiv(row_blocks_total, chunks)
+    chunks = max(1, min(row_blocks_total, cdiv(target, batch_heads)))
+    return block_m, block_n, block_d, cdiv(row_blocks_total, chunks)
 
 
 # A program keeps its whole K and V, and in the backward their gradients, in registers and shared
@@ -158,7 +158,7 @@ MAX_TILE = 128 * 256
 
 def _kv_blocks(head_dim, lk):
     """(BLOCK_N, BLOCK_D): the K/V tile of a program, each size rounded up to a power of two."""
-    return max(16, triton.next_power_of_2(lk)), max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(lk)), max(16, next_power_of_2(head_dim))
 
 
 def tile_elements(head_dim, lk):
@@ -189,7 +189,7 @@ def forward(q, k, v, out, lse, context_lengths, residual, scale, interpreted=Fal
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
-    grid = flat_grid(triton.cdiv(triton.cdiv(Lq, block_m), row_blocks), B * H)
+    grid = flat_grid(cdiv(cdiv(Lq, block_m), row_blocks), B * H)
     r = residual if residual is not None else q
     _cross_fwd[grid](
         q, k, v, out, r, lse, context_lengths if context_lengths is not None else q,
@@ -205,7 +205,7 @@ def backward(do, q, k, v, lse, context_lengths, dq, scale, interpreted=False):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_m, block_n, block_d, row_blocks = _launch_shape(Lq, D, Lk, B * H, interpreted)
-    chunks = triton.cdiv(triton.cdiv(Lq, block_m), row_blocks)
+    chunks = cdiv(cdiv(Lq, block_m), row_blocks)
     dk_part = torch.empty(B, H, chunks, block_n, block_d, device=q.device, dtype=torch.float32)
     dv_part = torch.empty_like(dk_part)
     common = _common(q, context_lengths, None, interpreted)

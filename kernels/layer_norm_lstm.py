@@ -14,6 +14,7 @@ backward pass their carries through with zero gradients.
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import next_power_of_2
 from fastseq.kernels.lstm import _sigmoid, _tanh
 
 
@@ -159,7 +160,7 @@ def _ln_cell_bwd(GATES, CELLS, C_PREV, RHAT, STATS, LN_HH, LNC_W, LNC_B, GY, DH,
 
 
 def _block(hidden):
-    return triton.next_power_of_2(max(hidden, 16))
+    return next_power_of_2(max(hidden, 16))
 
 
 def _warps(block):

@@ -10,6 +10,8 @@ program covers ``BLOCK`` hidden units of one batch row; math in fp32.
 import triton
 import triton.language as tl
 
+from fastseq.kernels.grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _sigmoid(x):
@@ -73,7 +75,7 @@ def _cell_bwd(DM, DC, GATES, C_PREV, C, DPRE, DC_PREV, H, s_dm, s_dc, s_g, s_cp,
 
 
 def _grid(batch, hidden, block):
-    return (batch, triton.cdiv(hidden, block))
+    return (batch, cdiv(hidden, block))
 
 
 def cell_forward(pre, c_prev, gates, c, m):
@@ -82,7 +84,7 @@ def cell_forward(pre, c_prev, gates, c, m):
     c_prev and c may be float32 while the rest is lower precision (a float32 cell state).
     """
     batch, hidden = c_prev.shape
-    block = min(1024, triton.next_power_of_2(max(hidden, 16)))
+    block = min(1024, next_power_of_2(max(hidden, 16)))
     _cell_fwd[_grid(batch, hidden, block)](
         pre, c_prev, gates, c, m, hidden,
         pre.stride(0), c_prev.stride(0), gates.stride(0), c.stride(0), m.stride(0), BLOCK=block,
@@ -92,7 +94,7 @@ def cell_forward(pre, c_prev, gates, c, m):
 def cell_backward(dm, dc, gates, c_prev, c, dpre, dc_prev):
     """Fills dpre (B, 4H) and dc_prev (B, H) from dm, dc (B, H) and the forward's gates, c_prev, c."""
     batch, hidden = c.shape
-    block = min(1024, triton.next_power_of_2(max(hidden, 16)))
+    block = min(1024, next_power_of_2(max(hidden, 16)))
     _cell_bwd[_grid(batch, hidden, block)](
         dm, dc, gates, c_prev, c, dpre, dc_prev, hidden,
         dm.stride(0), dc.stride(0), gates.stride(0), c_prev.stride(0), c.stride(0), dpre.stride(0),

@@ -14,7 +14,7 @@ transpose (the backward). Columns past the rotary dim are copied when out-of-pla
 import triton
 import triton.language as tl
 
-from fastseq.kernels.grid import flat_grid, flat_program
+from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
 
 POS_OFFSET, POS_PER_BATCH, POS_IDS = 0, 1, 2
 
@@ -104,12 +104,12 @@ def _rotary_kernel(
 
 def _launch_shape(batch, seqlen, heads_total, half):
     """Tokens per program and heads per program: tiles of ~2k elements, enough programs to fill a GPU."""
-    block_r = triton.next_power_of_2(max(half, 1))
-    block_n = max(1, min(triton.next_power_of_2(max(seqlen, 1)), 2048 // block_r))
-    token_blocks = batch * triton.cdiv(seqlen, block_n)
+    block_r = next_power_of_2(max(half, 1))
+    block_n = max(1, min(next_power_of_2(max(seqlen, 1)), 2048 // block_r))
+    token_blocks = batch * cdiv(seqlen, block_n)
     heads_per_prog = heads_total
-    while heads_per_prog > 1 and token_blocks * triton.cdiv(heads_total, heads_per_prog) < 1024:
-        heads_per_prog = triton.cdiv(heads_per_prog, 2)
+    while heads_per_prog > 1 and token_blocks * cdiv(heads_total, heads_per_prog) < 1024:
+        heads_per_prog = cdiv(heads_per_prog, 2)
     return block_n, block_r, heads_per_prog
 
 
@@ -142,7 +142,7 @@ def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interlea
         mode, pos, spb, spn = POS_IDS, positions, positions.stride(0), positions.stride(1)
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
     ssb = sin.stride(0) if sin.shape[0] > 1 else 0
-    grid = flat_grid(triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads_total, heads_per_prog))
+    grid = flat_grid(cdiv(seqlen, block_n), batch, cdiv(heads_total, heads_per_prog))
     _rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin, pos,
         seqlen, heads_q, heads_total, offset,
@@ -150,7 +150,7 @@ def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interlea
         scb, cos.stride(1), cos.stride(2), ssb, sin.stride(1), sin.stride(2), spb, spn,
         HALF=half, HEADS_PER_PROG=heads_per_prog,
         BLOCK_N=block_n, BLOCK_R=block_r,
-        BLOCK_T=triton.next_power_of_2(max(tail, 1)), TAIL=tail,
+        BLOCK_T=next_power_of_2(max(tail, 1)), TAIL=tail,
         POS_MODE=mode, FULL_TABLE=cos.shape[2] == rotary_dim, INTERLEAVED=interleaved,
         CONJUGATE=conjugate, COPY_TAIL=tail > 0 and not _in_place(q_out, k_out, q, k),
         num_warps=4,
