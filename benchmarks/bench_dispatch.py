@@ -1,9 +1,10 @@
 """Dispatch: the cost of one call at sizes so small that the host's work is nearly all of it.
 
-Each case runs an op on inputs of a few kilobytes, forward only, so its time is what the host
-spends on one call (argument checks, the op layer, the backend choice, launches) and, on a GPU,
-the launch latency. The baselines are torch's own ops on the same inputs, and ``one_launch``, a
-single elementwise torch op on the output's bytes: the floor any op with a kernel launch pays.
+Each case runs an op on inputs of a few kilobytes, forward only (no autograd graph), so its time
+is what the host spends on one call (argument checks, the op layer, the backend choice,
+launches) and, on a GPU, the launch latency. The baselines are torch's own ops on the same
+inputs, and ``one_launch``, a single elementwise torch op on the output's bytes: the floor any op
+with a kernel launch pays.
 Variants that isolate a fastseq cost:
 
 * rotary ``fastseq_int_offset``: positions given as an int, which needs no range check on the
@@ -28,13 +29,6 @@ def _case(name, params, dtype, variants):
     return Case(suite=SUITE, name=name, params=params, dtype=dtype, variants=variants)
 
 
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-    return run
-
-
 def _rotary(device, dtype):
     batch, heads, dim = 8, 8, 64
     q = torch.randn(batch, 1, heads, dim, device=device, dtype=dtype)
@@ -54,9 +48,9 @@ def _attention(device, dtype):
     k, v = (torch.randn(2, 4, 64, 64, device=device, dtype=dtype) for _ in range(2))
     key_lengths = torch.tensor([64, 40], device=device)
     return _case("attention 1 query x 64 keys B2 H4 D64", {"op": "attention"}, dtype, {
-        "fastseq": _no_grad(lambda: fastseq.attention(q, k, v)),
-        "fastseq_key_lengths": _no_grad(lambda: fastseq.attention(q, k, v, key_lengths=key_lengths)),
-        "sdpa": _no_grad(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "fastseq": lambda: fastseq.attention(q, k, v),
+        "fastseq_key_lengths": lambda: fastseq.attention(q, k, v, key_lengths=key_lengths),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "one_launch": lambda: q + 1,
     })
 
@@ -65,8 +59,8 @@ def _cross_attention(device, dtype):
     q = torch.randn(1, 2, 64, 40, device=device, dtype=dtype)
     k, v = (torch.randn(1, 2, 77, 40, device=device, dtype=dtype) for _ in range(2))
     return _case("cross_attention 64 x 77 tokens H2 D40", {"op": "cross_attention"}, dtype, {
-        "fastseq": _no_grad(lambda: fastseq.cross_attention(q, k, v)),
-        "sdpa": _no_grad(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "fastseq": lambda: fastseq.cross_attention(q, k, v),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "one_launch": lambda: q + 1,
     })
 
@@ -77,8 +71,8 @@ def _lstm(device, dtype, steps):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(steps, 1, 32, device=device, dtype=dtype)
     return _case(f"lstm T{steps} B1 H32", {"op": "lstm", "steps": steps}, dtype, {
-        "fastseq": _no_grad(lambda: ours(x)),
-        "torch": _no_grad(lambda: theirs(x)),
+        "fastseq": torch.no_grad()(lambda: ours(x)),
+        "torch": torch.no_grad()(lambda: theirs(x)),
         "one_launch": lambda: x + 1,
     })
 
