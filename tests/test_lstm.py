@@ -106,10 +106,11 @@ def test_low_precision_within_tolerance_rule(backend, dtype, config):
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
-@pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64)])
+@pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64), (3, 300)])
 def test_cpp_layer_on_ragged_panels(batch, hidden):
     """The C++ layer's recurrent GEMM works on 16-column panels, up to four at a time, over rows
-    in blocks of 6: sizes off every multiple, float32 against the float64 truth."""
+    in blocks of 6 and (AVX-512) weight rows in blocks of 128: sizes off every multiple, float32
+    against the float64 truth."""
     kwargs = dict(input_size=11, hidden=hidden, bidirectional=True)
     truth_lstm, ours = _pair(**kwargs)
     low_lstm, _ = _pair(**kwargs)

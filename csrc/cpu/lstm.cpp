@@ -399,20 +399,28 @@ void backward_cell_step(const BackwardStep<scalar_t>& s, int64_t B) {
 
 
 // Forward, B operand W_hh^T (P x 4H): panel (u, q) holds columns q H + [16 u, 16 u + 16), gate q
-// of units block u, so one block's four gates are adjacent. Shape (ceil(H/16), 4, P, 16).
-Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P) {
+// of units block u, so one block's four gates are adjacent: (ceil(H/16), 4 P 16) floats. With
+// `k_blocked` (AVX-512) the four panels of a block are interleaved every depth_for(4) rows
+// (Panels::k_blocked), so that the step reads a block's weights as one stream.
+Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P, bool k_blocked) {
+  const int64_t kDepth = k_blocked ? cpu::avx512::depth_for(4) : std::max<int64_t>(P, 1);
   const int64_t NB = panel_count(H);
-  Tensor packed = at::zeros({NB, 4, P, kPanel}, w_hh.options());
+  Tensor packed = at::empty({NB, 4 * P * kPanel}, w_hh.options());
   float* dst = packed.data_ptr<float>();
   const float* src = w_hh.const_data_ptr<float>();
-  at::parallel_for(0, NB, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, NB, pack_grain(4 * P), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      for (int64_t q = 0; q < 4; ++q) {
-        float* panel = dst + (u * 4 + q) * P * kPanel;
-        for (int64_t col = 0; col < std::min(kPanel, H - u * kPanel); ++col) {
-          const float* row = src + (q * H + u * kPanel + col) * P;
-          for (int64_t k = 0; k < P; ++k) {
-            panel[k * kPanel + col] = row[k];
+      const int64_t n = std::min(kPanel, H - u * kPanel);
+      for (int64_t k0 = 0; k0 < P; k0 += kDepth) {
+        const int64_t kd = std::min(kDepth, P - k0);
+        for (int64_t q = 0; q < 4; ++q) {
+          float* panel = dst + u * 4 * P * kPanel + (4 * k0 + q * kd) * kPanel;
+          const float* rows = src + (q * H + u * kPanel) * P + k0;
+          // Row-major over the destination; the 16 source rows are read in step.
+          for (int64_t k = 0; k < kd; ++k) {
+            for (int64_t col = 0; col < kPanel; ++col) {
+              panel[k * kPanel + col] = col < n ? rows[col * P + k] : 0.0f;
+            }
           }
         }
       }
@@ -421,11 +429,15 @@ Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P) {
   return packed;
 }
 
-// The float32 AVX2 path applies (ATen GEMMs otherwise).
+// The float32 AVX2 path applies (ATen GEMMs otherwise). Packing reads and writes W_hh once
+// more, which pays back from a few rows of work on: a single row and step (LSTMCell at batch 1)
+// is a matrix-vector product that streams W_hh once either way, and took 0.6-0.7 times as long
+// unpacked (B = 1, T = 1, H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed.
 template <typename scalar_t>
-bool use_packed() {
+bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
-  return std::is_same_v<scalar_t, float> && cpu_has_avx2();
+  constexpr int64_t kMinRowsToPack = 4;  // rows of the recurrent GEMM over the sequence: T B
+  return std::is_same_v<scalar_t, float> && cpu_has_avx2() && s.T * s.B >= kMinRowsToPack;
 #else
   return false;
 #endif
@@ -518,7 +530,7 @@ void forward_block(const ForwardStep<float>& cell, const float* h_prev, const fl
   const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
   if (cpu_has_avx512()) {
     const cpu::avx512::Panels gates{w + u * 4 * P * kPanel, P * kPanel, cell.gates + j0, H, 4 * H,
-                                    n};
+                                    n, /*k_blocked=*/true};
     cpu::avx512::gemm_panels(B, P, h_prev, P, gates, 4);
   } else {
     for (int64_t q = 0; q < 4; ++q) {
@@ -627,7 +639,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   // Without saving, c alternates between two buffers and m (projection input) reuses one.
   Tensor cells = at::empty({save ? s.T : 2, s.B, s.H}, opts);
   Tensor hidden = proj ? at::empty({save ? s.T : 1, s.B, s.H}, opts) : at::empty({0}, opts);
-  const Tensor w_packed = use_packed<scalar_t>() ? pack_gate_panels(w_hh, s.H, s.P) : Tensor();
+  const Tensor w_packed =
+      use_packed<scalar_t>(s) ? pack_gate_panels(w_hh, s.H, s.P, cpu_has_avx512()) : Tensor();
   Tensor h_prev = h0;
   Tensor c_prev = c0;
   Tensor gates;  // with save: every step's
@@ -875,7 +888,7 @@ void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scala
                    const int64_t* lengths, bool reverse) {
   const bool proj = in.w_hr.has_value();
   const Tensor w_packed =
-      use_packed<scalar_t>() ? pack_column_panels(in.w_hh, 4 * s.H, s.P) : Tensor();
+      use_packed<scalar_t>(s) ? pack_column_panels(in.w_hh, 4 * s.H, s.P) : Tensor();
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = reverse ? s.T - 1 - k : k;
     if (proj) {
@@ -907,7 +920,7 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     st.dm = at::empty({s.B, s.H}, opts);
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!proj && use_packed<float>()) {
+    if (!proj && use_packed<float>(s)) {
       backward_loop_packed(s, in, st, lengths, reverse);
     } else {
       backward_loop(s, in, st, lengths, reverse);

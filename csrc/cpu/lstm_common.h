@@ -51,18 +51,26 @@ inline int64_t panel_count(int64_t n) {
   return (n + kPanel - 1) / kPanel;
 }
 
+// Panels of `rows` rows per packing task: at least 64 KiB each, as a fork costs a few
+// microseconds, about what copying that much takes.
+inline int64_t pack_grain(int64_t rows) {
+  return std::max<int64_t>(1, (int64_t(64) << 10) / (std::max<int64_t>(rows, 1) * kPanel * 4));
+}
+
 // B operand w (K x N, row-major, float32) as panels: panel v holds columns [16 v, 16 v + 16),
 // zero past N. Shape (ceil(N/16), K, 16).
 inline at::Tensor pack_column_panels(const at::Tensor& w, int64_t K, int64_t N) {
   const int64_t NP = panel_count(N);
-  at::Tensor packed = at::zeros({NP, K, kPanel}, w.options());
+  at::Tensor packed = at::empty({NP, K, kPanel}, w.options());
   float* dst = packed.data_ptr<float>();
   const float* src = w.const_data_ptr<float>();
-  at::parallel_for(0, NP, 1, [&](int64_t v0, int64_t v1) {
+  at::parallel_for(0, NP, pack_grain(K), [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v) {
       const int64_t n = std::min(kPanel, N - v * kPanel);
       for (int64_t k = 0; k < K; ++k) {
-        std::memcpy(dst + (v * K + k) * kPanel, src + k * N + v * kPanel, n * sizeof(float));
+        float* row = dst + (v * K + k) * kPanel;
+        std::memcpy(row, src + k * N + v * kPanel, n * sizeof(float));
+        std::fill(row + n, row + kPanel, 0.0f);
       }
     }
   });

@@ -22,6 +22,8 @@ namespace fastseq::cpu::avx512 {
 
 // Where the panels and their outputs are: panel p at P + p * p_stride, its C block at
 // C + p * c_stride (row stride ldc); only the first n columns of each C block are written.
+// `k_blocked`: the np panels are stored block by block of kDepth rows instead (rows [k0, k0 + kd)
+// of panel p at P + 16 (k0 np + p kd)), so that one pass reads one contiguous stream.
 struct Panels {
   const float* P;
   int64_t p_stride;
@@ -29,7 +31,13 @@ struct Panels {
   int64_t c_stride;
   int64_t ldc;
   int64_t n;
+  bool k_blocked = false;
 };
+
+// Rows of A per pass over the panels: np panels of this many rows (32 KiB) stay in L1.
+constexpr int64_t depth_for(int np) {
+  return 512 / np;
+}
 
 // acc[r][p] += A[r, k] B_p[k, :] for one k.
 template <int MR, int NP>
@@ -52,6 +60,8 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
 
 // C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
 // about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
+constexpr int64_t kAhead = 32;
+
 template <int MR, int NP>
 FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w) {
   constexpr int kTiles = MR * NP;
@@ -81,6 +91,11 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
   for (; k + KU <= K; k += KU) {
 #pragma GCC unroll 4
     for (int u = 0; u < KU; ++u) {
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        _mm_prefetch(reinterpret_cast<const char*>(w.P + p * w.p_stride + 16 * (k + u + kAhead)),
+                     _MM_HINT_T0);
+      }
       fma_step<MR, NP>(acc[u], A, lda, w, k + u);
     }
   }
@@ -123,11 +138,12 @@ FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int
                                        const Panels& w, int np) {
   constexpr int64_t kMaxRows = 6;
   const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
-  const int64_t depth = 512 / np;
+  const int64_t depth = depth_for(np);
   for (int64_t k0 = 0; k0 < K; k0 += depth) {
     const int64_t kd = std::min(depth, K - k0);
     Panels block = w;
-    block.P = w.P + 16 * k0;
+    block.P = w.k_blocked ? w.P + 16 * k0 * np : w.P + 16 * k0;
+    block.p_stride = w.k_blocked ? 16 * kd : w.p_stride;
     for (int64_t tile_index = 0, m = 0; tile_index < tiles; ++tile_index) {
       const int64_t left = tiles - tile_index;
       const int64_t rows = (M - m + left - 1) / left;
