@@ -107,17 +107,18 @@ def test_low_precision_within_tolerance_rule(backend, dtype, config):
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64), (3, 300)])
-def test_cpp_layer_on_ragged_panels(batch, hidden):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_layer_on_ragged_panels(batch, hidden, dtype):
     """The C++ layer's recurrent GEMM works on 16-column panels, up to four at a time, over rows
-    in blocks of 6 and (AVX-512) weight rows in blocks of 128: sizes off every multiple, float32
-    against the float64 truth."""
+    in blocks of 6, float32 weight rows in blocks of 128 (AVX-512) and bfloat16 ones in pairs (an
+    odd hidden size leaves half a pair): sizes off every multiple, against the float64 truth."""
     kwargs = dict(input_size=11, hidden=hidden, bidirectional=True)
     truth_lstm, ours = _pair(**kwargs)
     low_lstm, _ = _pair(**kwargs)
     low_lstm.load_state_dict(truth_lstm.state_dict())
-    ours.float(), low_lstm.float()
+    ours.to(dtype), low_lstm.to(dtype)
     x64 = torch.randn(5, batch, 11, dtype=torch.float64, requires_grad=True)
-    x = x64.detach().float().requires_grad_()
+    x = x64.detach().to(dtype).requires_grad_()
     got_out, got_grads = _run(ours, x, None, "cpu")
     truth_out, truth_grads = _run(truth_lstm, x64, None)
     low_out, low_grads = _run(low_lstm, x.detach().requires_grad_(), None)
@@ -129,9 +130,10 @@ def test_cpp_layer_on_ragged_panels(batch, hidden):
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37)])
-def test_cpp_layer_with_lengths_on_ragged_panels(batch, hidden):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_layer_with_lengths_on_ragged_panels(batch, hidden, dtype):
     """As above with ``lengths=`` (an empty and a full sequence among them), against fastseq's
-    plain-PyTorch reference: float64 the truth, float32 the low-precision reference."""
+    plain-PyTorch reference: float64 the truth, the same in ``dtype`` the low-precision one."""
     module = fastseq.nn.LSTM(11, hidden, bidirectional=True).double()
     lengths = torch.arange(batch) % 6
     lengths[-1] = 5
@@ -147,8 +149,7 @@ def test_cpp_layer_with_lengths_on_ragged_panels(batch, hidden):
         loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).sum() + h.square().sum() + c.sum()
         return [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
 
-    got, truth, low = run("cpu", torch.float32), run("reference", torch.float64), \
-        run("reference", torch.float32)
+    got, truth, low = run("cpu", dtype), run("reference", torch.float64), run("reference", dtype)
     for i, (g, t, lo) in enumerate(zip(got, truth, low, strict=True)):
         assert_within_rule(g, t, lo, f"tensor {i}", factor=2.0 if i < 4 else 3.0)
 

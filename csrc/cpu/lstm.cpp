@@ -51,6 +51,7 @@
 #include "lstm_common.h"
 #include "onednn_linear.h"
 #include "packed_gemm_avx512.h"
+#include "packed_gemm_bf16.h"
 #include "lstm_cell_simd.h"
 #include "parallel_steps.h"
 
@@ -395,8 +396,8 @@ void backward_cell_step(const BackwardStep<scalar_t>& s, int64_t B) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// W_hh packed for the recurrent GEMMs (float32, AVX2): 16-column panels, 16 floats per k.
-
+// W_hh packed for the recurrent GEMMs: 16-column panels, 16 floats per k (float32, AVX2) or 16
+// pairs of bfloat16 per pair of k (bfloat16, AVX-512 BF16: csrc/cpu/packed_gemm_bf16.h).
 
 // Forward, B operand W_hh^T (P x 4H): panel (u, q) holds columns q H + [16 u, 16 u + 16), gate q
 // of units block u, so one block's four gates are adjacent: (ceil(H/16), 4 P 16) floats. With
@@ -429,22 +430,83 @@ Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P, bool k_blocked
   return packed;
 }
 
-// The float32 AVX2 path applies (ATen GEMMs otherwise). Packing reads and writes W_hh once
-// more, which pays back from a few rows of work on: a single row and step (LSTMCell at batch 1)
-// is a matrix-vector product that streams W_hh once either way, and took 0.6-0.7 times as long
-// unpacked (B = 1, T = 1, H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed.
+// The bfloat16 B operand for the forward, in the gate order of pack_gate_panels (no blocks
+// over k): panel (u, q) at (u * 4 + q) pair_rows(P) 32.
+Tensor pack_gate_panels_bf16(const Tensor& w_hh, int64_t H, int64_t P) {
+  namespace bf = cpu::avx512_bf16;
+  const int64_t NB = panel_count(H), panel = bf::pair_rows(P) * bf::kPairRow;
+  Tensor packed = at::empty({NB, 4 * panel}, w_hh.options());
+  auto* dst = packed.data_ptr<at::BFloat16>();
+  const auto* src = w_hh.const_data_ptr<at::BFloat16>();
+  at::parallel_for(0, NB, pack_grain(2 * P), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t q = 0; q < 4; ++q) {
+        bf::pack_panel(src + (q * H + u * kPanel) * P, 1, P, P, std::min(kPanel, H - u * kPanel),
+                       dst + (u * 4 + q) * panel);
+      }
+    }
+  });
+  return packed;
+}
+
+// The bfloat16 B operand of dh += dpre W_hh: W_hh (4H x P) as panels of 16 columns.
+Tensor pack_column_panels_bf16(const Tensor& w_hh, int64_t K, int64_t N) {
+  namespace bf = cpu::avx512_bf16;
+  const int64_t NP = panel_count(N), panel = bf::pair_rows(K) * bf::kPairRow;
+  Tensor packed = at::empty({NP, panel}, w_hh.options());
+  auto* dst = packed.data_ptr<at::BFloat16>();
+  const auto* src = w_hh.const_data_ptr<at::BFloat16>();
+  at::parallel_for(0, NP, pack_grain(K / 2), [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      bf::pack_panel(src + v * kPanel, N, 1, K, std::min(kPanel, N - v * kPanel),
+                     dst + v * panel);
+    }
+  });
+  return packed;
+}
+
+// Whether the recurrent GEMMs run on packed W_hh: float32 on AVX2 and bfloat16 on AVX-512 BF16
+// (ATen GEMMs otherwise). Packing reads and writes W_hh once more, which pays back from a few
+// rows of work on: a single row and step (LSTMCell at batch 1) is a matrix-vector product that
+// streams W_hh once either way, and took 0.6-0.7 times as long unpacked (float32, B = 1, T = 1,
+// H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed.
 template <typename scalar_t>
 bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
   constexpr int64_t kMinRowsToPack = 4;  // rows of the recurrent GEMM over the sequence: T B
-  return std::is_same_v<scalar_t, float> && cpu_has_avx2() && s.T * s.B >= kMinRowsToPack;
+  const bool isa = (std::is_same_v<scalar_t, float> && cpu_has_avx2()) ||
+                   (std::is_same_v<scalar_t, at::BFloat16> && cpu_has_avx512_bf16());
+  return isa && s.T * s.B >= kMinRowsToPack;
 #else
   return false;
 #endif
 }
 
-// dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh packed by pack_column_panels
-// (csrc/cpu/lstm_common.h).
+// W_hh packed for the forward's GEMM, or undefined where the ATen GEMMs run.
+template <typename scalar_t>
+Tensor pack_forward_weights(const Tensor& w_hh, const Sizes& s) {
+  if (!use_packed<scalar_t>(s)) {
+    return Tensor();
+  }
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return pack_gate_panels_bf16(w_hh, s.H, s.P);
+  }
+  return pack_gate_panels(w_hh, s.H, s.P, cpu_has_avx512());
+}
+
+// W_hh packed for the backward's dh GEMM, or undefined where the ATen GEMMs run.
+template <typename scalar_t>
+Tensor pack_backward_weights(const Tensor& w_hh, const Sizes& s) {
+  if (!use_packed<scalar_t>(s)) {
+    return Tensor();
+  }
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return pack_column_panels_bf16(w_hh, 4 * s.H, s.P);
+  }
+  return pack_column_panels(w_hh, 4 * s.H, s.P);
+}
+
+// dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh from pack_backward_weights.
 void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B, int64_t K,
                    int64_t P, int64_t v0, int64_t v1) {
 #ifdef FASTSEQ_LSTM_AVX2
@@ -455,6 +517,13 @@ void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B,
     avx2::gemm_panel(B, K, dpre, K, packed + v * K * kPanel, dh + v * kPanel, P,
                      std::min(kPanel, P - v * kPanel));
   }
+#endif
+}
+
+void packed_grad_h(const at::BFloat16* dpre, const at::BFloat16* packed, at::BFloat16* dh,
+                   int64_t B, int64_t K, int64_t P, int64_t v0, int64_t v1) {
+#ifdef FASTSEQ_LSTM_AVX2
+  cpu::avx512_bf16::gemm_column_panels(B, K, dpre, K, packed, dh, P, P, v0, v1);
 #endif
 }
 
@@ -523,6 +592,18 @@ Tensor final_hidden(const Sizes& s, const Tensor& y, const Tensor& h0, const int
 
 // Unit block u of one step on packed weights: the four gates' pre-activations of units
 // [16 u, 16 u + 16) for all rows, then their cell while they are hot.
+void forward_block(const ForwardStep<at::BFloat16>& cell, const at::BFloat16* h_prev,
+                   const at::BFloat16* w, int64_t B, int64_t P, int64_t u) {
+#ifdef FASTSEQ_LSTM_AVX2
+  namespace bf = cpu::avx512_bf16;
+  const int64_t H = cell.H, panel = bf::pair_rows(P) * bf::kPairRow;
+  const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);
+  const bf::Panels gates{w + u * 4 * panel, panel, cell.gates + j0, H, 4 * H, n};
+  bf::gemm_panels(B, P, h_prev, P, gates, 4);
+  forward_rows(cell, 0, B, j0, j0 + n);
+#endif
+}
+
 void forward_block(const ForwardStep<float>& cell, const float* h_prev, const float* w, int64_t B,
                    int64_t P, int64_t u) {
 #ifdef FASTSEQ_LSTM_AVX2
@@ -546,9 +627,10 @@ int64_t forward_block_grain(int64_t B, int64_t P) {
   return grain_for(B * kPanel * (8 * P + kFlopsPerCell));
 }
 
-void forward_step_packed(const ForwardStep<float>& cell, const float* h_prev, const Tensor& packed,
-                         int64_t B, int64_t P) {
-  const float* w = packed.const_data_ptr<float>();
+template <typename scalar_t>
+void forward_step_packed(const ForwardStep<scalar_t>& cell, const scalar_t* h_prev,
+                         const Tensor& packed, int64_t B, int64_t P) {
+  const scalar_t* w = packed.const_data_ptr<scalar_t>();
   at::parallel_for(0, panel_count(cell.H), forward_block_grain(B, P), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       forward_block(cell, h_prev, w, B, P, u);
@@ -567,19 +649,20 @@ struct StepChunk {
 // Steps [k0, k1) without a projection on packed weights, in one parallel region: a thread keeps
 // its unit blocks for every step. y_t is h_t; c alternates between two buffers unless every step
 // is saved.
-void forward_loop_packed(const Sizes& s, const StepChunk<float>& chunk, const float* h0,
-                         const float* c0, float* cells, float* y, const Tensor& packed,
+template <typename scalar_t>
+void forward_loop_packed(const Sizes& s, const StepChunk<scalar_t>& chunk, const scalar_t* h0,
+                         const scalar_t* c0, scalar_t* cells, scalar_t* y, const Tensor& packed,
                          const int64_t* lengths, bool reverse, bool save) {
-  const float* w = packed.const_data_ptr<float>();
-  float* gates = chunk.gates.data_ptr<float>();
+  const scalar_t* w = packed.const_data_ptr<scalar_t>();
+  scalar_t* gates = chunk.gates.template data_ptr<scalar_t>();
   auto time = [&](int64_t k) { return reverse ? s.T - 1 - k : k; };
   auto cell_slot = [&](int64_t k) { return cells + (save ? time(k) : k % 2) * s.B * s.H; };
   cpu::parallel_steps(chunk.k1 - chunk.k0, panel_count(s.H), forward_block_grain(s.B, s.P),
                       [&](int64_t i, int64_t u0, int64_t u1) {
     const int64_t k = chunk.k0 + i;
     const int64_t t = time(k);
-    const float* h_prev = k == 0 ? h0 : y + time(k - 1) * s.B * s.P;
-    const ForwardStep<float> cell{gates + (t - chunk.t0) * s.B * 4 * s.H,
+    const scalar_t* h_prev = k == 0 ? h0 : y + time(k - 1) * s.B * s.P;
+    const ForwardStep<scalar_t> cell{gates + (t - chunk.t0) * s.B * 4 * s.H,
                                   k == 0 ? c0 : cell_slot(k - 1), cell_slot(k),
                                   y + t * s.B * s.P, lengths, t, s.H};
     for (int64_t u = u0; u < u1; ++u) {
@@ -588,14 +671,20 @@ void forward_loop_packed(const Sizes& s, const StepChunk<float>& chunk, const fl
   });
 }
 
-// One step: gates_t += h_prev W_hh^T, then the cell; on packed weights when given (float32).
+// Whether scalar_t has packed kernels (where the CPU has them too: use_packed).
+template <typename scalar_t>
+constexpr bool has_packed_kernels() {
+  return std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+}
+
+// One step: gates_t += h_prev W_hh^T, then the cell; on packed weights when given.
 template <typename scalar_t>
 void forward_step(const ForwardStep<scalar_t>& cell, const Tensor& g_t, const Tensor& h_prev,
                   const Tensor& w_hh, const Tensor& w_packed) {
   const int64_t B = h_prev.size(0);
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (has_packed_kernels<scalar_t>()) {
     if (w_packed.defined()) {
-      return forward_step_packed(cell, h_prev.const_data_ptr<float>(), w_packed, B,
+      return forward_step_packed(cell, h_prev.const_data_ptr<scalar_t>(), w_packed, B,
                                  h_prev.size(1));
     }
   }
@@ -639,8 +728,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   // Without saving, c alternates between two buffers and m (projection input) reuses one.
   Tensor cells = at::empty({save ? s.T : 2, s.B, s.H}, opts);
   Tensor hidden = proj ? at::empty({save ? s.T : 1, s.B, s.H}, opts) : at::empty({0}, opts);
-  const Tensor w_packed =
-      use_packed<scalar_t>(s) ? pack_gate_panels(w_hh, s.H, s.P, cpu_has_avx512()) : Tensor();
+  const Tensor w_packed = pack_forward_weights<scalar_t>(w_hh, s);
   Tensor h_prev = h0;
   Tensor c_prev = c0;
   Tensor gates;  // with save: every step's
@@ -652,11 +740,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     if (reverse && lengths != nullptr) {
       add_reverse_start_state<scalar_t>(s, gates, h0, w_hh, lengths);  // the one chunk
     }
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (has_packed_kernels<scalar_t>()) {
       if (!proj && w_packed.defined()) {
-        forward_loop_packed(s, chunk, h0.const_data_ptr<float>(), c0.const_data_ptr<float>(),
-                            cells.data_ptr<float>(), y.data_ptr<float>(), w_packed, lengths,
-                            reverse, save);
+        forward_loop_packed(s, chunk, h0.const_data_ptr<scalar_t>(),
+                            c0.const_data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+                            y.data_ptr<scalar_t>(), w_packed, lengths, reverse, save);
         continue;
       }
     }
@@ -838,12 +926,13 @@ void projection_grad_step(const Tensor& dh_t, const Tensor& dh, const Tensor& gr
 // owning units [16 u, 16 u + 16) first finishes dh for those units from the previous step's dpre
 // (the GEMM's columns are the units, as P = H), then runs their cell. One parallel region for
 // the whole sequence, a barrier per step.
-void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardState<float>& st,
+template <typename scalar_t>
+void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardState<scalar_t>& st,
                           const int64_t* lengths, bool reverse) {
-  const Tensor packed = pack_column_panels(in.w_hh, 4 * s.H, s.P);
-  const float* w = packed.const_data_ptr<float>();
-  float* dh = st.dh.data_ptr<float>();
-  std::vector<BackwardStep<float>> steps;  // in processing order (reverse of k)
+  const Tensor packed = pack_backward_weights<scalar_t>(in.w_hh, s);
+  const scalar_t* w = packed.const_data_ptr<scalar_t>();
+  scalar_t* dh = st.dh.template data_ptr<scalar_t>();
+  std::vector<BackwardStep<scalar_t>> steps;  // in processing order (reverse of k)
   steps.reserve(s.T);
   for (int64_t k = s.T - 1; k >= 0; --k) {
     steps.push_back(backward_cell_args(s, in, st, lengths, reverse, k));
@@ -863,18 +952,18 @@ void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardStat
   }
 }
 
-// dh += dpre_t W_hh over the whole step; on packed weights when given (float32). Active rows of
-// dh were zeroed by the cell (or the projection step); padding rows keep their carry.
+// dh += dpre_t W_hh over the whole step; on packed weights when given. Active rows of dh were
+// zeroed by the cell (or the projection step); padding rows keep their carry.
 template <typename scalar_t>
 void grad_h_step(const Sizes& s, const Tensor& dh, const Tensor& dpre_t, const Tensor& w_hh,
                  const Tensor& w_packed) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (has_packed_kernels<scalar_t>()) {
     if (w_packed.defined()) {
       at::parallel_for(0, panel_count(s.P), grain_for(s.B * kPanel * 8 * s.H),
                        [&](int64_t v0, int64_t v1) {
-                         packed_grad_h(dpre_t.const_data_ptr<float>(),
-                                       w_packed.const_data_ptr<float>(), dh.data_ptr<float>(),
-                                       s.B, 4 * s.H, s.P, v0, v1);
+                         packed_grad_h(dpre_t.const_data_ptr<scalar_t>(),
+                                       w_packed.const_data_ptr<scalar_t>(),
+                                       dh.data_ptr<scalar_t>(), s.B, 4 * s.H, s.P, v0, v1);
                        });
       return;
     }
@@ -887,8 +976,7 @@ template <typename scalar_t>
 void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scalar_t>& st,
                    const int64_t* lengths, bool reverse) {
   const bool proj = in.w_hr.has_value();
-  const Tensor w_packed =
-      use_packed<scalar_t>(s) ? pack_column_panels(in.w_hh, 4 * s.H, s.P) : Tensor();
+  const Tensor w_packed = pack_backward_weights<scalar_t>(in.w_hh, s);
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = reverse ? s.T - 1 - k : k;
     if (proj) {
@@ -919,8 +1007,8 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     st.dh_all = at::empty({s.T, s.B, s.P}, opts);
     st.dm = at::empty({s.B, s.H}, opts);
   }
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!proj && use_packed<float>(s)) {
+  if constexpr (has_packed_kernels<scalar_t>()) {
+    if (!proj && use_packed<scalar_t>(s)) {
       backward_loop_packed(s, in, st, lengths, reverse);
     } else {
       backward_loop(s, in, st, lengths, reverse);

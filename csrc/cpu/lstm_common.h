@@ -42,6 +42,16 @@ inline bool cpu_has_avx512() {
   return has;
 }
 
+// AVX-512 with its bfloat16 dot products (VDPBF16PS), under the same ATen level.
+inline bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // ----------------------------------------------------------------------------------------------
 // Packing: K rows of 16 floats per panel.
 
