@@ -14,10 +14,11 @@
 // The recurrent GEMMs are small (B rows) and run T times against the same weights, which a BLAS
 // call would repack every time. For float32 on AVX2 they use W_hh packed once per call into
 // 16-column panels and a register-tiled kernel (on AVX-512 one that takes four panels per pass,
-// csrc/cpu/packed_gemm_avx512.h); in the forward the panels of the four gates of a block of 16
-// hidden units are adjacent, so one task computes that block's pre-activations and runs its cell
-// while they are in L1, and a step is one parallel region. Other dtypes and CPUs take the same
-// plan through ATen GEMMs. The whole-sequence GEMMs go through oneDNN where torch carries it
+// csrc/cpu/packed_gemm_avx512.h), and so does bfloat16 on AVX-512 BF16 with pairs of k per
+// panel row (csrc/cpu/packed_gemm_bf16.h); in the forward the panels of the four gates of a block
+// of 16 hidden units are adjacent, so one task computes that block's pre-activations and runs its
+// cell while they are in L1, and a step is one parallel region. Other dtypes and CPUs, and work
+// too small to repay the packing, take the same plan through ATen GEMMs. The whole-sequence GEMMs go through oneDNN where torch carries it
 // (csrc/cpu/onednn_linear.h).
 //
 // The pointwise math is csrc/cpu/lstm_cell_simd.h compiled under function-level target
@@ -397,7 +398,10 @@ void backward_cell_step(const BackwardStep<scalar_t>& s, int64_t B) {
 
 // ----------------------------------------------------------------------------------------------
 // W_hh packed for the recurrent GEMMs: 16-column panels, 16 floats per k (float32, AVX2) or 16
-// pairs of bfloat16 per pair of k (bfloat16, AVX-512 BF16: csrc/cpu/packed_gemm_bf16.h).
+// pairs of bfloat16 per pair of k (bfloat16, AVX-512 BF16: csrc/cpu/packed_gemm_bf16.h). x86-64
+// only, as the kernels that read them.
+
+#ifdef FASTSEQ_LSTM_AVX2
 
 // Forward, B operand W_hh^T (P x 4H): panel (u, q) holds columns q H + [16 u, 16 u + 16), gate q
 // of units block u, so one block's four gates are adjacent: (ceil(H/16), 4 P 16) floats. With
@@ -465,11 +469,14 @@ Tensor pack_column_panels_bf16(const Tensor& w_hh, int64_t K, int64_t N) {
   return packed;
 }
 
+#endif  // FASTSEQ_LSTM_AVX2
+
 // Whether the recurrent GEMMs run on packed W_hh: float32 on AVX2 and bfloat16 on AVX-512 BF16
 // (ATen GEMMs otherwise). Packing reads and writes W_hh once more, which pays back from a few
 // rows of work on: a single row and step (LSTMCell at batch 1) is a matrix-vector product that
 // streams W_hh once either way, and took 0.6-0.7 times as long unpacked (float32, B = 1, T = 1,
-// H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed.
+// H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed. bfloat16 takes the
+// same threshold, not measured separately.
 template <typename scalar_t>
 bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
@@ -485,25 +492,31 @@ bool use_packed(const Sizes& s) {
 // W_hh packed for the forward's GEMM, or undefined where the ATen GEMMs run.
 template <typename scalar_t>
 Tensor pack_forward_weights(const Tensor& w_hh, const Sizes& s) {
-  if (!use_packed<scalar_t>(s)) {
-    return Tensor();
+#ifdef FASTSEQ_LSTM_AVX2
+  if (use_packed<scalar_t>(s)) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return pack_gate_panels_bf16(w_hh, s.H, s.P);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      return pack_gate_panels(w_hh, s.H, s.P, cpu_has_avx512());
+    }
   }
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    return pack_gate_panels_bf16(w_hh, s.H, s.P);
-  }
-  return pack_gate_panels(w_hh, s.H, s.P, cpu_has_avx512());
+#endif
+  return Tensor();
 }
 
 // W_hh packed for the backward's dh GEMM, or undefined where the ATen GEMMs run.
 template <typename scalar_t>
 Tensor pack_backward_weights(const Tensor& w_hh, const Sizes& s) {
-  if (!use_packed<scalar_t>(s)) {
-    return Tensor();
+#ifdef FASTSEQ_LSTM_AVX2
+  if (use_packed<scalar_t>(s)) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return pack_column_panels_bf16(w_hh, 4 * s.H, s.P);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      return pack_column_panels(w_hh, 4 * s.H, s.P);
+    }
   }
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    return pack_column_panels_bf16(w_hh, 4 * s.H, s.P);
-  }
-  return pack_column_panels(w_hh, 4 * s.H, s.P);
+#endif
+  return Tensor();
 }
 
 // dh[:, cols of panels v0..v1) += dpre (B x 4H) W_hh, W_hh from pack_backward_weights.
@@ -523,6 +536,7 @@ void packed_grad_h(const float* dpre, const float* packed, float* dh, int64_t B,
 void packed_grad_h(const at::BFloat16* dpre, const at::BFloat16* packed, at::BFloat16* dh,
                    int64_t B, int64_t K, int64_t P, int64_t v0, int64_t v1) {
 #ifdef FASTSEQ_LSTM_AVX2
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(cpu_has_avx512_bf16());
   cpu::avx512_bf16::gemm_column_panels(B, K, dpre, K, packed, dh, P, P, v0, v1);
 #endif
 }
@@ -595,6 +609,7 @@ Tensor final_hidden(const Sizes& s, const Tensor& y, const Tensor& h0, const int
 void forward_block(const ForwardStep<at::BFloat16>& cell, const at::BFloat16* h_prev,
                    const at::BFloat16* w, int64_t B, int64_t P, int64_t u) {
 #ifdef FASTSEQ_LSTM_AVX2
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(cpu_has_avx512_bf16());
   namespace bf = cpu::avx512_bf16;
   const int64_t H = cell.H, panel = bf::pair_rows(P) * bf::kPairRow;
   const int64_t j0 = u * kPanel, n = std::min(kPanel, H - j0);

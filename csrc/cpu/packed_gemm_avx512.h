@@ -22,8 +22,9 @@ namespace fastseq::cpu::avx512 {
 
 // Where the panels and their outputs are: panel p at P + p * p_stride, its C block at
 // C + p * c_stride (row stride ldc); only the first n columns of each C block are written.
-// `k_blocked`: the np panels are stored block by block of kDepth rows instead (rows [k0, k0 + kd)
-// of panel p at P + 16 (k0 np + p kd)), so that one pass reads one contiguous stream.
+// `k_blocked`: the np panels are stored block by block of depth_for(np) rows instead (rows
+// [k0, k0 + kd) of panel p at P + 16 (k0 np + p kd)), so that one pass reads one contiguous
+// stream; such panels must be read with the np they were packed for.
 struct Panels {
   const float* P;
   int64_t p_stride;
@@ -58,10 +59,11 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
   }
 }
 
-// C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
-// about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
+// Rows of k the weight stream is prefetched ahead (a cache line per row and panel).
 constexpr int64_t kAhead = 32;
 
+// C_p[0:MR, 0:n] += A[0:MR, 0:K] B_p[0:K, 0:16] for p < NP. MR NP accumulators; with fewer than
+// about 8 the FMA latency shows, so small tiles split k over KU accumulator sets.
 template <int MR, int NP>
 FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const Panels& w) {
   constexpr int kTiles = MR * NP;
@@ -93,8 +95,10 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
     for (int u = 0; u < KU; ++u) {
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) {
-        _mm_prefetch(reinterpret_cast<const char*>(w.P + p * w.p_stride + 16 * (k + u + kAhead)),
-                     _MM_HINT_T0);
+        // Near the end this points past the panels: an integer, as a prefetch never faults.
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(w.P + p * w.p_stride + 16 * (k + u)) +
+                                sizeof(float) * 16 * kAhead;
+        _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
       }
       fma_step<MR, NP>(acc[u], A, lda, w, k + u);
     }

@@ -150,7 +150,7 @@ FASTSEQ_BF16 void micro_kernel_rows(int64_t rows, int64_t K, const bf16* A, int6
 // C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels, row tiles of at most 6 as even as
 // they can be. Each tile runs over the whole of K, so that C is rounded to bfloat16 once: at the
 // batch sizes where the recurrence is the bottleneck there are one to three tiles, and the
-// panels (64 KiB per 1024 rows of k) come from L2 after the first.
+// panels (32 KiB each per 1024 rows of k) come from L2 after the first.
 FASTSEQ_BF16 inline void gemm_panels(int64_t M, int64_t K, const bf16* A, int64_t lda,
                                      const Panels& w, int np) {
   constexpr int64_t kMaxRows = 6;
