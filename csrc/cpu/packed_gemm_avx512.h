@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "register_tiles.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_PACKED_GEMM_AVX512 1
 #include <immintrin.h>
@@ -121,47 +123,24 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
   }
 }
 
-template <int NP>
-FASTSEQ_AVX512 void micro_kernel_rows(int64_t rows, int64_t K, const float* A, int64_t lda,
-                                      const Panels& w) {
-  switch (rows) {
-    case 6: return micro_kernel<6, NP>(K, A, lda, w);
-    case 5: return micro_kernel<5, NP>(K, A, lda, w);
-    case 4: return micro_kernel<4, NP>(K, A, lda, w);
-    case 3: return micro_kernel<3, NP>(K, A, lda, w);
-    case 2: return micro_kernel<2, NP>(K, A, lda, w);
-    default: return micro_kernel<1, NP>(K, A, lda, w);
-  }
-}
-
-// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels in tiles of
-// at most 6, over k in blocks small enough that the panels' block (32 KiB) stays in L1 for all of
-// them. The tiles are as even as they can be (8 rows: 4 + 4, not 6 + 2): a tile of one or two rows
-// has too few accumulators to hide the FMA latency.
+// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels in tiles
+// (for_each_row_tile), over k in blocks small enough that the panels' block (32 KiB) stays in L1
+// for all of them.
 FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int64_t lda,
                                        const Panels& w, int np) {
-  constexpr int64_t kMaxRows = 6;
-  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
   const int64_t depth = depth_for(np);
   for (int64_t k0 = 0; k0 < K; k0 += depth) {
     const int64_t kd = std::min(depth, K - k0);
     Panels block = w;
     block.P = w.k_blocked ? w.P + 16 * k0 * np : w.P + 16 * k0;
     block.p_stride = w.k_blocked ? 16 * kd : w.p_stride;
-    for (int64_t tile_index = 0, m = 0; tile_index < tiles; ++tile_index) {
-      const int64_t left = tiles - tile_index;
-      const int64_t rows = (M - m + left - 1) / left;
-      const float* Am = A + m * lda + k0;
+    for_each_row_tile(M, [&](int64_t m, int64_t rows) {
       Panels tile = block;
       tile.C = w.C + m * w.ldc;
-      switch (np) {
-        case 4: micro_kernel_rows<4>(rows, kd, Am, lda, tile); break;
-        case 3: micro_kernel_rows<3>(rows, kd, Am, lda, tile); break;
-        case 2: micro_kernel_rows<2>(rows, kd, Am, lda, tile); break;
-        default: micro_kernel_rows<1>(rows, kd, Am, lda, tile); break;
-      }
-      m += rows;
-    }
+      with_tile_shape(rows, np, [&](auto r, auto p) {
+        micro_kernel<decltype(r)::value, decltype(p)::value>(kd, A + m * lda + k0, lda, tile);
+      });
+    });
   }
 }
 

@@ -19,6 +19,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "register_tiles.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSEQ_PACKED_GEMM_BF16 1
 #include <immintrin.h>
@@ -134,41 +136,19 @@ FASTSEQ_BF16 void micro_kernel(int64_t K, const bf16* A, int64_t lda, const Pane
   }
 }
 
-template <int NP>
-FASTSEQ_BF16 void micro_kernel_rows(int64_t rows, int64_t K, const bf16* A, int64_t lda,
-                                    const Panels& w) {
-  switch (rows) {
-    case 6: return micro_kernel<6, NP>(K, A, lda, w);
-    case 5: return micro_kernel<5, NP>(K, A, lda, w);
-    case 4: return micro_kernel<4, NP>(K, A, lda, w);
-    case 3: return micro_kernel<3, NP>(K, A, lda, w);
-    case 2: return micro_kernel<2, NP>(K, A, lda, w);
-    default: return micro_kernel<1, NP>(K, A, lda, w);
-  }
-}
-
-// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels, row tiles of at most 6 as even as
-// they can be. Each tile runs over the whole of K, so that C is rounded to bfloat16 once: at the
+// C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels, rows in tiles (for_each_row_tile).
+// Each tile runs over the whole of K, so that C is rounded to bfloat16 once: at the
 // batch sizes where the recurrence is the bottleneck there are one to three tiles, and the
 // panels (32 KiB each per 1024 rows of k) come from L2 after the first.
 FASTSEQ_BF16 inline void gemm_panels(int64_t M, int64_t K, const bf16* A, int64_t lda,
                                      const Panels& w, int np) {
-  constexpr int64_t kMaxRows = 6;
-  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
-  for (int64_t tile_index = 0, m = 0; tile_index < tiles; ++tile_index) {
-    const int64_t left = tiles - tile_index;
-    const int64_t rows = (M - m + left - 1) / left;
-    const bf16* Am = A + m * lda;
+  for_each_row_tile(M, [&](int64_t m, int64_t rows) {
     Panels tile = w;
     tile.C = w.C + m * w.ldc;
-    switch (np) {
-      case 4: micro_kernel_rows<4>(rows, K, Am, lda, tile); break;
-      case 3: micro_kernel_rows<3>(rows, K, Am, lda, tile); break;
-      case 2: micro_kernel_rows<2>(rows, K, Am, lda, tile); break;
-      default: micro_kernel_rows<1>(rows, K, Am, lda, tile); break;
-    }
-    m += rows;
-  }
+    with_tile_shape(rows, np, [&](auto r, auto p) {
+      micro_kernel<decltype(r)::value, decltype(p)::value>(K, A + m * lda, lda, tile);
+    });
+  });
 }
 
 // C[0:M, cols of panels v0..v1) += A (M x K) B, B (K x N) packed panel by panel with pack_panel
