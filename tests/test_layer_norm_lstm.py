@@ -131,6 +131,21 @@ def test_zero_eps_with_zero_padding_keeps_gradients_finite(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("used", [0, 1, 2], ids=["y", "h_n", "c_n"])
+def test_gradients_when_only_one_output_is_used(backend, used):
+    """Unused outputs reach the backward as None (no zero fills): gradients equal the reference's."""
+    inputs = _inputs(5, 3, 4, 6, dtype=torch.float32)
+    grads = []
+    for name in (backend, "reference"):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with fastseq.use_backend(name):
+            out = layer_norm_lstm_layer(*leaves)[used]
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (4, 0, 4, 5)], ids=["no_steps", "empty_batch"])
 def test_fused_layer_empty_inputs(backend, shape):
     inputs = _inputs(*shape, dtype=torch.float32)

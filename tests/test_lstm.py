@@ -105,6 +105,23 @@ def test_low_precision_within_tolerance_rule(backend, dtype, config):
         assert_within_rule(g, t, lo, "weight grad", factor=3.0 * scale)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["y", "h_n", "c_n"])
+def test_gradients_when_only_one_output_is_used(backend, used):
+    """The outputs a loss does not touch get no gradient (None, not zeros, reaches the op's
+    backward): the result must equal torch's, whose unused outputs count as zero."""
+    torch_lstm, ours = _pair(torch.float32, input_size=5, hidden=6, num_layers=2)
+    x = torch.randn(7, 3, 5, requires_grad=True)
+    grads = []
+    for module, name in ((ours, backend), (torch_lstm, None)):
+        with fastseq.use_backend(name):
+            y, (h, c) = module(x)
+        out = {"y": y, "h_n": h, "c_n": c}[used]
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64), (3, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

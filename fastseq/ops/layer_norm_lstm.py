@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastseq import _backend, _extension
-from fastseq.ops.lstm import cell_dtype, checked_lengths
+from fastseq.ops.lstm import cell_dtype, checked_lengths, output_grads
 from fastseq.reference import lstm as reference
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -233,14 +233,14 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
                           *output[3:])
     ctx.reverse, ctx.eps, ctx.has_bias, ctx.backend = reverse, eps, bias is not None, backend
+    ctx.set_materialize_grads(False)  # no zero fills for the saved outputs (as lstm_layer)
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, *saved = ctx.saved_tensors
-    grads = layer_norm_lstm_grad_op(grad_y.contiguous(), grad_h_n.contiguous(),
-                                    grad_c_n.contiguous(), x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
-                                    ln_c_weight, ln_c_bias, lengths, ctx.reverse, ctx.eps,
-                                    ctx.has_bias, *saved, ctx.backend)
+    grads = layer_norm_lstm_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0), x, h0, c0,
+                                    w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
+                                    ctx.reverse, ctx.eps, ctx.has_bias, *saved, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, *g_norms = grads
     return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None, *g_norms, None, None,
             None, None, None)

@@ -310,11 +310,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
     ctx.backend = _choose(x, w_hh, w_hr)  # the forward's
+    # The saved outputs (gates, cells, pre_proj) never get a gradient: materialised, their zeros
+    # would be (T, B, 4H) and more of fills on every backward (a tenth of it at B=16, H=256).
+    ctx.set_materialize_grads(False)
+
+
+def output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0):
+    """The gradients of a layer's (y, h_n, c_n) as the kernels take them: contiguous, and zeros
+    for an output that was not used (None when the op does not materialise gradients)."""
+    steps, batch, _ = x.shape
+    return (x.new_zeros(steps, batch, h0.shape[1]) if grad_y is None else grad_y.contiguous(),
+            torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous(),
+            torch.zeros_like(c0) if grad_c_n is None else grad_c_n.contiguous())
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
-    grads = lstm_layer_grad_op(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(),
+    grads = lstm_layer_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0),
                                x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
                                pre_proj, y, ctx.has_bias, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
