@@ -122,6 +122,58 @@ def test_gradients_when_only_one_output_is_used(backend, used):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["input", "weights"])
+def test_gradients_of_a_frozen_input_or_frozen_weights(backend, frozen):
+    """An input without requires_grad (data) or frozen weights: the backward leaves their GEMMs
+    out, and what remains equals torch's."""
+    torch_lstm, ours = _pair(torch.float32, input_size=5, hidden=6, num_layers=2,
+                             bidirectional=True, proj_size=4)
+    x = torch.randn(7, 3, 5, requires_grad=frozen == "weights")
+    h0 = torch.randn(4, 3, 4, requires_grad=True)
+    c0 = torch.randn(4, 3, 6)
+    grads = []
+    for module, name in ((ours, backend), (torch_lstm, None)):
+        module.requires_grad_(frozen != "weights")
+        wanted = [x if frozen == "weights" else module.weight_hh_l0, h0]
+        with fastseq.use_backend(name):
+            y, (h, c) = module(x, (h0, c0))
+        grads.append(torch.autograd.grad(y.square().sum() + c.sum(), wanted))
+        if frozen == "weights":
+            assert all(p.grad is None for p in module.parameters())
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if frozen == "input":  # .backward() fills the parameters' .grad, and x gets none
+        with fastseq.use_backend(backend):
+            ours(x, (h0, c0))[0].sum().backward()
+        assert x.grad is None and ours.weight_ih_l0.grad is not None
+
+
+@pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
+@pytest.mark.parametrize("wanted", [(True, False), (False, True), (False, False)],
+                         ids=["x_only", "weights_only", "state_only"])
+def test_cpp_backward_computes_only_the_gradients_asked_for(wanted):
+    """The C++ backward returns None for grad_x / the weight gradients it was told to leave out;
+    the rest is what the full call gives, bit for bit."""
+    steps, batch, inputs, hidden, proj = 5, 3, 7, 9, 4
+    x = torch.randn(steps, batch, inputs)
+    h0, c0 = torch.randn(batch, proj), torch.randn(batch, hidden)
+    w_ih, w_hh = torch.randn(4 * hidden, inputs), torch.randn(4 * hidden, proj)
+    bias, w_hr = torch.randn(4 * hidden), torch.randn(proj, hidden)
+    y, _, _, gates, cells, pre_proj = torch.ops.fastseq.lstm_layer_forward(
+        x, h0, c0, w_ih, w_hh, bias, w_hr, None, False, True)
+    upstream = (torch.randn_like(y), torch.randn_like(h0), torch.randn_like(c0))
+    args = (*upstream, x, h0, c0, w_ih, w_hh, w_hr, None, False, gates, cells, pre_proj, y, True)
+    full = torch.ops.fastseq.lstm_layer_backward(*args, True, True)
+    part = torch.ops.fastseq.lstm_layer_backward(*args, *wanted)
+    needed = [wanted[0], True, True, *[wanted[1]] * 4]
+    for index, (a, b, need) in enumerate(zip(part, full, needed, strict=True)):
+        if need:
+            assert torch.equal(a, b), f"gradient {index}"
+        else:
+            assert a is None, f"gradient {index}"
+
+
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64), (3, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -9,7 +9,7 @@
 // Backward: through time in reverse processing order, a fused pointwise cell per step turns
 // (dm, dc) into d pre (kept for all steps) and dc_{t-1}, and one GEMM gives dh_{t-1} = d pre W_hh.
 // Whatever does not feed the recurrence (grad_x and the weight gradients) waits for the end,
-// where it is a few large GEMMs over all steps at once.
+// where it is a few large GEMMs over all steps at once, each left out when not asked for.
 //
 // The recurrent GEMMs are small (B rows) and run T times against the same weights, which a BLAS
 // call would repack every time. For float32 on AVX2 they use W_hh packed once per call into
@@ -817,16 +817,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 // ----------------------------------------------------------------------------------------------
 // Backward.
 
-// The operand of the weight-gradient GEMM, transposed: columns (t, b) of [x_t | h_prev | 1]^T
-// (the ones row only with a bias), so that it times dpre is [grad_w_ih | grad_w_hh | grad_bias]^T
-// in one GEMM (one pass over dpre instead of three). Transposed, both operands of that GEMM run
+// The operand of the weight-gradient GEMM, transposed: columns (t, b) of [x_t | h_prev]^T, so
+// that it times dpre is [grad_w_ih | grad_w_hh]^T in one GEMM (one pass over dpre instead of
+// two). (A ones row would give grad_bias too, but an odd row count costs the GEMM more than a
+// column sum of dpre takes: 3.7 against 3.4 + 0.2 ms at T B = 2048, 4H = 1024, I + P = 384.) Transposed, both operands of that GEMM run
 // along (t, b), the layout oneDNN's matmul takes without a reorder. h_prev is the previous
 // processed step's y, or h0 at each sequence's first processed step; on padding rows (dpre = 0)
 // any finite value does.
 template <typename scalar_t>
 Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, const Tensor& h0,
-                           const int64_t* lengths, bool reverse, bool has_bias) {
-  const int64_t width = s.I + s.P + (has_bias ? 1 : 0);
+                           const int64_t* lengths, bool reverse) {
+  const int64_t width = s.I + s.P;
   const int64_t cols = s.T * s.B;
   Tensor out = at::empty({width, cols}, x.options());
   scalar_t* dst = out.data_ptr<scalar_t>();
@@ -854,9 +855,6 @@ Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, con
         for (int64_t b = 0; b < s.B; ++b) {
           col[(s.I + c) * cols + b] = h_prev[b][c];
         }
-      }
-      if (has_bias) {
-        std::fill_n(col + (s.I + s.P) * cols, s.B, scalar_t(1));
       }
     }
   });
@@ -1004,12 +1002,19 @@ void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scala
   }
 }
 
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>,
-                         std::optional<Tensor>>;
+using Grads = std::tuple<std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>,
+                         std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>;
+
+// Which gradients the caller wants besides those of the initial state (by-products of the
+// recurrence): each of the others is a GEMM over every step.
+struct Wanted {
+  bool x;
+  bool weights;  // w_ih, w_hh, bias, w_hr
+};
 
 template <typename scalar_t>
 Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* lengths,
-                    bool reverse, bool has_bias) {
+                    bool reverse, bool has_bias, Wanted wanted) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto opts = in.x.options();
   const bool proj = in.w_hr.has_value();
@@ -1031,11 +1036,18 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   } else {
     backward_loop(s, in, st, lengths, reverse);
   }
+  Grads grads;
+  std::get<1>(grads) = st.dh;
+  std::get<2>(grads) = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());
   const Tensor dpre2d = st.dpre.view({s.T * s.B, 4 * s.H});
-  Tensor grad_x = cpu::linear(dpre2d, in.w_ih.t()).view({s.T, s.B, s.I});
-  const Tensor operand =
-      weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, has_bias);
-  // [grad_w_ih | grad_w_hh | grad_bias] (4H x width). Over many (t, b) as the transpose of
+  if (wanted.x) {
+    std::get<0>(grads) = cpu::linear(dpre2d, in.w_ih.t()).view({s.T, s.B, s.I});
+  }
+  if (!wanted.weights) {
+    return grads;
+  }
+  const Tensor operand = weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse);
+  // [grad_w_ih | grad_w_hh] (4H x (I + P)). Over many (t, b) as the transpose of
   // operand dpre, whose operands oneDNN reads without a reorder, then transposed by copying; over
   // a few the GEMM is little more than an outer product and costs less than those copies, so it
   // runs in the layout of the result (float32, H = 256 and 512: 0.5x the time at T B = 1, even
@@ -1045,18 +1057,16 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
                                                  : cpu::linear(operand, dpre2d.t()).t();
   // Copies, never views: with I, P or 4H of 1 a slice is contiguous already, and returned
   // gradients must not share memory.
-  Tensor grad_w_ih = grad_w.narrow(1, 0, s.I).clone(at::MemoryFormat::Contiguous);
-  Tensor grad_w_hh = grad_w.narrow(1, s.I, s.P).clone(at::MemoryFormat::Contiguous);
-  std::optional<Tensor> grad_bias;
+  std::get<3>(grads) = grad_w.narrow(1, 0, s.I).clone(at::MemoryFormat::Contiguous);
+  std::get<4>(grads) = grad_w.narrow(1, s.I, s.P).clone(at::MemoryFormat::Contiguous);
   if (has_bias) {
-    grad_bias = grad_w.select(1, s.I + s.P).clone(at::MemoryFormat::Contiguous);
+    std::get<5>(grads) = dpre2d.sum(0);
   }
-  std::optional<Tensor> grad_w_hr;
   if (proj) {
-    grad_w_hr = at::mm(st.dh_all.view({s.T * s.B, s.P}).t(), in.hidden.view({s.T * s.B, s.H}));
+    std::get<6>(grads) =
+        at::mm(st.dh_all.view({s.T * s.B, s.P}).t(), in.hidden.view({s.T * s.B, s.H}));
   }
-  Tensor grad_c0 = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());
-  return {grad_x, st.dh, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  return grads;
 }
 
 Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n,
@@ -1064,7 +1074,7 @@ Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Te
                           const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                           const std::optional<Tensor>& lengths, bool reverse, const Tensor& gates,
                           const Tensor& cells, const Tensor& hidden, const Tensor& y,
-                          bool has_bias) {
+                          bool has_bias, bool needs_grad_x, bool needs_grad_weights) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
   const auto dtype = x.scalar_type();
@@ -1082,7 +1092,8 @@ Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Te
                           gates, cells, hidden, y};
   Grads out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "lstm_layer_backward", [&] {
-    out = backward_impl<scalar_t>(s, in, len, reverse, has_bias);
+    out = backward_impl<scalar_t>(s, in, len, reverse, has_bias,
+                                  Wanted{needs_grad_x, needs_grad_weights});
   });
   return out;
 }

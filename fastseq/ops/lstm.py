@@ -180,7 +180,7 @@ def _previous(states, first, lengths, reverse):
 
 
 def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths,
-                   reverse, gates, cells, pre_proj, y, has_bias):
+                   reverse, gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights):
     steps, batch, _ = x.shape
     c_prev_all = _previous(cells, c0.to(cells.dtype), lengths, reverse)
     dpre_all = torch.empty_like(gates)  # every step's slice is written below
@@ -204,27 +204,31 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
             dh_all[t] = dh_t
         dh, dc = dh_prev, dc_prev
     gx, gw_ih, gw_hh, gbias, gw_hr = _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths,
-                                                 reverse, has_bias)
+                                                 reverse, has_bias, needs_grad_x, needs_grad_weights)
     # With no steps dh is grad_h_n itself, which an op may not return.
     return (gx, dh.clone() if dh is grad_h_n else dh, dc.to(c0.dtype, copy=True), gw_ih, gw_hh,
             gbias, gw_hr)
 
 
 def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
-                         gates, cells, pre_proj, y, has_bias):
+                         gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights):
     dpre_all, dh0, dc0 = torch.ops.fastseq.lstm_recurrence_backward(
         grad_y, grad_h_n, grad_c_n, c0, w_hh, lengths, reverse, gates, cells)
     gx, gw_ih, gw_hh, gbias, _ = _gemm_grads(dpre_all, None, x, h0, w_ih, y, pre_proj, lengths,
-                                             reverse, has_bias)
+                                             reverse, has_bias, needs_grad_x, needs_grad_weights)
     return gx, dh0, dc0, gw_ih, gw_hh, gbias, None
 
 
-def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, has_bias):
+def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, has_bias,
+                needs_grad_x, needs_grad_weights):
     """What does not feed the recurrence, over all steps at once: (grad_x, grad_w_ih, grad_w_hh,
-    grad_bias, grad_w_hr) from d pre (T, B, 4H) and, with a projection, dh (T, B, P)."""
+    grad_bias, grad_w_hr) from d pre (T, B, 4H) and, with a projection, dh (T, B, P); None for
+    what is not needed."""
     flat = dpre_all.flatten(0, 1)
+    grad_x = (flat @ w_ih).view_as(x) if needs_grad_x else None
+    if not needs_grad_weights:
+        return grad_x, None, None, None, None
     h_prev_all = _previous(y, h0, lengths, reverse)
-    grad_x = (flat @ w_ih).view_as(x)
     grad_w_ih = flat.t() @ x.flatten(0, 1)
     grad_w_hh = flat.t() @ h_prev_all.flatten(0, 1)
     grad_bias = flat.sum(0) if has_bias else None
@@ -279,14 +283,16 @@ def lstm_layer_grad_op(
     grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor, x: torch.Tensor,
     h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     w_hr: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, gates: torch.Tensor,
-    cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool, backend: str,
+    cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
+    needs_grad_x: bool, needs_grad_weights: bool, backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent).
+    """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent
+    or not needed: grad_x unless ``needs_grad_x``, the weights' unless ``needs_grad_weights``).
 
     ``backend`` is the one the forward ran: what it saved is in that backend's format.
     """
     args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-            pre_proj, y, has_bias)
+            pre_proj, y, has_bias, needs_grad_x, needs_grad_weights)
     if backend == "cpu":
         grads = torch.ops.fastseq.lstm_layer_backward(*args)
     elif backend == "cuda":
@@ -298,10 +304,13 @@ def lstm_layer_grad_op(
 
 @lstm_layer_grad_op.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-      pre_proj, y, has_bias, backend):
-    return [torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-            torch.empty_like(w_hh), x.new_empty(4 * c0.shape[1] if has_bias else 0),
-            torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0)]
+      pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, backend):
+    def like(t, needed=needs_grad_weights):
+        return torch.empty_like(t) if needed and t is not None else x.new_empty(0)
+
+    bias = x.new_empty(4 * c0.shape[1]) if has_bias else None
+    return [like(x, needs_grad_x), like(h0, True), like(c0, True), like(w_ih), like(w_hh),
+            like(bias), like(w_hr)]
 
 
 def _setup(ctx, inputs, output):
@@ -310,6 +319,10 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
     ctx.backend = _choose(x, w_hh, w_hr)  # the forward's
+    # Each of grad_x and the weight gradients is a GEMM over every step: only those asked for
+    # run (a first layer's x is often data; a frozen layer needs neither).
+    ctx.needs_grad_x = ctx.needs_input_grad[0]
+    ctx.needs_grad_weights = any(ctx.needs_input_grad[3:7])
     # The saved outputs (gates, cells, pre_proj) never get a gradient: materialised, their zeros
     # would be (T, B, 4H) and more of fills on every backward (a tenth of it at B=16, H=256).
     ctx.set_materialize_grads(False)
@@ -328,10 +341,13 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
     grads = lstm_layer_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0),
                                x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
-                               pre_proj, y, ctx.has_bias, ctx.backend)
+                               pre_proj, y, ctx.has_bias, ctx.needs_grad_x,
+                               ctx.needs_grad_weights, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
-    return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None,
-            gw_hr if w_hr is not None else None, None, None, None)
+    weights = ctx.needs_grad_weights
+    return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
+            gw_hh if weights else None, gbias if weights and ctx.has_bias else None,
+            gw_hr if weights and w_hr is not None else None, None, None, None)
 
 
 lstm_layer_op.register_autograd(_backward, setup_context=_setup)
