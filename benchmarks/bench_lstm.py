@@ -1,7 +1,8 @@
 """LSTM: ``fastseq.nn.LSTM`` against ``torch.nn.LSTM`` (cuDNN / oneDNN) and the eager loop.
 
 All three hold the same weights. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd`` (one
-backward with a fixed upstream gradient). Padding cases compare three ways to run a batch of
+backward with a fixed upstream gradient, to the input and every weight, as a training step of an
+inner layer needs). Padding cases compare three ways to run a batch of
 unequal lengths: fastseq with ``lengths=``, torch on a ``PackedSequence``, and both on the padded
 batch. LayerNorm cases (``ln``) time ``fastseq.nn.LayerNormLSTM`` against the same module on the
 plain-PyTorch reference loop, the only other implementation of it here, and show
@@ -66,19 +67,20 @@ def _eager(module, x):
                                 module.bias_ih_l0 + module.bias_hh_l0)[0]
 
 
-def _timed(run, pass_, x):
+def _timed(run, pass_, x, module):
     if pass_ == "fwd":
         def forward():
             with torch.no_grad():
                 return run(x)
         return forward
     grad = None
+    wanted = [x, *module.parameters()]
 
     def step():
         nonlocal grad
         out = run(x)
         grad = torch.randn_like(out) if grad is None else grad
-        return torch.autograd.grad(out, x, grad)
+        return torch.autograd.grad(out, wanted, grad)
 
     return step
 
@@ -96,23 +98,24 @@ def _case(shape, pass_, device):
                     requires_grad=pass_ != "fwd")
     variants = {}
     if shape.layer_norm:
-        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
-        variants["reference"] = _timed(_forced(ours, "reference"), pass_, x)
-        variants["torch_no_ln"] = _timed(lambda t: theirs(t)[0], pass_, x)
+        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x, ours)
+        variants["reference"] = _timed(_forced(ours, "reference"), pass_, x, ours)
+        variants["torch_no_ln"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
     elif shape.padding:
         lengths = torch.linspace(shape.steps // 4, shape.steps, shape.batch).long()
-        variants["fastseq"] = _timed(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x)
+        variants["fastseq"] = _timed(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x,
+                                     ours)
         variants["torch_packed"] = _timed(
             lambda t: theirs(pack_padded_sequence(t, lengths, enforce_sorted=False))[0].data,
-            pass_, x)
-        variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x)
+            pass_, x, theirs)
+        variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
     else:
-        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x)
+        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x, ours)
         if device.type == "cuda":  # the default is the persistent kernel where it can run
-            variants["fastseq_triton"] = _timed(_forced(ours, "triton"), pass_, x)
-        variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x)
+            variants["fastseq_triton"] = _timed(_forced(ours, "triton"), pass_, x, ours)
+        variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
         if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
-            variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x)
+            variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x, theirs)
     return Case(suite=SUITE, name=f"{pass_} {shape.label()}",
                 params={"pass": pass_, **{f.name: str(getattr(shape, f.name))
                                           for f in dataclasses.fields(shape)}},
