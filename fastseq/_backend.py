@@ -88,12 +88,20 @@ def backend_supports_device(name: str, device: torch.device) -> bool:
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on ``device`` here, fastest first."""
-    device = torch.device(device)
-    return [b for b in _preference(device) if backend_supports_device(b, device)]
+    return list(_available(torch.device(device).type, triton_interpreted()))
 
 
-def _preference(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
+@functools.cache
+def _available(device_type: str, interpreted: bool) -> tuple[str, ...]:
+    # Fixed for a process but for the interpreter switch (read again inside, and part of the key
+    # only so that flipping it is seen): computed once, as every op call asks, and asking took
+    # a few microseconds, which small calls notice.
+    device = torch.device(device_type)
+    return tuple(b for b in _preference(device_type) if backend_supports_device(b, device))
+
+
+def _preference(device_type: str) -> tuple[str, ...]:
+    if device_type == "cuda":
         return ("triton", "cuda", "reference")
     return ("cpu", "triton", "reference")
 
@@ -115,8 +123,8 @@ def choose(op: str, device: torch.device, unsupported: dict[str, str] | None = N
     ``prefer`` names a backend that goes first for this op when it can run (one measured faster
     for it than the device's usual order).
     """
-    unsupported = dict(unsupported or {})
-    candidates = [b for b in available_backends(device) if b not in unsupported]
+    unsupported = unsupported or {}
+    candidates = [b for b in _available(device.type, triton_interpreted()) if b not in unsupported]
     if prefer in candidates:
         candidates.insert(0, candidates.pop(candidates.index(prefer)))
     forced = forced_backend()

@@ -28,3 +28,12 @@ def cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     ext = load()
     return ext is not None and bool(ext.cuda_built())
+
+
+@functools.cache
+def has_op(name: str) -> bool:
+    """True when the extension registers ``torch.ops.fastseq.<name>`` (looked up once: ops ask on
+    every call)."""
+    import torch
+
+    return load() is not None and hasattr(torch.ops.fastseq, name)

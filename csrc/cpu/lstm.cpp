@@ -1047,14 +1047,15 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     return grads;
   }
   const Tensor operand = weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse);
-  // [grad_w_ih | grad_w_hh] (4H x (I + P)). Over many (t, b) as the transpose of
-  // operand dpre, whose operands oneDNN reads without a reorder, then transposed by copying; over
-  // a few the GEMM is little more than an outer product and costs less than those copies, so it
-  // runs in the layout of the result (float32, H = 256 and 512: 0.5x the time at T B = 1, even
-  // at 64, 1.1x at 256).
-  constexpr int64_t kDirectBelow = 64;  // rows (t, b) of dpre
-  const Tensor grad_w = s.T * s.B < kDirectBelow ? at::mm(dpre2d.t(), operand.t())
-                                                 : cpu::linear(operand, dpre2d.t()).t();
+  // [grad_w_ih | grad_w_hh] (4H x (I + P)), a product over the T B rows (t, b). oneDNN reads
+  // both operands of its transpose, operand dpre, without a reorder, but that result must then be
+  // transposed by copying; in the result's own layout it reorders dpre (T B x 4H) instead. The
+  // second costs less while T B < I + P (float32, oneDNN; H = 256, I + P = 384: 0.16 against
+  // 0.26 ms at T B = 64, even at 384, 1.15x at 768; H = 512, I + P = 1024: 0.67 against 1.29 ms at
+  // 64, even at 1024, 0.96x at 2048).
+  const bool in_result_layout = s.T * s.B < s.I + s.P;
+  const Tensor grad_w = in_result_layout ? cpu::linear(dpre2d.t(), operand)
+                                         : cpu::linear(operand, dpre2d.t()).t();
   // Copies, never views: with I, P or 4H of 1 a slice is contiguous already, and returned
   // gradients must not share memory.
   std::get<3>(grads) = grad_w.narrow(1, 0, s.I).clone(at::MemoryFormat::Contiguous);

@@ -41,7 +41,7 @@ def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
     reasons = {"cuda": "no CUDA LayerNorm-LSTM kernel"}
     if dtype not in CPU_DTYPES:
         reasons["cpu"] = f"dtype {dtype} (the C++ layer takes float32 and float64)"
-    elif not _extension.cpu_built() or not hasattr(torch.ops.fastseq, "layer_norm_lstm_forward"):
+    elif not _extension.has_op("layer_norm_lstm_forward"):
         reasons["cpu"] = "the C++ LayerNorm-LSTM layer is not built"
     if dtype not in TRITON_DTYPES:
         reasons["triton"] = f"dtype {dtype}"

@@ -35,7 +35,7 @@ def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
         reasons["triton"] = reasons["cpu"] = reasons["cuda"] = f"dtype {x.dtype}"
     if x.dtype == torch.float16:
         reasons["cpu"] = "float16 (the C++ layer takes float32 and bfloat16)"
-    if not _extension.cpu_built() or not hasattr(torch.ops.fastseq, "lstm_layer_forward"):
+    if not _extension.has_op("lstm_layer_forward"):
         reasons["cpu"] = "the C++ LSTM layer is not built"
     if x.device.type == "cuda":
         reasons.setdefault("cuda", _persistent_unsupported(x, w_hh, w_hr))
