@@ -6,7 +6,9 @@ inner layer needs). Padding cases compare three ways to run a batch of
 unequal lengths: fastseq with ``lengths=``, torch on a ``PackedSequence``, and both on the padded
 batch. LayerNorm cases (``ln``) time ``fastseq.nn.LayerNormLSTM`` against the same module on the
 plain-PyTorch reference loop, the only other implementation of it here, and show
-``torch.nn.LSTM`` (no LayerNorm) for what the normalisations cost.
+``torch.nn.LSTM`` (no LayerNorm) for what the normalisations cost. Cell cases (``cell``) time one
+step of ``fastseq.nn.LSTMCell`` against ``torch.nn.LSTMCell`` from a given state, as a decoder
+loop runs it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Shape:
     bidirectional: bool = False
     padding: str | None = None  # None, "lengths" (fastseq lengths= vs torch packed)
     layer_norm: bool = False  # fastseq.nn.LayerNormLSTM
+    cell: bool = False  # one step of fastseq.nn.LSTMCell (steps must be 1)
 
     def label(self):
         parts = [_DTYPE_NAMES[self.dtype], f"B{self.batch}", f"T{self.steps}", f"I{self.input_size}",
@@ -47,7 +50,25 @@ class Shape:
             parts.append(f"padded:{self.padding}")
         if self.layer_norm:
             parts.append("ln")
+        if self.cell:
+            parts = ["LSTMCell", *(p for p in parts if not p.startswith("T"))]
         return " ".join(parts)
+
+
+def _cell_variants(shape, pass_, device):
+    theirs = torch.nn.LSTMCell(shape.input_size, shape.hidden).to(device, shape.dtype)
+    ours = fastseq.nn.LSTMCell(shape.input_size, shape.hidden).to(device, shape.dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape.batch, shape.input_size, device=device, dtype=shape.dtype,
+                    requires_grad=pass_ != "fwd")
+    state = tuple(torch.randn(shape.batch, shape.hidden, device=device, dtype=shape.dtype)
+                  for _ in range(2))
+
+    def run(module):
+        return lambda t: module(t, state)  # (h, c)
+
+    return {"fastseq": _timed(run(ours), pass_, x, ours),
+            "torch": _timed(run(theirs), pass_, x, theirs)}
 
 
 def _modules(shape, device):
@@ -79,7 +100,8 @@ def _timed(run, pass_, x, module):
     def step():
         nonlocal grad
         out = run(x)
-        grad = torch.randn_like(out) if grad is None else grad
+        out = out if isinstance(out, tuple) else (out,)
+        grad = [torch.randn_like(t) for t in out] if grad is None else grad
         return torch.autograd.grad(out, wanted, grad)
 
     return step
@@ -93,6 +115,15 @@ def _forced(module, backend):
 
 
 def _case(shape, pass_, device):
+    variants = _cell_variants(shape, pass_, device) if shape.cell else _layer_variants(
+        shape, pass_, device)
+    return Case(suite=SUITE, name=f"{pass_} {shape.label()}",
+                params={"pass": pass_, **{f.name: str(getattr(shape, f.name))
+                                          for f in dataclasses.fields(shape)}},
+                dtype=shape.dtype, variants=variants)
+
+
+def _layer_variants(shape, pass_, device):
     ours, theirs = _modules(shape, device)
     x = torch.randn(shape.steps, shape.batch, shape.input_size, device=device, dtype=shape.dtype,
                     requires_grad=pass_ != "fwd")
@@ -116,10 +147,7 @@ def _case(shape, pass_, device):
         variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
         if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
             variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x, theirs)
-    return Case(suite=SUITE, name=f"{pass_} {shape.label()}",
-                params={"pass": pass_, **{f.name: str(getattr(shape, f.name))
-                                          for f in dataclasses.fields(shape)}},
-                dtype=shape.dtype, variants=variants)
+    return variants
 
 
 def _shapes(device, quick):
@@ -130,12 +158,14 @@ def _shapes(device, quick):
                   dataclasses.replace(base, bidirectional=True, layers=2),
                   dataclasses.replace(base, hidden=500, input_size=500),
                   dataclasses.replace(base, padding="lengths"),
-                  dataclasses.replace(base, layer_norm=True)]
+                  dataclasses.replace(base, layer_norm=True),
+                  dataclasses.replace(base, cell=True, steps=1)]
         return shapes[:2] if quick else shapes
     headline = Shape(torch.float32, batch=16, steps=128, input_size=128, hidden=256)
     if quick:
         small = dataclasses.replace(headline, batch=4, steps=16, hidden=64, input_size=32)
-        return [small, dataclasses.replace(small, layer_norm=True)]
+        return [small, dataclasses.replace(small, layer_norm=True),
+                dataclasses.replace(small, cell=True, steps=1)]
     return [
         headline,
         dataclasses.replace(headline, batch=1),
@@ -152,6 +182,10 @@ def _shapes(device, quick):
         dataclasses.replace(headline, padding="lengths"),
         dataclasses.replace(headline, layer_norm=True),
         dataclasses.replace(headline, layer_norm=True, batch=64),
+        # a decoder's LSTMCell step: small (host-bound) and typical training sizes
+        dataclasses.replace(headline, cell=True, steps=1, batch=8, hidden=128),
+        dataclasses.replace(headline, cell=True, steps=1, batch=32, input_size=256),
+        dataclasses.replace(headline, cell=True, steps=1, batch=64, input_size=512, hidden=512),
     ]
 
 
