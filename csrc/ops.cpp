@@ -33,7 +33,8 @@ TORCH_LIBRARY(fastseq, m) {
       "Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
   // One LayerNorm-LSTM layer (see csrc/cpu/layer_norm_lstm.cpp): shapes as lstm_layer without
   // projection, plus the LayerNorm gains ln_ih and ln_hh (4H) and the cell's LayerNorm ln_c_weight,
-  // ln_c_bias (H). With save_for_backward it also returns what layer_norm_lstm_backward takes.
+  // ln_c_bias (H). With save_for_backward it also returns what layer_norm_lstm_backward takes,
+  // which leaves out grad_x or the GEMMs of grad_w_ih and grad_w_hh when told (None then).
   m.def(
       "layer_norm_lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "Tensor ln_ih, Tensor ln_hh, Tensor ln_c_weight, Tensor ln_c_bias, Tensor? lengths, bool reverse, "
@@ -43,8 +44,9 @@ TORCH_LIBRARY(fastseq, m) {
       "layer_norm_lstm_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor ln_ih, Tensor ln_hh, Tensor ln_c_weight, "
       "Tensor ln_c_bias, Tensor? lengths, bool reverse, float eps, bool has_bias, Tensor gates, "
-      "Tensor cells, Tensor h_in, Tensor x_hat, Tensor r_hat, Tensor stats) -> (Tensor grad_x, "
-      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor? grad_bias, "
+      "Tensor cells, Tensor h_in, Tensor x_hat, Tensor r_hat, Tensor stats, bool needs_grad_x, "
+      "bool needs_grad_weights) -> (Tensor? grad_x, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, "
       "Tensor grad_ln_ih, Tensor grad_ln_hh, Tensor grad_ln_c_weight, Tensor grad_ln_c_bias)");
   // The recurrence of one LSTM layer without projection, in one persistent launch (CUDA only; see
   // csrc/cuda/lstm.cu): pre_x (T, B, 4H) = x W_ih^T + bias, h0 and c0 (B, H), w_hh (4H, H).

@@ -146,6 +146,42 @@ def test_gradients_when_only_one_output_is_used(backend, used):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("frozen", ["x", "w_ih_w_hh"])
+def test_gradients_with_a_frozen_input_or_frozen_weights(backend, frozen):
+    """Inputs without requires_grad get no gradient (their GEMMs are left out); the others equal
+    the reference's."""
+    inputs = _inputs(5, 3, 4, 6, dtype=torch.float32)
+    skip = {"x"} if frozen == "x" else {"w_ih", "w_hh"}
+    grads = []
+    for name in (backend, "reference"):
+        leaves = [t.detach().requires_grad_(n not in skip) for n, t in zip(NAMES, inputs,
+                                                                           strict=True)]
+        with fastseq.use_backend(name):
+            y, h_n, c_n = layer_norm_lstm_layer(*leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads.append(torch.autograd.grad(y.square().sum() + c_n.sum(), wanted))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@needs_cpp
+def test_cpp_backward_leaves_out_what_is_not_asked_for():
+    inputs = _inputs(4, 3, 5, 6, dtype=torch.float32)
+    args = (*inputs, None, False, 1e-5)
+    out = torch.ops.fastseq.layer_norm_lstm_forward(*args, True)
+    upstream = [torch.randn_like(t) for t in out[:3]]
+    x, h0, c0, w_ih, w_hh, bias, *norms = inputs
+    grad_args = (*upstream, x, h0, c0, w_ih, w_hh, *norms, None, False, 1e-5, True, *out[3:])
+    full = torch.ops.fastseq.layer_norm_lstm_backward(*grad_args, True, True)
+    part = torch.ops.fastseq.layer_norm_lstm_backward(*grad_args, False, False)
+    for index, (a, b) in enumerate(zip(part, full, strict=True)):
+        if index in (0, 3, 4):  # grad_x, grad_w_ih, grad_w_hh
+            assert a is None, f"gradient {index}"
+        else:
+            assert torch.equal(a, b), f"gradient {index}"
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (4, 0, 4, 5)], ids=["no_steps", "empty_batch"])
 def test_fused_layer_empty_inputs(backend, shape):
     inputs = _inputs(*shape, dtype=torch.float32)

@@ -663,8 +663,9 @@ ForwardOut layer_norm_lstm_forward(const Tensor& x, const Tensor& h0, const Tens
 // ----------------------------------------------------------------------------------------------
 // Backward.
 
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, Tensor,
-                         Tensor, Tensor, Tensor>;
+using Grads = std::tuple<std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>,
+                         std::optional<Tensor>, std::optional<Tensor>, Tensor, Tensor, Tensor,
+                         Tensor>;
 
 struct Saved {
   const Tensor& gates;
@@ -679,7 +680,8 @@ template <typename T>
 Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n,
                     const Tensor& grad_c_n, const Tensor& x, const Tensor& c0, const Tensor& w_ih,
                     const Tensor& w_hh, const LayerNorms& ln, double eps, const int64_t* lengths,
-                    bool reverse, bool has_bias, const Saved& sv) {
+                    bool reverse, bool has_bias, const Saved& sv, bool needs_grad_x,
+                    bool needs_grad_weights) {
   const auto opts = x.options();
   const int64_t G = 4 * s.H, rows = s.T * s.B;
   const RowKernels<T> kernels = row_kernels<T>();
@@ -728,13 +730,17 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
     }
   });
   const Tensor dq = dpre.view({rows, G});
-  Tensor grad_x = cpu::linear(dq, w_ih.t()).view({s.T, s.B, s.I});
-  // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the second
-  // is taken as a transposed view, which oneDNN reads in place.
-  const Tensor x_t = x.view({rows, s.I}).t().contiguous();
-  Tensor grad_w_ih = cpu::linear(x_t, dq.t()).t().contiguous();
-  Tensor grad_w_hh =
-      cpu::linear(sv.h_in.view({s.H, rows}), dr.view({rows, G}).t()).t().contiguous();
+  std::optional<Tensor> grad_x, grad_w_ih, grad_w_hh;  // the GEMMs, each only when wanted
+  if (needs_grad_x) {
+    grad_x = cpu::linear(dq, w_ih.t()).view({s.T, s.B, s.I});
+  }
+  if (needs_grad_weights) {
+    // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the
+    // second is taken as a transposed view, which oneDNN reads in place.
+    const Tensor x_t = x.view({rows, s.I}).t().contiguous();
+    grad_w_ih = cpu::linear(x_t, dq.t()).t().contiguous();
+    grad_w_hh = cpu::linear(sv.h_in.view({s.H, rows}), dr.view({rows, G}).t()).t().contiguous();
+  }
   return {grad_x,
           dh,
           dc,
@@ -755,7 +761,8 @@ Grads layer_norm_lstm_backward(const Tensor& grad_y, const Tensor& grad_h_n,
                                const std::optional<Tensor>& lengths, bool reverse, double eps,
                                bool has_bias, const Tensor& gates, const Tensor& cells,
                                const Tensor& h_in, const Tensor& x_hat, const Tensor& r_hat,
-                               const Tensor& stats) {
+                               const Tensor& stats, bool needs_grad_x,
+                               bool needs_grad_weights) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const LayerNorms ln{ln_ih, ln_hh, ln_c_weight, ln_c_bias};
   const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, std::nullopt, ln, eps);
@@ -774,7 +781,7 @@ Grads layer_norm_lstm_backward(const Tensor& grad_y, const Tensor& grad_h_n,
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "layer_norm_lstm_backward", [&] {
     out = backward_impl<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, w_ih, w_hh, ln, eps, len,
-                                  reverse, has_bias, saved);
+                                  reverse, has_bias, saved, needs_grad_x, needs_grad_weights);
   });
   return out;
 }

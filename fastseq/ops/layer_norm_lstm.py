@@ -120,7 +120,7 @@ def _triton_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c
 
 def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
                      ln_c_bias, lengths, reverse, has_bias, gates, cells, h_in, x_hat, r_hat,
-                     stats):
+                     stats, needs_grad_x, needs_grad_weights):
     from fastseq.kernels import layer_norm_lstm as kernels
 
     steps, batch, _ = x.shape
@@ -152,9 +152,9 @@ def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, l
         dq = torch.where(active, dq, 0)
     dq = dq.to(x.dtype).flatten(0, 1)
     flat_dr = dr.flatten(0, 1)
-    grad_x = (dq @ w_ih).view_as(x)
-    grad_w_ih = dq.t() @ x.flatten(0, 1)
-    grad_w_hh = flat_dr.t() @ h_in.flatten(1).t()
+    grad_x = (dq @ w_ih).view_as(x) if needs_grad_x else None
+    grad_w_ih = dq.t() @ x.flatten(0, 1) if needs_grad_weights else None
+    grad_w_hh = flat_dr.t() @ h_in.flatten(1).t() if needs_grad_weights else None
     sums = [d.sum((0, 1)) if has_bias else None, (d * xh).sum((0, 1)),
             (d * r_hat.to(acc)).sum((0, 1)), part_w.sum((0, 1)), part_b.sum((0, 1))]
     like = [w_ih, ln_ih, ln_hh, ln_c_weight, ln_c_bias]
@@ -204,26 +204,33 @@ def layer_norm_lstm_grad_op(
     ln_ih: torch.Tensor, ln_hh: torch.Tensor, ln_c_weight: torch.Tensor, ln_c_bias: torch.Tensor,
     lengths: torch.Tensor | None, reverse: bool, eps: float, has_bias: bool, gates: torch.Tensor,
     cells: torch.Tensor, h_in: torch.Tensor, x_hat: torch.Tensor, r_hat: torch.Tensor,
-    stats: torch.Tensor, backend: str,
+    stats: torch.Tensor, needs_grad_x: bool, needs_grad_weights: bool, backend: str,
 ) -> list[torch.Tensor]:
     """Gradients [x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias] of
-    :func:`layer_norm_lstm_op` (bias's empty when the layer has none)."""
+    :func:`layer_norm_lstm_op` (bias's empty when the layer has none; x's unless
+    ``needs_grad_x`` and w_ih's and w_hh's unless ``needs_grad_weights`` empty too: GEMMs left
+    out)."""
     if backend == "cpu":
         grads = torch.ops.fastseq.layer_norm_lstm_backward(
             grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
-            ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats)
+            ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats,
+            needs_grad_x, needs_grad_weights)
     else:
         grads = _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
                                  ln_c_weight, ln_c_bias, lengths, reverse, has_bias, gates, cells,
-                                 h_in, x_hat, r_hat, stats)
+                                 h_in, x_hat, r_hat, stats, needs_grad_x, needs_grad_weights)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @layer_norm_lstm_grad_op.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
-      lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats, backend):
-    like = (x, h0, c0, w_ih, w_hh)
-    return [*(torch.empty_like(t) for t in like), x.new_empty(w_ih.shape[0] if has_bias else 0),
+      lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats, needs_grad_x,
+      needs_grad_weights, backend):
+    def like(t, needed=True):
+        return torch.empty_like(t) if needed else x.new_empty(0)
+
+    return [like(x, needs_grad_x), like(h0), like(c0), like(w_ih, needs_grad_weights),
+            like(w_hh, needs_grad_weights), x.new_empty(w_ih.shape[0] if has_bias else 0),
             *(torch.empty_like(t) for t in (ln_ih, ln_hh, ln_c_weight, ln_c_bias))]
 
 
@@ -234,15 +241,20 @@ def _setup(ctx, inputs, output):
                           *output[3:])
     ctx.reverse, ctx.eps, ctx.has_bias, ctx.backend = reverse, eps, bias is not None, backend
     ctx.set_materialize_grads(False)  # no zero fills for the saved outputs (as lstm_layer)
+    ctx.needs_grad_x = ctx.needs_input_grad[0]  # each a GEMM over every step, as lstm_layer
+    ctx.needs_grad_weights = any(ctx.needs_input_grad[3:5])
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, *saved = ctx.saved_tensors
     grads = layer_norm_lstm_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0), x, h0, c0,
                                     w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
-                                    ctx.reverse, ctx.eps, ctx.has_bias, *saved, ctx.backend)
+                                    ctx.reverse, ctx.eps, ctx.has_bias, *saved,
+                                    ctx.needs_grad_x, ctx.needs_grad_weights, ctx.backend)
     gx, gh0, gc0, gw_ih, gw_hh, gbias, *g_norms = grads
-    return (gx, gh0, gc0, gw_ih, gw_hh, gbias if ctx.has_bias else None, *g_norms, None, None,
+    weights = ctx.needs_grad_weights
+    return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
+            gw_hh if weights else None, gbias if ctx.has_bias else None, *g_norms, None, None,
             None, None, None)
 
 
