@@ -182,6 +182,7 @@ def _shapes(device, quick):
         dataclasses.replace(headline, padding="lengths"),
         dataclasses.replace(headline, layer_norm=True),
         dataclasses.replace(headline, layer_norm=True, batch=64),
+        dataclasses.replace(headline, layer_norm=True, dtype=torch.bfloat16),
         # a decoder's LSTMCell step: small (host-bound) and typical training sizes
         dataclasses.replace(headline, cell=True, steps=1, batch=8, hidden=128),
         dataclasses.replace(headline, cell=True, steps=1, batch=32, input_size=256),

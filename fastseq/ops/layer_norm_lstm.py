@@ -7,7 +7,9 @@ features, and the cell over its H before its tanh. Backends:
 * ``cpu``: the C++ layer (``torch.ops.fastseq.layer_norm_lstm_forward`` / ``_backward``,
   csrc/cpu/layer_norm_lstm.cpp), float32 and float64: one GEMM for the input projection of all
   steps, then every block of sequences runs through the steps on its own thread with a GEMM and
-  fused pointwise and LayerNorm math per step; backward through time in C++;
+  fused pointwise and LayerNorm math per step; backward through time in C++. bfloat16 runs it in
+  float32 (inputs converted on the way in, outputs rounded once on the way out, gradients
+  converted back by autograd), as the fused GPU kernels compute in float32 too;
 * ``triton``: the same plan driven from Python, a cuBLAS GEMM and one fused Triton kernel per step
   (kernels/layer_norm_lstm.py), float32, bfloat16 and float16, H up to 4096;
 * ``reference``: the plain-PyTorch loop, differentiated by autograd; every other case, and the only
@@ -27,7 +29,7 @@ from fastseq import _backend, _extension
 from fastseq.ops.lstm import cell_dtype, checked_lengths, output_grads
 from fastseq.reference import lstm as reference
 
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: computed in float32
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_MAX_HIDDEN = 4096  # one program holds a row's 4H features
 _SAVED = 6  # gates, cells, h_in, x_hat, r_hat, stats
@@ -40,7 +42,7 @@ _SAVED = 6  # gates, cells, h_in, x_hat, r_hat, stats
 def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
     reasons = {"cuda": "no CUDA LayerNorm-LSTM kernel"}
     if dtype not in CPU_DTYPES:
-        reasons["cpu"] = f"dtype {dtype} (the C++ layer takes float32 and float64)"
+        reasons["cpu"] = f"dtype {dtype} (the C++ layer takes float32, float64 and bfloat16)"
     elif not _extension.has_op("layer_norm_lstm_forward"):
         reasons["cpu"] = "the C++ LayerNorm-LSTM layer is not built"
     if dtype not in TRITON_DTYPES:
@@ -286,8 +288,11 @@ def run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_we
     if backend == "reference":
         return reference.layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh,
                                                ln_c_weight, ln_c_bias, lengths, reverse, eps)
-    tensors = [t if t is None else t.contiguous()
+    dtype = x.dtype
+    # The C++ layer has no bfloat16 kernels: it runs in float32 between two differentiable casts.
+    compute = torch.float32 if backend == "cpu" and dtype == torch.bfloat16 else dtype
+    tensors = [t if t is None else t.to(compute).contiguous()
                for t in (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, h_n, c_n, *_ = layer_norm_lstm_op(*tensors, lengths, reverse, float(eps), save, backend)
-    return y, h_n, c_n
+    return y.to(dtype), h_n.to(dtype), c_n.to(dtype)
