@@ -169,6 +169,28 @@ def test_cpp_backward_computes_only_the_gradients_asked_for(wanted):
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
+@pytest.mark.parametrize("steps, batch, inputs, hidden", [(24, 32, 16, 48), (2, 8, 256, 256),
+                                                          (1, 2, 8, 8)],
+                         ids=["onednn_transposed", "onednn_result_layout", "aten"])
+def test_cpp_layer_gemm_paths(steps, batch, inputs, hidden):
+    """The whole-sequence GEMMs take oneDNN or ATen by size, and the weight gradients one of two
+    layouts by T B against I + P: each way against the float64 truth, in float32."""
+    truth_lstm, ours = _pair(input_size=inputs, hidden=hidden)
+    low_lstm, _ = _pair(input_size=inputs, hidden=hidden)
+    low_lstm.load_state_dict(truth_lstm.state_dict())
+    ours.float(), low_lstm.float()
+    x64 = torch.randn(steps, batch, inputs, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().float().requires_grad_()
+    got_out, got_grads = _run(ours, x, None, "cpu")
+    truth_out, truth_grads = _run(truth_lstm, x64, None)
+    low_out, low_grads = _run(low_lstm, x.detach().requires_grad_(), None)
+    _compare(got_out, truth_out, low_out)
+    _compare(got_grads[:1], truth_grads[:1], low_grads[:1])
+    for g, t, lo in zip(got_grads[1:], truth_grads[1:], low_grads[1:], strict=True):
+        assert_within_rule(g, t, lo, "weight grad", factor=3.0)
+
+
+@pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37), (7, 64), (3, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_layer_on_ragged_panels(batch, hidden, dtype):
