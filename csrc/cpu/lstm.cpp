@@ -1049,17 +1049,22 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   const Tensor operand = weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse);
   // [grad_w_ih | grad_w_hh] (4H x (I + P)), a product over the T B rows (t, b). oneDNN reads
   // both operands of its transpose, operand dpre, without a reorder, but that result must then be
-  // transposed by copying; in the result's own layout it reorders dpre (T B x 4H) instead. The
-  // second costs less while T B < I + P (float32, oneDNN; H = 256, I + P = 384: 0.16 against
-  // 0.26 ms at T B = 64, even at 384, 1.15x at 768; H = 512, I + P = 1024: 0.67 against 1.29 ms at
-  // 64, even at 1024, 0.96x at 2048).
-  const bool in_result_layout = s.T * s.B < s.I + s.P;
-  const Tensor grad_w = in_result_layout ? cpu::linear(dpre2d.t(), operand)
-                                         : cpu::linear(operand, dpre2d.t()).t();
-  // Copies, never views: with I, P or 4H of 1 a slice is contiguous already, and returned
-  // gradients must not share memory.
-  std::get<3>(grads) = grad_w.narrow(1, 0, s.I).clone(at::MemoryFormat::Contiguous);
-  std::get<4>(grads) = grad_w.narrow(1, s.I, s.P).clone(at::MemoryFormat::Contiguous);
+  // transposed by copying, 4H (I + P) elements. In the result's own layout the copy is of d pre
+  // instead, transposed once (4H T B elements), and each gradient is then its own product with a
+  // row block of operand, no copy after: that costs less while T B < I + P (float32, oneDNN;
+  // H = 256, I + P = 384: 0.54 against 0.59 ms at T B = 256, even at 384, 0.90x at 768;
+  // H = 512, I + P = 1024: even at 1024).
+  if (s.T * s.B < s.I + s.P) {
+    const Tensor dpre_t = dpre2d.t().contiguous();  // (4H, T B)
+    std::get<3>(grads) = cpu::linear(dpre_t, operand.narrow(0, 0, s.I));
+    std::get<4>(grads) = cpu::linear(dpre_t, operand.narrow(0, s.I, s.P));
+  } else {
+    const Tensor grad_w = cpu::linear(operand, dpre2d.t()).t();
+    // Copies, never views: with I, P or 4H of 1 a slice is contiguous already, and returned
+    // gradients must not share memory.
+    std::get<3>(grads) = grad_w.narrow(1, 0, s.I).clone(at::MemoryFormat::Contiguous);
+    std::get<4>(grads) = grad_w.narrow(1, s.I, s.P).clone(at::MemoryFormat::Contiguous);
+  }
   if (has_bias) {
     std::get<5>(grads) = dpre2d.sum(0);
   }
