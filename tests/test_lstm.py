@@ -80,7 +80,7 @@ def test_matches_torch_lstm_float64(backend, config, with_state):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("config", ["two_layers_bidirectional", "projection"])
 def test_low_precision_within_tolerance_rule(backend, dtype, config):
     kwargs = CONFIGS[config]

@@ -29,14 +29,19 @@ from fastseq.reference import lstm as reference
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
+def _dtype_unsupported(dtype: torch.dtype) -> dict[str, str]:
     reasons = {}
-    if x.dtype not in KERNEL_DTYPES:
-        reasons["triton"] = reasons["cpu"] = reasons["cuda"] = f"dtype {x.dtype}"
-    if x.dtype == torch.float16:
+    if dtype not in KERNEL_DTYPES:
+        reasons["triton"] = reasons["cpu"] = reasons["cuda"] = f"dtype {dtype}"
+    if dtype == torch.float16:
         reasons["cpu"] = "float16 (the C++ layer takes float32 and bfloat16)"
     if not _extension.has_op("lstm_layer_forward"):
         reasons["cpu"] = "the C++ LSTM layer is not built"
+    return reasons
+
+
+def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
+    reasons = _dtype_unsupported(x.dtype)
     if x.device.type == "cuda":
         reasons.setdefault("cuda", _persistent_unsupported(x, w_hh, w_hr))
     return {name: why for name, why in reasons.items() if why}
@@ -44,6 +49,16 @@ def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
 
 def _choose(x, w_hh, w_hr) -> str:
     return _backend.choose("lstm", x.device, _unsupported(x, w_hh, w_hr), prefer="cuda")
+
+
+# Evaluated while tracing under torch.compile, which keeps the answer (as the backend choice of
+# layer_norm_lstm: the extension lookup is not traceable).
+@torch.compiler.assume_constant_result
+def _cpu_float16_in_float32() -> bool:
+    """Whether float16 on the CPU runs the C++ layer in float32: the backend chosen for float32
+    (forced or not) is it. Its float32 result is rounded once, not at every step as the float16
+    reference loop rounds."""
+    return _backend.choose("lstm", torch.device("cpu"), _dtype_unsupported(torch.float32)) == "cpu"
 
 
 def _persistent_unsupported(x, w_hh, w_hr) -> str | None:
@@ -358,11 +373,16 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
 
     ``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``w_ih`` (4H, I), ``w_hh`` (4H, P), ``bias``
     (4H) = ``b_ih + b_hh``, ``w_hr`` (P, H) for projections, ``lengths`` (B,) int64 on x's device.
-    Inputs are made contiguous here (the kernels take dense rows).
+    Inputs are made contiguous here (the kernels take dense rows). float16 on the CPU runs the
+    C++ layer in float32 between two differentiable casts.
     """
-    tensors = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
+    dtype = x.dtype
+    as_float32 = x.device.type == "cpu" and dtype == torch.float16 and _cpu_float16_in_float32()
+    compute = torch.float32 if as_float32 else dtype
+    tensors = [t if t is None else t.to(compute).contiguous()
+               for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     lengths = lengths if lengths is None else lengths.contiguous()
     y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse, save)
-    return y, h_n, c_n
+    return y.to(dtype), h_n.to(dtype), c_n.to(dtype)
 
