@@ -176,6 +176,7 @@ def _shapes(device, quick):
         dataclasses.replace(headline, steps=1024, batch=4, hidden=128),
         dataclasses.replace(headline, batch=128, steps=64),
         dataclasses.replace(headline, dtype=torch.bfloat16),
+        dataclasses.replace(headline, dtype=torch.float16),  # fastseq: in float32 on the CPU
         # one decoding step, as a generation loop or an LSTMCell runs it
         dataclasses.replace(headline, batch=1, steps=1, input_size=512, hidden=512),
         dataclasses.replace(headline, layers=2, bidirectional=True),
