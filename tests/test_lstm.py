@@ -431,13 +431,19 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call(fastseq.nn.LSTM(5, 6))
 
 
-def test_compile_fullgraph():
-    lstm = fastseq.nn.LSTM(5, 6, num_layers=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_compile_fullgraph(dtype):
+    """float16 on the CPU adds the casts around the float32 C++ layer to the graph."""
+    lstm = fastseq.nn.LSTM(5, 6, num_layers=2).to(dtype)
     compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
-    x = torch.randn(4, 2, 5, requires_grad=True)
+    x = torch.randn(4, 2, 5, dtype=dtype, requires_grad=True)
     y, _ = compiled(x)
-    y.sum().backward()
-    torch.testing.assert_close(y, lstm(x)[0])
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    y_eager = lstm(x)[0]
+    (grad_eager,) = torch.autograd.grad(y_eager.float().sum(), x)
+    assert y.dtype == grad.dtype == dtype
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(grad, grad_eager)
 
 
 GPU_CASES = {
