@@ -175,12 +175,18 @@ def test_cpp_backward_computes_only_the_gradients_asked_for(wanted):
 def test_cpp_layer_gemm_paths(steps, batch, inputs, hidden):
     """The whole-sequence GEMMs take oneDNN or ATen by size, and the weight gradients one of two
     layouts by T B against I + P: each way against the float64 truth, in float32."""
-    truth_lstm, ours = _pair(input_size=inputs, hidden=hidden)
-    low_lstm, _ = _pair(input_size=inputs, hidden=hidden)
+    _check_cpp_layer(torch.float32, steps, batch, input_size=inputs, hidden=hidden)
+
+
+def _check_cpp_layer(dtype, steps, batch, **kwargs):
+    """The C++ layer in ``dtype`` against the float64 truth, within the tolerance rule (weight
+    gradients, sums over every step, with factor 3)."""
+    truth_lstm, ours = _pair(**kwargs)
+    low_lstm, _ = _pair(**kwargs)
     low_lstm.load_state_dict(truth_lstm.state_dict())
-    ours.float(), low_lstm.float()
-    x64 = torch.randn(steps, batch, inputs, dtype=torch.float64, requires_grad=True)
-    x = x64.detach().float().requires_grad_()
+    ours.to(dtype), low_lstm.to(dtype)
+    x64 = torch.randn(steps, batch, kwargs["input_size"], dtype=torch.float64, requires_grad=True)
+    x = x64.detach().to(dtype).requires_grad_()
     got_out, got_grads = _run(ours, x, None, "cpu")
     truth_out, truth_grads = _run(truth_lstm, x64, None)
     low_out, low_grads = _run(low_lstm, x.detach().requires_grad_(), None)
@@ -197,20 +203,7 @@ def test_cpp_layer_on_ragged_panels(batch, hidden, dtype):
     """The C++ layer's recurrent GEMM works on 16-column panels, up to four at a time, over rows
     in blocks of 6, float32 weight rows in blocks of 128 (AVX-512) and bfloat16 ones in pairs (an
     odd hidden size leaves half a pair): sizes off every multiple, against the float64 truth."""
-    kwargs = dict(input_size=11, hidden=hidden, bidirectional=True)
-    truth_lstm, ours = _pair(**kwargs)
-    low_lstm, _ = _pair(**kwargs)
-    low_lstm.load_state_dict(truth_lstm.state_dict())
-    ours.to(dtype), low_lstm.to(dtype)
-    x64 = torch.randn(5, batch, 11, dtype=torch.float64, requires_grad=True)
-    x = x64.detach().to(dtype).requires_grad_()
-    got_out, got_grads = _run(ours, x, None, "cpu")
-    truth_out, truth_grads = _run(truth_lstm, x64, None)
-    low_out, low_grads = _run(low_lstm, x.detach().requires_grad_(), None)
-    _compare(got_out, truth_out, low_out)
-    _compare(got_grads[:1], truth_grads[:1], low_grads[:1])
-    for g, t, lo in zip(got_grads[1:], truth_grads[1:], low_grads[1:], strict=True):
-        assert_within_rule(g, t, lo, "weight grad", factor=3.0)
+    _check_cpp_layer(dtype, 5, batch, input_size=11, hidden=hidden, bidirectional=True)
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")

@@ -158,14 +158,12 @@ FASTSEQ_BF16 inline void gemm_column_panels(int64_t M, int64_t K, const bf16* A,
                                             const bf16* packed, bf16* C, int64_t ldc, int64_t N,
                                             int64_t v0, int64_t v1) {
   constexpr int64_t kWidth = 16;
-  const int64_t full = N / kWidth, panel = pair_rows(K) * kPairRow;
-  for (int64_t v = v0; v < v1;) {
-    const int np = v < full ? static_cast<int>(std::min<int64_t>({4, v1 - v, full - v})) : 1;
+  const int64_t panel = pair_rows(K) * kPairRow;
+  for_each_panel_group(N, v0, v1, [&](int64_t v, int np) {
     const Panels panels{packed + v * panel, panel, C + v * kWidth, kWidth, ldc,
                         std::min(kWidth, N - v * kWidth)};
     gemm_panels(M, K, A, lda, panels, np);
-    v += np;
-  }
+  });
 }
 
 #undef FASTSEQ_BF16

@@ -1,7 +1,9 @@
 // How the packed GEMMs (csrc/cpu/packed_gemm_avx512.h, packed_gemm_bf16.h) cut the rows of A into
-// register tiles, and the switch from a tile's run-time shape to its kernel's template arguments.
+// register tiles and the columns of B into groups of panels, and the switch from a tile's
+// run-time shape to its kernel's template arguments.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,6 +22,18 @@ inline void for_each_row_tile(int64_t M, const Tile& tile) {
     const int64_t rows = (M - m + left - 1) / left;
     tile(m, rows);
     m += rows;
+  }
+}
+
+// group(v, np) over the 16-column panels [v0, v1) of an N-column B: up to four full panels per
+// group (one pass over A for all of them), a ragged last panel (its own mask) alone.
+template <typename Group>
+inline void for_each_panel_group(int64_t N, int64_t v0, int64_t v1, const Group& group) {
+  const int64_t full = N / 16;
+  for (int64_t v = v0; v < v1;) {
+    const int np = v < full ? static_cast<int>(std::min<int64_t>({4, v1 - v, full - v})) : 1;
+    group(v, np);
+    v += np;
   }
 }
 
