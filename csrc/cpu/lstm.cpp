@@ -18,8 +18,8 @@
 // panel row (csrc/cpu/packed_gemm_bf16.h); in the forward the panels of the four gates of a block
 // of 16 hidden units are adjacent, so one task computes that block's pre-activations and runs its
 // cell while they are in L1, and a step is one parallel region. Other dtypes and CPUs, and work
-// too small to repay the packing, take the same plan through ATen GEMMs. The whole-sequence GEMMs go through oneDNN where torch carries it
-// (csrc/cpu/onednn_linear.h).
+// too small to repay the packing, take the same plan through ATen GEMMs. The whole-sequence
+// GEMMs go through oneDNN where torch carries it (csrc/cpu/onednn_linear.h).
 //
 // The pointwise math is csrc/cpu/lstm_cell_simd.h compiled under function-level target
 // attributes, 16 lanes for AVX-512 and 8 for AVX2: the extension is built for the baseline ISA,
@@ -817,13 +817,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 // ----------------------------------------------------------------------------------------------
 // Backward.
 
-// The operand of the weight-gradient GEMM, transposed: columns (t, b) of [x_t | h_prev]^T, so
-// that it times dpre is [grad_w_ih | grad_w_hh]^T in one GEMM (one pass over dpre instead of
-// two). (A ones row would give grad_bias too, but an odd row count costs the GEMM more than a
-// column sum of dpre takes: 3.7 against 3.4 + 0.2 ms at T B = 2048, 4H = 1024, I + P = 384.) Transposed, both operands of that GEMM run
-// along (t, b), the layout oneDNN's matmul takes without a reorder. h_prev is the previous
-// processed step's y, or h0 at each sequence's first processed step; on padding rows (dpre = 0)
-// any finite value does.
+// The operand of the weight gradients, transposed: columns (t, b) of [x_t | h_prev]^T (I + P
+// rows), which times d pre gives [grad_w_ih | grad_w_hh]; its rows run along (t, b), as d pre's
+// columns do, the layout oneDNN's matmul takes without a reorder (backward_impl picks the
+// product). No ones row for grad_bias: an odd row count costs the GEMM more than a column sum of
+// d pre takes (3.7 against 3.4 + 0.2 ms at T B = 2048, 4H = 1024, I + P = 384). h_prev is the
+// previous processed step's y, or h0 at each sequence's first processed step; on padding rows
+// (d pre = 0) any finite value does.
 template <typename scalar_t>
 Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, const Tensor& h0,
                            const int64_t* lengths, bool reverse) {
