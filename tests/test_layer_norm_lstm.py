@@ -11,6 +11,7 @@ from tolerance import assert_within_rule
 
 import fastseq
 from fastseq import _extension
+from fastseq.ops import layer_norm_lstm as layer_norm_lstm_ops
 from fastseq.ops.layer_norm_lstm import layer_norm_lstm_layer
 from fastseq.reference import lstm as ref
 
@@ -114,6 +115,22 @@ def test_saved_outputs_are_a_function_of_the_inputs(backend):
     second = torch.ops.fastseq.layer_norm_lstm_layer(*args)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_eager_calls_equal_the_registered_op(backend):
+    """Eager calls run the op's autograd without the dispatcher (fastseq/ops/eager.py); the
+    registered op, which torch.compile and torch.export trace, gives the same bits."""
+    inputs = _inputs(4, 3, 5, 6, dtype=torch.float32)
+    lengths = torch.tensor([4, 1, 3])
+    results = []
+    for layer in (layer_norm_lstm_ops._EagerLayer.apply, torch.ops.fastseq.layer_norm_lstm_layer):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        y, h_n, c_n, *_ = layer(*leaves, lengths, True, 1e-5, True, backend)
+        grads = torch.autograd.grad((y.sin().sum(), h_n.square().sum(), c_n.sum()), leaves)
+        results.append((y, h_n, c_n, *grads))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastseq
 from fastseq import _backend, _extension  # noqa: E402
 from fastseq.kernels import lstm as lstm_kernels
+from fastseq.ops import lstm as lstm_ops
 from fastseq.reference import lstm as ref
 
 INTERPRETED = _backend.triton_interpreted()
@@ -422,6 +423,42 @@ def test_strided_lengths():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call(fastseq.nn.LSTM(5, 6))
+
+
+def _layer_inputs(projection, seed=0):
+    """One layer's (x, h0, c0, w_ih, w_hh, bias, w_hr) in float32, T=4 B=3 I=5 H=6 (P=4)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, out = 6, 4 if projection else 6
+    shapes = [(4, 3, 5), (3, out), (3, hidden), (4 * hidden, 5), (4 * hidden, out), (4 * hidden,)]
+    tensors = [torch.randn(*shape, generator=g) * 0.5 for shape in shapes]
+    return [*tensors, torch.randn(out, hidden, generator=g) * 0.5 if projection else None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_eager_calls_equal_the_registered_op(backend, projection):
+    """Eager calls run the op's autograd without the dispatcher (fastseq/ops/eager.py); the
+    registered op, which torch.compile and torch.export trace, gives the same bits."""
+    inputs = _layer_inputs(projection)
+    lengths = torch.tensor([4, 1, 3])
+    results = []
+    for layer in (lstm_ops._EagerLayer.apply, torch.ops.fastseq.lstm_layer):
+        leaves = [t if t is None else t.detach().requires_grad_() for t in inputs]
+        y, h_n, c_n, *_ = layer(*leaves, lengths, True, True, backend)
+        grads = torch.autograd.grad((y.sin().sum(), h_n.square().sum(), c_n.sum()),
+                                    [t for t in leaves if t is not None])
+        results.append((y, h_n, c_n, *grads))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_ops_pass_opcheck(backend):
+    """The layer op under opcheck: schema, fake kernel (strides included), autograd registration
+    and AOT dispatch of forward and backward (the gradient op), as torch.compile uses them."""
+    inputs = [t if t is None else t.requires_grad_() for t in _layer_inputs(projection=True)]
+    torch.library.opcheck(torch.ops.fastseq.lstm_layer,
+                          (*inputs, torch.tensor([4, 1, 3]), False, True, backend))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -15,6 +15,8 @@ features, and the cell over its H before its tanh. Backends:
 * ``reference``: the plain-PyTorch loop, differentiated by autograd; every other case, and the only
   backend with double backward.
 
+Eager calls skip the dispatcher's custom-op layers, as :mod:`fastseq.ops.lstm`'s do.
+
 Both fused backends save the same tensors for the backward: the activated gates, the cells, the
 state entering each step (transposed, (H, T, B)), the normalised projections x_hat and r_hat, and
 per row [1/std of x W_ih^T, 1/std of h W_hh^T, mean and 1/std of c]. Cells and statistics are kept
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from fastseq import _backend, _extension
+from fastseq.ops import eager
 from fastseq.ops.lstm import cell_dtype, checked_lengths, output_grads
 from fastseq.reference import lstm as reference
 
@@ -167,6 +170,16 @@ def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, l
 # ------------------------------------------------------------------------------------------------
 # The op.
 
+def _layer_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
+                   reverse, eps, save, backend):
+    """The body of :func:`layer_norm_lstm_op`."""
+    args = (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps)
+    if backend == "cpu":
+        return tuple(torch.ops.fastseq.layer_norm_lstm_forward(*args, save))
+    out = _triton_forward(*args, save)
+    return out if save else (*out[:3], *(x.new_empty(0) for _ in range(_SAVED)))
+
+
 @torch.library.custom_op("fastseq::layer_norm_lstm_layer", mutates_args=())
 def layer_norm_lstm_op(
     x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -177,11 +190,8 @@ def layer_norm_lstm_op(
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h_n, c_n) and, with ``save``, what the backward takes (empty tensors otherwise), on
     ``backend`` ("cpu" or "triton")."""
-    args = (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps)
-    if backend == "cpu":
-        return tuple(torch.ops.fastseq.layer_norm_lstm_forward(*args, save))
-    out = _triton_forward(*args, save)
-    return out if save else (*out[:3], *(x.new_empty(0) for _ in range(_SAVED)))
+    return _layer_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
+                          reverse, eps, save, backend)
 
 
 @layer_norm_lstm_op.register_fake
@@ -199,6 +209,22 @@ def _(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths
             x.new_empty(*rows, 4 * hidden), x.new_empty(*rows, 4, dtype=acc))
 
 
+def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
+                ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats,
+                needs_grad_x, needs_grad_weights, backend):
+    """The body of :func:`layer_norm_lstm_grad_op`."""
+    if backend == "cpu":
+        grads = torch.ops.fastseq.layer_norm_lstm_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
+            ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats,
+            needs_grad_x, needs_grad_weights)
+    else:
+        grads = _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
+                                 ln_c_weight, ln_c_bias, lengths, reverse, has_bias, gates, cells,
+                                 h_in, x_hat, r_hat, stats, needs_grad_x, needs_grad_weights)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
 @torch.library.custom_op("fastseq::layer_norm_lstm_layer_grad", mutates_args=())
 def layer_norm_lstm_grad_op(
     grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor, x: torch.Tensor,
@@ -212,16 +238,9 @@ def layer_norm_lstm_grad_op(
     :func:`layer_norm_lstm_op` (bias's empty when the layer has none; x's unless
     ``needs_grad_x`` and w_ih's and w_hh's unless ``needs_grad_weights`` empty too: GEMMs left
     out)."""
-    if backend == "cpu":
-        grads = torch.ops.fastseq.layer_norm_lstm_backward(
-            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
-            ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats,
-            needs_grad_x, needs_grad_weights)
-    else:
-        grads = _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
-                                 ln_c_weight, ln_c_bias, lengths, reverse, has_bias, gates, cells,
-                                 h_in, x_hat, r_hat, stats, needs_grad_x, needs_grad_weights)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
+                       ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat,
+                       stats, needs_grad_x, needs_grad_weights, backend)
 
 
 @layer_norm_lstm_grad_op.register_fake
@@ -247,20 +266,29 @@ def _setup(ctx, inputs, output):
     ctx.needs_grad_weights = any(ctx.needs_input_grad[3:5])
 
 
-def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
-    x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, *saved = ctx.saved_tensors
-    grads = layer_norm_lstm_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0), x, h0, c0,
-                                    w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
-                                    ctx.reverse, ctx.eps, ctx.has_bias, *saved,
-                                    ctx.needs_grad_x, ctx.needs_grad_weights, ctx.backend)
-    gx, gh0, gc0, gw_ih, gw_hh, gbias, *g_norms = grads
-    weights = ctx.needs_grad_weights
-    return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
-            gw_hh if weights else None, gbias if ctx.has_bias else None, *g_norms, None, None,
-            None, None, None)
+def _backward_through(layer_grad):
+    """The layer's backward, its gradients computed by ``layer_grad``: the gradient op (what a
+    traced graph holds) or its body (eager calls)."""
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+        x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, *saved = \
+            ctx.saved_tensors
+        grads = layer_grad(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0), x, h0, c0, w_ih,
+                           w_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, ctx.reverse,
+                           ctx.eps, ctx.has_bias, *saved, ctx.needs_grad_x,
+                           ctx.needs_grad_weights, ctx.backend)
+        gx, gh0, gc0, gw_ih, gw_hh, gbias, *g_norms = grads
+        weights = ctx.needs_grad_weights
+        return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
+                gw_hh if weights else None, gbias if ctx.has_bias else None, *g_norms, None, None,
+                None, None, None)
+
+    return backward
 
 
-layer_norm_lstm_op.register_autograd(_backward, setup_context=_setup)
+layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op),
+                                     setup_context=_setup)
+_EagerLayer = eager.autograd_function("LayerNormLSTMLayer", _layer_forward, _setup,
+                                      _backward_through(_layer_grad))
 
 
 def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
@@ -294,5 +322,6 @@ def run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_we
     tensors = [t if t is None else t.to(compute).contiguous()
                for t in (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, h_n, c_n, *_ = layer_norm_lstm_op(*tensors, lengths, reverse, float(eps), save, backend)
+    y, h_n, c_n, *_ = eager.call(layer_norm_lstm_op, _EagerLayer, *tensors, lengths, reverse,
+                                 float(eps), save, backend)
     return y.to(dtype), h_n.to(dtype), c_n.to(dtype)

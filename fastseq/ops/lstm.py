@@ -14,6 +14,10 @@ The forward runs the whole recurrence and returns ``(y, h_n, c_n)`` plus what th
   ``triton`` plan (benchmarks/results/nvidia-h200/lstm.md);
 * ``reference``: the same plan with the cell written in PyTorch.
 
+Eager calls run the op's body and autograd directly (:mod:`fastseq.ops.eager`: a tenth of a
+millisecond less per training step, what a small ``LSTMCell`` step costs); ``torch.compile`` and
+``torch.export`` trace the registered ops.
+
 Padding is handled by ``lengths`` (B,): steps at or past ``lengths[b]`` keep the state and output
 zeros, at no extra cost over the padded run.
 """
@@ -23,54 +27,43 @@ from __future__ import annotations
 import torch
 
 from fastseq import _backend, _extension
+from fastseq.ops import eager
 from fastseq.ops.checks import out_of_range
 from fastseq.reference import lstm as reference
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _dtype_unsupported(dtype: torch.dtype) -> dict[str, str]:
+# torch.compile runs the choice while tracing and keeps its answer (the extension lookup is not
+# traceable; its arguments are constants there), as layer_norm_lstm's: a compiled module keeps
+# the backend it was traced with.
+@torch.compiler.assume_constant_result
+def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int, projection: bool) -> str:
+    """The backend of one layer call: ``hidden`` is W_hh's width (P with a projection).
+
+    float16 on the CPU goes to the C++ layer as well, which :func:`lstm_layer` runs in float32:
+    its result is rounded once, not at every step as the float16 reference loop rounds.
+    """
     reasons = {}
     if dtype not in KERNEL_DTYPES:
         reasons["triton"] = reasons["cpu"] = reasons["cuda"] = f"dtype {dtype}"
-    if dtype == torch.float16:
-        reasons["cpu"] = "float16 (the C++ layer takes float32 and bfloat16)"
     if not _extension.has_op("lstm_layer_forward"):
         reasons["cpu"] = "the C++ LSTM layer is not built"
-    return reasons
+    if device.type == "cuda":
+        reasons.setdefault("cuda", _persistent_unsupported(device, dtype, hidden, projection))
+    reasons = {name: why for name, why in reasons.items() if why}
+    return _backend.choose("lstm", device, reasons, prefer="cuda")
 
 
-def _unsupported(x, w_hh, w_hr) -> dict[str, str]:
-    reasons = _dtype_unsupported(x.dtype)
-    if x.device.type == "cuda":
-        reasons.setdefault("cuda", _persistent_unsupported(x, w_hh, w_hr))
-    return {name: why for name, why in reasons.items() if why}
-
-
-def _choose(x, w_hh, w_hr) -> str:
-    return _backend.choose("lstm", x.device, _unsupported(x, w_hh, w_hr), prefer="cuda")
-
-
-# Evaluated while tracing under torch.compile, which keeps the answer (as the backend choice of
-# layer_norm_lstm: the extension lookup is not traceable).
-@torch.compiler.assume_constant_result
-def _cpu_float16_in_float32() -> bool:
-    """Whether float16 on the CPU runs the C++ layer in float32: the backend chosen for float32
-    (forced or not) is it. Its float32 result is rounded once, not at every step as the float16
-    reference loop rounds."""
-    return _backend.choose("lstm", torch.device("cpu"), _dtype_unsupported(torch.float32)) == "cpu"
-
-
-def _persistent_unsupported(x, w_hh, w_hr) -> str | None:
+def _persistent_unsupported(device, dtype, hidden, projection) -> str | None:
     """Why the persistent CUDA kernel cannot run this layer, or None."""
     ext = _extension.load()
     if not _extension.cuda_built() or not hasattr(ext, "lstm_persistent_units"):
         return "the CUDA kernels are not built"
-    if w_hr is not None:
+    if projection:
         return "projections (proj_size)"
-    props = torch.cuda.get_device_properties(x.device)
-    hidden = w_hh.shape[1]
-    units = ext.lstm_persistent_units(hidden, x.element_size(), props.multi_processor_count,
+    props = torch.cuda.get_device_properties(device)
+    units = ext.lstm_persistent_units(hidden, dtype.itemsize, props.multi_processor_count,
                                       props.shared_memory_per_block_optin,
                                       props.shared_memory_per_multiprocessor)
     return None if units else f"hidden size {hidden}: W_hh does not fit on chip"
@@ -251,18 +244,8 @@ def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, ha
     return grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 
 
-@torch.library.custom_op("fastseq::lstm_layer", mutates_args=())
-def lstm_layer_op(
-    x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-    bias: torch.Tensor | None, w_hr: torch.Tensor | None, lengths: torch.Tensor | None,
-    reverse: bool, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer over contiguous x (T, B, I); returns (y, h_n, c_n, gates, cells, pre_proj).
-
-    Without ``save`` (nothing needs a gradient) the last three are empty and the C++ layer keeps
-    no per-step state.
-    """
-    backend = _choose(x, w_hh, w_hr)
+def _layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend):
+    """The body of :func:`lstm_layer_op`."""
     if backend == "cpu":
         return tuple(torch.ops.fastseq.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr,
                                                           lengths, reverse, save))
@@ -274,23 +257,47 @@ def lstm_layer_op(
     return tuple(out) if save else (*out[:3], *(x.new_empty(0) for _ in range(3)))
 
 
+@torch.library.custom_op("fastseq::lstm_layer", mutates_args=())
+def lstm_layer_op(
+    x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+    bias: torch.Tensor | None, w_hr: torch.Tensor | None, lengths: torch.Tensor | None,
+    reverse: bool, save: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer over contiguous x (T, B, I) on ``backend``; returns (y, h_n, c_n, gates, cells,
+    pre_proj).
+
+    Without ``save`` (nothing needs a gradient) the last three are empty and the C++ layer keeps
+    no per-step state. ``cpu`` takes float32 and bfloat16 (:func:`lstm_layer` casts float16).
+    """
+    return _layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend)
+
+
 @lstm_layer_op.register_fake
-def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save):
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend):
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
     outputs = (x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0))
     if not save:
         return (*outputs, *(x.new_empty(0) for _ in range(3)))
     pre_proj = x.new_empty(steps, batch, hidden) if w_hr is not None else x.new_empty(0)
-    return (*outputs, x.new_empty(steps, batch, 4 * hidden), _cells_like(x, steps, batch, hidden),
-            pre_proj)
+    # Saved cell states: x's dtype for the C++ layer, at least float32 for the others.
+    cells = x.new_empty(steps, batch, hidden,
+                        dtype=x.dtype if backend == "cpu" else cell_dtype(x.dtype))
+    return (*outputs, x.new_empty(steps, batch, 4 * hidden), cells, pre_proj)
 
 
-def _cells_like(x, steps, batch, hidden):
-    """Saved cell states: float32 for the Python-driven loop, x's dtype for the C++ layer."""
-    cpp = x.device.type == "cpu" and "cpu" not in _unsupported(x, None, None)
-    dtype = x.dtype if cpp else cell_dtype(x.dtype)
-    return x.new_empty(steps, batch, hidden, dtype=dtype)
+def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates,
+                cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, backend):
+    """The body of :func:`lstm_layer_grad_op`."""
+    args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
+            pre_proj, y, has_bias, needs_grad_x, needs_grad_weights)
+    if backend == "cpu":
+        grads = torch.ops.fastseq.lstm_layer_backward(*args)
+    elif backend == "cuda":
+        grads = _persistent_backward(*args)
+    else:
+        grads = _loop_backward(_cells(backend)[1], *args)
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @torch.library.custom_op("fastseq::lstm_layer_grad", mutates_args=())
@@ -306,15 +313,9 @@ def lstm_layer_grad_op(
 
     ``backend`` is the one the forward ran: what it saved is in that backend's format.
     """
-    args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-            pre_proj, y, has_bias, needs_grad_x, needs_grad_weights)
-    if backend == "cpu":
-        grads = torch.ops.fastseq.lstm_layer_backward(*args)
-    elif backend == "cuda":
-        grads = _persistent_backward(*args)
-    else:
-        grads = _loop_backward(_cells(backend)[1], *args)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
+                       gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights,
+                       backend)
 
 
 @lstm_layer_grad_op.register_fake
@@ -329,11 +330,10 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
 
 
 def _setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, _save = inputs
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, _save, backend = inputs
     y, _, _, gates, cells, pre_proj = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
-    ctx.reverse, ctx.has_bias = reverse, bias is not None
-    ctx.backend = _choose(x, w_hh, w_hr)  # the forward's
+    ctx.reverse, ctx.has_bias, ctx.backend = reverse, bias is not None, backend
     # Each of grad_x and the weight gradients is a GEMM over every step: only those asked for
     # run (a first layer's x is often data; a frozen layer needs neither).
     ctx.needs_grad_x = ctx.needs_input_grad[0]
@@ -352,20 +352,27 @@ def output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0):
             torch.zeros_like(c0) if grad_c_n is None else grad_c_n.contiguous())
 
 
-def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
-    x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
-    grads = lstm_layer_grad_op(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0),
-                               x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
-                               pre_proj, y, ctx.has_bias, ctx.needs_grad_x,
-                               ctx.needs_grad_weights, ctx.backend)
-    gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
-    weights = ctx.needs_grad_weights
-    return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
-            gw_hh if weights else None, gbias if weights and ctx.has_bias else None,
-            gw_hr if weights and w_hr is not None else None, None, None, None)
+def _backward_through(layer_grad):
+    """The layer's backward, its gradients computed by ``layer_grad``: the gradient op (what a
+    traced graph holds) or its body (eager calls)."""
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+        x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y = ctx.saved_tensors
+        grads = layer_grad(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0),
+                           x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
+                           pre_proj, y, ctx.has_bias, ctx.needs_grad_x, ctx.needs_grad_weights,
+                           ctx.backend)
+        gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
+        weights = ctx.needs_grad_weights
+        return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
+                gw_hh if weights else None, gbias if weights and ctx.has_bias else None,
+                gw_hr if weights and w_hr is not None else None, None, None, None, None)
+
+    return backward
 
 
-lstm_layer_op.register_autograd(_backward, setup_context=_setup)
+lstm_layer_op.register_autograd(_backward_through(lstm_layer_grad_op), setup_context=_setup)
+_EagerLayer = eager.autograd_function("LSTMLayer", _layer_forward, _setup,
+                                      _backward_through(_layer_grad))
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):
@@ -377,12 +384,12 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     C++ layer in float32 between two differentiable casts.
     """
     dtype = x.dtype
-    as_float32 = x.device.type == "cpu" and dtype == torch.float16 and _cpu_float16_in_float32()
-    compute = torch.float32 if as_float32 else dtype
+    backend = _backend_for(x.device, dtype, w_hh.shape[1], w_hr is not None)
+    compute = torch.float32 if backend == "cpu" and dtype == torch.float16 else dtype
     tensors = [t if t is None else t.to(compute).contiguous()
                for t in (x, h0, c0, w_ih, w_hh, bias, w_hr)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     lengths = lengths if lengths is None else lengths.contiguous()
-    y, h_n, c_n, *_ = lstm_layer_op(*tensors, lengths, reverse, save)
+    y, h_n, c_n, *_ = eager.call(lstm_layer_op, _EagerLayer, *tensors, lengths, reverse, save,
+                                 backend)
     return y.to(dtype), h_n.to(dtype), c_n.to(dtype)
-
