@@ -19,8 +19,8 @@ TORCH_LIBRARY(fastseq, m) {
   // One LSTM layer, one direction, over x (T, B, I) from (h0 (B, P), c0 (B, H)); bias = b_ih + b_hh,
   // w_hr (P, H) for projections, lengths (B,) for padded batches; see csrc/cpu/lstm.cpp. Returns
   // y, h_n, c_n and, when save_for_backward, the activated gates, the cells and (with w_hr) the
-  // projection inputs that lstm_layer_backward takes. The backward leaves out grad_x, or all the
-  // weight gradients, when told they are not needed (None then).
+  // projection inputs that lstm_layer_backward takes. The backward leaves out grad_x, all the
+  // weight gradients, or those of the initial state, when told they are not needed (None then).
   m.def(
       "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "Tensor? w_hr, Tensor? lengths, bool reverse, bool save_for_backward) -> (Tensor y, Tensor h_n, "
@@ -29,8 +29,8 @@ TORCH_LIBRARY(fastseq, m) {
       "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor gates, "
       "Tensor cells, Tensor hidden, Tensor y, bool has_bias, bool needs_grad_x, "
-      "bool needs_grad_weights) -> (Tensor? grad_x, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
+      "bool needs_grad_weights, bool needs_grad_state) -> (Tensor? grad_x, Tensor? grad_h0, "
+      "Tensor? grad_c0, Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
   // One LayerNorm-LSTM layer (see csrc/cpu/layer_norm_lstm.cpp): shapes as lstm_layer without
   // projection, plus the LayerNorm gains ln_ih and ln_hh (4H) and the cell's LayerNorm ln_c_weight,
   // ln_c_bias (H). With save_for_backward it also returns what layer_norm_lstm_backward takes,

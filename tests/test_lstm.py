@@ -1,5 +1,6 @@
 """LSTM: fastseq.nn.LSTM / LSTMCell against torch.nn.LSTM / LSTMCell holding the same weights."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -145,23 +146,29 @@ def test_gradients_of_a_frozen_input_or_frozen_weights(backend, frozen):
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
-@pytest.mark.parametrize("wanted", [(True, False), (False, True), (False, False)],
-                         ids=["x_only", "weights_only", "state_only"])
-def test_cpp_backward_computes_only_the_gradients_asked_for(wanted):
-    """The C++ backward returns None for grad_x / the weight gradients it was told to leave out;
-    the rest is what the full call gives, bit for bit."""
-    steps, batch, inputs, hidden, proj = 5, 3, 7, 9, 4
+@pytest.mark.parametrize("wanted", [w for w in itertools.product([False, True], repeat=3)
+                                    if not all(w)],
+                         ids=lambda w: "+".join(n for n, on in zip(("x", "weights", "state"), w,
+                                                                   strict=True) if on) or "none")
+@pytest.mark.parametrize("steps, batch, proj", [(5, 3, 4), (5, 3, 0), (1, 8, 0), (1, 1, 0)],
+                         ids=["projection", "packed", "one_step_packed", "one_row"])
+def test_cpp_backward_computes_only_the_gradients_asked_for(wanted, steps, batch, proj):
+    """The C++ backward returns None for grad_x / the weight gradients / the initial state's
+    gradients it was told to leave out; the rest is what the full call gives, bit for bit."""
+    inputs, hidden = 7, 9
+    out = proj or hidden
     x = torch.randn(steps, batch, inputs)
-    h0, c0 = torch.randn(batch, proj), torch.randn(batch, hidden)
-    w_ih, w_hh = torch.randn(4 * hidden, inputs), torch.randn(4 * hidden, proj)
-    bias, w_hr = torch.randn(4 * hidden), torch.randn(proj, hidden)
+    h0, c0 = torch.randn(batch, out), torch.randn(batch, hidden)
+    w_ih, w_hh = torch.randn(4 * hidden, inputs), torch.randn(4 * hidden, out)
+    bias, w_hr = torch.randn(4 * hidden), torch.randn(proj, hidden) if proj else None
     y, _, _, gates, cells, pre_proj = torch.ops.fastseq.lstm_layer_forward(
         x, h0, c0, w_ih, w_hh, bias, w_hr, None, False, True)
     upstream = (torch.randn_like(y), torch.randn_like(h0), torch.randn_like(c0))
     args = (*upstream, x, h0, c0, w_ih, w_hh, w_hr, None, False, gates, cells, pre_proj, y, True)
-    full = torch.ops.fastseq.lstm_layer_backward(*args, True, True)
+    full = torch.ops.fastseq.lstm_layer_backward(*args, True, True, True)
     part = torch.ops.fastseq.lstm_layer_backward(*args, *wanted)
-    needed = [wanted[0], True, True, *[wanted[1]] * 4]
+    with_x, weights, state = wanted
+    needed = [with_x, state, state, weights, weights, weights, weights and bool(proj)]
     for index, (a, b, need) in enumerate(zip(part, full, needed, strict=True)):
         if need:
             assert torch.equal(a, b), f"gradient {index}"

@@ -877,6 +877,15 @@ struct BackwardInputs {
   const Tensor& y;
 };
 
+// Which gradients the caller wants. grad_x and the weight gradients are each a GEMM over every
+// step; the initial state's costs the last step's dh GEMM (a zero initial state that needs no
+// gradient is common, and at T = 1 that GEMM is a quarter of the backward's arithmetic).
+struct Wanted {
+  bool x;
+  bool weights;  // w_ih, w_hh, bias, w_hr
+  bool state;    // h0, c0
+};
+
 // The state the backward carries through time.
 template <typename scalar_t>
 struct BackwardState {
@@ -941,9 +950,11 @@ void projection_grad_step(const Tensor& dh_t, const Tensor& dh, const Tensor& gr
 // the whole sequence, a barrier per step.
 template <typename scalar_t>
 void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardState<scalar_t>& st,
-                          const int64_t* lengths, bool reverse) {
-  const Tensor packed = pack_backward_weights<scalar_t>(in.w_hh, s);
-  const scalar_t* w = packed.const_data_ptr<scalar_t>();
+                          const int64_t* lengths, bool reverse, Wanted wanted) {
+  const bool last_gemm = wanted.state && s.T > 0;  // dh of the initial state
+  const Tensor packed =
+      s.T > 1 || last_gemm ? pack_backward_weights<scalar_t>(in.w_hh, s) : Tensor();
+  const scalar_t* w = packed.defined() ? packed.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dh = st.dh.template data_ptr<scalar_t>();
   std::vector<BackwardStep<scalar_t>> steps;  // in processing order (reverse of k)
   steps.reserve(s.T);
@@ -957,7 +968,7 @@ void backward_loop_packed(const Sizes& s, const BackwardInputs& in, BackwardStat
     }
     backward_rows(steps[i], 0, s.B, u0 * kPanel, std::min(u1 * kPanel, s.H));
   });
-  if (s.T > 0) {
+  if (last_gemm) {
     at::parallel_for(0, panel_count(s.P), grain_for(s.B * kPanel * 8 * s.H),
                      [&](int64_t v0, int64_t v1) {
                        packed_grad_h(steps.back().dpre, w, dh, s.B, 4 * s.H, s.P, v0, v1);
@@ -987,9 +998,10 @@ void grad_h_step(const Sizes& s, const Tensor& dh, const Tensor& dpre_t, const T
 // The general loop: [projection,] cell, then dh += dpre_t W_hh, each over the whole step.
 template <typename scalar_t>
 void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scalar_t>& st,
-                   const int64_t* lengths, bool reverse) {
+                   const int64_t* lengths, bool reverse, Wanted wanted) {
   const bool proj = in.w_hr.has_value();
-  const Tensor w_packed = pack_backward_weights<scalar_t>(in.w_hh, s);
+  const Tensor w_packed = s.T > 1 || wanted.state ? pack_backward_weights<scalar_t>(in.w_hh, s)
+                                                  : Tensor();
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = reverse ? s.T - 1 - k : k;
     if (proj) {
@@ -998,19 +1010,15 @@ void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scala
       at::mm_out(st.dm, dh_t, *in.w_hr);
     }
     backward_cell_step(backward_cell_args(s, in, st, lengths, reverse, k), s.B);
-    grad_h_step<scalar_t>(s, st.dh, st.dpre.select(0, t), in.w_hh, w_packed);
+    if (k > 0 || wanted.state) {
+      grad_h_step<scalar_t>(s, st.dh, st.dpre.select(0, t), in.w_hh, w_packed);
+    }
   }
 }
 
-using Grads = std::tuple<std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>,
-                         std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>;
-
-// Which gradients the caller wants besides those of the initial state (by-products of the
-// recurrence): each of the others is a GEMM over every step.
-struct Wanted {
-  bool x;
-  bool weights;  // w_ih, w_hh, bias, w_hr
-};
+using Grads = std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
+                         std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
+                         std::optional<Tensor>>;
 
 template <typename scalar_t>
 Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* lengths,
@@ -1029,16 +1037,18 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   }
   if constexpr (has_packed_kernels<scalar_t>()) {
     if (!proj && use_packed<scalar_t>(s)) {
-      backward_loop_packed(s, in, st, lengths, reverse);
+      backward_loop_packed(s, in, st, lengths, reverse, wanted);
     } else {
-      backward_loop(s, in, st, lengths, reverse);
+      backward_loop(s, in, st, lengths, reverse, wanted);
     }
   } else {
-    backward_loop(s, in, st, lengths, reverse);
+    backward_loop(s, in, st, lengths, reverse, wanted);
   }
   Grads grads;
-  std::get<1>(grads) = st.dh;
-  std::get<2>(grads) = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());
+  if (wanted.state) {
+    std::get<1>(grads) = st.dh;
+    std::get<2>(grads) = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());
+  }
   const Tensor dpre2d = st.dpre.view({s.T * s.B, 4 * s.H});
   if (wanted.x) {
     std::get<0>(grads) = cpu::linear(dpre2d, in.w_ih.t()).view({s.T, s.B, s.I});
@@ -1080,7 +1090,8 @@ Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Te
                           const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                           const std::optional<Tensor>& lengths, bool reverse, const Tensor& gates,
                           const Tensor& cells, const Tensor& hidden, const Tensor& y,
-                          bool has_bias, bool needs_grad_x, bool needs_grad_weights) {
+                          bool has_bias, bool needs_grad_x, bool needs_grad_weights,
+                          bool needs_grad_state) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const Sizes s = check_layer(x, h0, c0, w_ih, w_hh, w_hr);
   const auto dtype = x.scalar_type();
@@ -1099,7 +1110,7 @@ Grads lstm_layer_backward(const Tensor& grad_y, const Tensor& grad_h_n, const Te
   Grads out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "lstm_layer_backward", [&] {
     out = backward_impl<scalar_t>(s, in, len, reverse, has_bias,
-                                  Wanted{needs_grad_x, needs_grad_weights});
+                                  Wanted{needs_grad_x, needs_grad_weights, needs_grad_state});
   });
   return out;
 }

@@ -188,13 +188,15 @@ def _previous(states, first, lengths, reverse):
 
 
 def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths,
-                   reverse, gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights):
+                   reverse, gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights,
+                   needs_grad_state):
     steps, batch, _ = x.shape
     c_prev_all = _previous(cells, c0.to(cells.dtype), lengths, reverse)
     dpre_all = torch.empty_like(gates)  # every step's slice is written below
     dh_all = torch.zeros_like(y) if w_hr is not None else None
     dh, dc = grad_h_n, grad_c_n.to(cells.dtype)
-    for t in reversed(reference.step_order(steps, reverse)):
+    order = reversed(reference.step_order(steps, reverse))
+    for k, t in enumerate(order):
         active = _active(lengths, t, dh)
         dh_t = dh + (grad_y[t] if active is None else torch.where(active, grad_y[t], 0))
         dm = dh_t if w_hr is None else dh_t @ w_hr
@@ -203,27 +205,32 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
         if active is not None:  # padding steps pass dh and dc through, and no gradient to pre
             dpre.masked_fill_(~active, 0)
             dc_prev = torch.where(active, dc_prev, dc)
+        if dh_all is not None:
+            dh_all[t] = dh_t if active is None else torch.where(active, dh_t, 0)
+        if k == steps - 1 and not needs_grad_state:
+            break  # what is left is d h0 and d c0
         dh_prev = dpre @ w_hh
         if active is not None:
             dh_prev = torch.where(active, dh_prev, dh)
-            if dh_all is not None:
-                dh_t = torch.where(active, dh_t, 0)
-        if dh_all is not None:
-            dh_all[t] = dh_t
         dh, dc = dh_prev, dc_prev
     gx, gw_ih, gw_hh, gbias, gw_hr = _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths,
                                                  reverse, has_bias, needs_grad_x, needs_grad_weights)
+    if not needs_grad_state:
+        return gx, None, None, gw_ih, gw_hh, gbias, gw_hr
     # With no steps dh is grad_h_n itself, which an op may not return.
     return (gx, dh.clone() if dh is grad_h_n else dh, dc.to(c0.dtype, copy=True), gw_ih, gw_hh,
             gbias, gw_hr)
 
 
 def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
-                         gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights):
+                         gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights,
+                         needs_grad_state):
     dpre_all, dh0, dc0 = torch.ops.fastseq.lstm_recurrence_backward(
         grad_y, grad_h_n, grad_c_n, c0, w_hh, lengths, reverse, gates, cells)
     gx, gw_ih, gw_hh, gbias, _ = _gemm_grads(dpre_all, None, x, h0, w_ih, y, pre_proj, lengths,
                                              reverse, has_bias, needs_grad_x, needs_grad_weights)
+    if not needs_grad_state:  # the kernel computes them on the way
+        dh0 = dc0 = None
     return gx, dh0, dc0, gw_ih, gw_hh, gbias, None
 
 
@@ -287,10 +294,11 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend):
 
 
 def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates,
-                cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, backend):
+                cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state,
+                backend):
     """The body of :func:`lstm_layer_grad_op`."""
     args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-            pre_proj, y, has_bias, needs_grad_x, needs_grad_weights)
+            pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state)
     if backend == "cpu":
         grads = torch.ops.fastseq.lstm_layer_backward(*args)
     elif backend == "cuda":
@@ -306,27 +314,28 @@ def lstm_layer_grad_op(
     h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     w_hr: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, gates: torch.Tensor,
     cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
-    needs_grad_x: bool, needs_grad_weights: bool, backend: str,
+    needs_grad_x: bool, needs_grad_weights: bool, needs_grad_state: bool, backend: str,
 ) -> list[torch.Tensor]:
     """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent
-    or not needed: grad_x unless ``needs_grad_x``, the weights' unless ``needs_grad_weights``).
+    or not needed: grad_x unless ``needs_grad_x``, the weights' unless ``needs_grad_weights``,
+    h0's and c0's unless ``needs_grad_state``).
 
     ``backend`` is the one the forward ran: what it saved is in that backend's format.
     """
     return _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
                        gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights,
-                       backend)
+                       needs_grad_state, backend)
 
 
 @lstm_layer_grad_op.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
-      pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, backend):
+      pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state, backend):
     def like(t, needed=needs_grad_weights):
         return torch.empty_like(t) if needed and t is not None else x.new_empty(0)
 
     bias = x.new_empty(4 * c0.shape[1]) if has_bias else None
-    return [like(x, needs_grad_x), like(h0, True), like(c0, True), like(w_ih), like(w_hh),
-            like(bias), like(w_hr)]
+    return [like(x, needs_grad_x), like(h0, needs_grad_state), like(c0, needs_grad_state),
+            like(w_ih), like(w_hh), like(bias), like(w_hr)]
 
 
 def _setup(ctx, inputs, output):
@@ -334,10 +343,12 @@ def _setup(ctx, inputs, output):
     y, _, _, gates, cells, pre_proj = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, cells, pre_proj, y)
     ctx.reverse, ctx.has_bias, ctx.backend = reverse, bias is not None, backend
-    # Each of grad_x and the weight gradients is a GEMM over every step: only those asked for
-    # run (a first layer's x is often data; a frozen layer needs neither).
+    # Each of grad_x and the weight gradients is a GEMM over every step, and the initial state's
+    # is the last step's dh GEMM: only those asked for run (a first layer's x is often data, a
+    # zero initial state needs no gradient, a frozen layer needs no weight gradients).
     ctx.needs_grad_x = ctx.needs_input_grad[0]
     ctx.needs_grad_weights = any(ctx.needs_input_grad[3:7])
+    ctx.needs_grad_state = any(ctx.needs_input_grad[1:3])
     # The saved outputs (gates, cells, pre_proj) never get a gradient: materialised, their zeros
     # would be (T, B, 4H) and more of fills on every backward (a tenth of it at B=16, H=256).
     ctx.set_materialize_grads(False)
@@ -360,10 +371,11 @@ def _backward_through(layer_grad):
         grads = layer_grad(*output_grads(grad_y, grad_h_n, grad_c_n, x, h0, c0),
                            x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
                            pre_proj, y, ctx.has_bias, ctx.needs_grad_x, ctx.needs_grad_weights,
-                           ctx.backend)
+                           ctx.needs_grad_state, ctx.backend)
         gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
-        weights = ctx.needs_grad_weights
-        return (gx if ctx.needs_grad_x else None, gh0, gc0, gw_ih if weights else None,
+        weights, state = ctx.needs_grad_weights, ctx.needs_grad_state
+        return (gx if ctx.needs_grad_x else None, gh0 if state else None, gc0 if state else None,
+                gw_ih if weights else None,
                 gw_hh if weights else None, gbias if weights and ctx.has_bias else None,
                 gw_hr if weights and w_hr is not None else None, None, None, None, None)
 
