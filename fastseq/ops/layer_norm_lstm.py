@@ -29,7 +29,7 @@ import torch
 
 from fastseq import _backend, _extension
 from fastseq.ops import eager
-from fastseq.ops.lstm import cell_dtype, checked_lengths, output_grads
+from fastseq.ops.lstm import cell_dtype, checked_lengths, contiguous_in, output_grads
 from fastseq.reference import lstm as reference
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: computed in float32
@@ -319,9 +319,9 @@ def run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_we
     dtype = x.dtype
     # The C++ layer has no bfloat16 kernels: it runs in float32 between two differentiable casts.
     compute = torch.float32 if backend == "cpu" and dtype == torch.bfloat16 else dtype
-    tensors = [t if t is None else t.to(compute).contiguous()
-               for t in (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias)]
+    tensors = contiguous_in(compute, (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight,
+                                      ln_c_bias))
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, h_n, c_n, *_ = eager.call(layer_norm_lstm_op, _EagerLayer, *tensors, lengths, reverse,
-                                 float(eps), save, backend)
-    return y.to(dtype), h_n.to(dtype), c_n.to(dtype)
+    outputs = eager.call(layer_norm_lstm_op, _EagerLayer, *tensors, lengths, reverse, float(eps),
+                         save, backend)[:3]
+    return outputs if compute == dtype else tuple(t.to(dtype) for t in outputs)
