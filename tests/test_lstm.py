@@ -178,11 +178,16 @@ def test_cpp_backward_computes_only_the_gradients_asked_for(wanted, steps, batch
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
 @pytest.mark.parametrize("steps, batch, inputs, hidden", [(24, 32, 16, 48), (2, 8, 256, 256),
-                                                          (1, 2, 8, 8)],
-                         ids=["onednn_transposed", "onednn_result_layout", "aten"])
+                                                          (1, 2, 8, 8), (3, 3, 37, 21),
+                                                          (1, 5, 70, 13), (1, 8, 128, 128),
+                                                          (1, 2, 300, 300)],
+                         ids=["onednn_transposed", "onednn_result_layout", "small", "small_ragged",
+                              "small_one_step", "small_largest", "few_rows"])
 def test_cpp_layer_gemm_paths(steps, batch, inputs, hidden):
-    """The whole-sequence GEMMs take oneDNN or ATen by size, and the weight gradients one of two
-    layouts by T B against I + P: each way against the float64 truth, in float32."""
+    """The whole-sequence GEMMs take the unpacked small-product kernels (csrc/cpu/linear.h: rows,
+    columns and depth off every tile multiple, up to the largest product they take, and larger
+    ones of two rows) or oneDNN by size, and the weight gradients one of three layouts: each way
+    against the float64 truth, in float32."""
     _check_cpp_layer(torch.float32, steps, batch, input_size=inputs, hidden=hidden)
 
 

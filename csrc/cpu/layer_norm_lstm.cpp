@@ -41,7 +41,7 @@
 
 #include "lstm_cell_simd.h"
 #include "lstm_common.h"
-#include "onednn_linear.h"
+#include "linear.h"
 #include "packed_gemm_avx512.h"
 
 namespace fastseq::lstm {
@@ -581,7 +581,7 @@ using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Te
                               Tensor>;
 
 // h_in (H, T, B) [:, t, b0:b1] = h[b0:b1, :]: the state entering step t, kept transposed for the
-// weight-gradient GEMM (csrc/cpu/onednn_linear.h takes its first operand without a reorder only
+// weight-gradient GEMM (csrc/cpu/linear.h takes its first operand without a reorder only
 // when it is row-major).
 template <typename T>
 void save_state_transposed(const T* h, T* h_in, const Sizes& s, int64_t t, int64_t b0, int64_t b1) {

@@ -19,7 +19,8 @@
 // of 16 hidden units are adjacent, so one task computes that block's pre-activations and runs its
 // cell while they are in L1, and a step is one parallel region. Other dtypes and CPUs, and work
 // too small to repay the packing, take the same plan through ATen GEMMs. The whole-sequence
-// GEMMs go through oneDNN where torch carries it (csrc/cpu/onednn_linear.h).
+// GEMMs go through csrc/cpu/linear.h: unpacked AVX-512 kernels for small products (an LSTMCell
+// step), oneDNN for the rest where torch carries it.
 //
 // The pointwise math is csrc/cpu/lstm_cell_simd.h compiled under function-level target
 // attributes, 16 lanes for AVX-512 and 8 for AVX2: the extension is built for the baseline ISA,
@@ -50,7 +51,7 @@
 #include <torch/library.h>
 
 #include "lstm_common.h"
-#include "onednn_linear.h"
+#include "linear.h"
 #include "packed_gemm_avx512.h"
 #include "packed_gemm_bf16.h"
 #include "lstm_cell_simd.h"
@@ -823,13 +824,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 // product). No ones row for grad_bias: an odd row count costs the GEMM more than a column sum of
 // d pre takes (3.7 against 3.4 + 0.2 ms at T B = 2048, 4H = 1024, I + P = 384). h_prev is the
 // previous processed step's y, or h0 at each sequence's first processed step; on padding rows
-// (d pre = 0) any finite value does.
+// (d pre = 0) any finite value does. `by_rows` gives it untransposed instead, (T B, I + P): the
+// small products' layout (cpu::linear's broadcast form reads a column block of it in place).
 template <typename scalar_t>
 Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, const Tensor& h0,
-                           const int64_t* lengths, bool reverse) {
+                           const int64_t* lengths, bool reverse, bool by_rows) {
   const int64_t width = s.I + s.P;
   const int64_t cols = s.T * s.B;
-  Tensor out = at::empty({width, cols}, x.options());
+  Tensor out = by_rows ? at::empty({cols, width}, x.options())
+                       : at::empty({width, cols}, x.options());
   scalar_t* dst = out.data_ptr<scalar_t>();
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const scalar_t* ys = y.const_data_ptr<scalar_t>();
@@ -843,9 +846,17 @@ Tensor weight_grad_operand(const Sizes& s, const Tensor& x, const Tensor& y, con
                            (reverse && lengths != nullptr && t_prev >= lengths[b]);
         h_prev[b] = first ? h0s + b * s.P : ys + (t_prev * s.B + b) * s.P;
       }
+      const scalar_t* x_t = xs + t * s.B * s.I;
+      if (by_rows) {
+        for (int64_t b = 0; b < s.B; ++b) {
+          scalar_t* row = dst + (t * s.B + b) * width;
+          std::copy_n(x_t + b * s.I, s.I, row);
+          std::copy_n(h_prev[b], s.P, row + s.I);
+        }
+        continue;
+      }
       // For each feature the B entries of a step are adjacent in the output.
       scalar_t* col = dst + t * s.B;
-      const scalar_t* x_t = xs + t * s.B * s.I;
       for (int64_t c = 0; c < s.I; ++c) {
         for (int64_t b = 0; b < s.B; ++b) {
           col[c * cols + b] = x_t[b * s.I + c];
@@ -1056,15 +1067,23 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   if (!wanted.weights) {
     return grads;
   }
-  const Tensor operand = weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse);
-  // [grad_w_ih | grad_w_hh] (4H x (I + P)), a product over the T B rows (t, b). oneDNN reads
-  // both operands of its transpose, operand dpre, without a reorder, but that result must then be
-  // transposed by copying, 4H (I + P) elements. In the result's own layout the copy is of d pre
-  // instead, transposed once (4H T B elements), and each gradient is then its own product with a
-  // row block of operand, no copy after: that costs less while T B < I + P (float32, oneDNN;
-  // H = 256, I + P = 384: 0.54 against 0.59 ms at T B = 256, even at 384, 0.90x at 768;
-  // H = 512, I + P = 1024: even at 1024).
-  if (s.T * s.B < s.I + s.P) {
+  // [grad_w_ih | grad_w_hh] (4H x (I + P)), a product over the T B rows (t, b). Small products
+  // and outer products of a few rows (an LSTMCell step, a decoding step) read d pre^T and column
+  // blocks of the operand in place (cpu::linear's broadcast form). Larger ones go to
+  // oneDNN, which reads both operands of its transpose, operand dpre, without a reorder, but that
+  // result must then be transposed by copying, 4H (I + P) elements. In the result's own layout
+  // the copy is of d pre instead, transposed once (4H T B elements), and each gradient is then its
+  // own product with a row block of operand, no copy after: that costs less while T B < I + P
+  // (float32, oneDNN; H = 256, I + P = 384: 0.54 against 0.59 ms at T B = 256, even at 384, 0.90x
+  // at 768; H = 512, I + P = 1024: even at 1024).
+  const bool small = cpu::small_product(4 * s.H, std::max(s.I, s.P), s.T * s.B) ||
+                     s.T * s.B <= cpu::kOuterUpTo;
+  const Tensor operand =
+      weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, small);
+  if (small) {
+    std::get<3>(grads) = cpu::linear(dpre2d.t(), operand.narrow(1, 0, s.I).t());
+    std::get<4>(grads) = cpu::linear(dpre2d.t(), operand.narrow(1, s.I, s.P).t());
+  } else if (s.T * s.B < s.I + s.P) {
     const Tensor dpre_t = dpre2d.t().contiguous();  // (4H, T B)
     std::get<3>(grads) = cpu::linear(dpre_t, operand.narrow(0, 0, s.I));
     std::get<4>(grads) = cpu::linear(dpre_t, operand.narrow(0, s.I, s.P));

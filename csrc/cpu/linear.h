@@ -1,0 +1,113 @@
+// `linear(a, w, bias)` = a w^T (+ bias) on the CPU, by size: small float32 products on AVX-512
+// in csrc/cpu/small_gemm_avx512.h, larger ones through oneDNN where torch has it, the rest
+// through ATen.
+//
+// ATen's fp32 `mm` goes to MKL, which on AMD CPUs runs its AVX2 code: about half of what the
+// AVX-512 units give (measured on a Zen 5 EPYC: 200 GFLOP/s for mm, 450 through oneDNN on the
+// same product). torch carries oneDNN and exposes its matmul as the op
+// `mkldnn::_linear_pointwise`, the one inductor's CPU fusions call; it takes strided operands,
+// so transposed views cost no copy. Where the op is missing (a torch built without oneDNN) or
+// oneDNN is switched off (`torch.backends.mkldnn.enabled = False`), ATen's GEMM does the work.
+// A oneDNN call costs about 11 us before any arithmetic (finding its primitive), an ATen call
+// about 1, and both run small products slowly (same machine: 8 x 128 by 128 x 512, 17 and
+// 11 us); the unpacked kernels run those with neither cost, up to kSmallUpTo multiply-adds.
+#pragma once
+
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include "lstm_common.h"
+#include "small_gemm_avx512.h"
+
+namespace fastseq::cpu {
+
+inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  return op;
+}
+
+// Multiply-adds (M N K) up to which a product stays with the unpacked kernels, or where they
+// cannot run, with ATen: 2^19, 1 MFLOP.
+constexpr int64_t kSmallUpTo = int64_t(1) << 19;
+
+// Whether an M x K by K x N product goes to the unpacked kernels (where they can run): a small
+// one, or one of at most a tile's 4 rows, which reads W once (a decoding step's matrix-vector
+// products) and is bound by memory, not by the blocking that a library's packing buys.
+inline bool small_product(int64_t M, int64_t N, int64_t K) {
+  return M * N * K <= kSmallUpTo || M <= 4;
+}
+
+// Depth up to which a product in the broadcast form (W^T's rows contiguous) goes to the unpacked
+// kernels too: an outer product of a few rows (weight gradients of one decoding step) is bound by
+// writing C, which that form writes once (B1 T1 I512 H512 fwd+bwd: 1.24x the eager loop, against
+// 1.09x with oneDNN taking it).
+constexpr int64_t kOuterUpTo = 4;
+
+// a w^T (+ bias) by the unpacked AVX-512 kernels, or nothing where they cannot take the
+// operands: float32 on an AVX-512 CPU, w with unit stride along N (the broadcast form) or both
+// with unit stride along K (the dot form).
+inline std::optional<at::Tensor> small_linear(const at::Tensor& a, const at::Tensor& w,
+                                              const std::optional<at::Tensor>& bias) {
+#ifdef FASTSEQ_SMALL_GEMM_AVX512
+  if (a.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat ||
+      (bias.has_value() && bias->scalar_type() != at::kFloat) || !lstm::cpu_has_avx512()) {
+    return std::nullopt;
+  }
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const bool broadcast = w.stride(0) == 1 || N == 1;
+  const bool dot = (a.stride(1) == 1 && w.stride(1) == 1) || K == 1;
+  if (!broadcast && !dot) {
+    return std::nullopt;
+  }
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::Tensor c = at::empty({M, N}, a.options());
+  const float* ap = a.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* cp = c.data_ptr<float>();
+  // Columns in blocks of the tile's width, split between threads when there is enough work.
+  const int64_t width = broadcast ? 64 : 4;
+  const int64_t blocks = (N + width - 1) / width;
+  at::parallel_for(0, blocks, lstm::grain_for(2 * M * K * width), [&](int64_t v0, int64_t v1) {
+    const int64_t n0 = v0 * width, n1 = std::min(N, v1 * width);
+    if (broadcast) {
+      avx512::broadcast_gemm(M, K, ap, a.stride(0), a.stride(1), wp, w.stride(1), bp, cp, N, n0,
+                             n1);
+    } else {
+      avx512::dot_gemm(M, K, ap, a.stride(0), wp, w.stride(0), bp, cp, N, n0, n1);
+    }
+  });
+  return c;
+#else
+  return std::nullopt;
+#endif
+}
+
+// a (M, K), w (N, K), bias (N) or none; any strides. Returns a new contiguous (M, N).
+inline at::Tensor linear(const at::Tensor& a, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bias = std::nullopt) {
+  const bool small = small_product(a.size(0), w.size(0), a.size(1)) ||
+                     (a.size(1) <= kOuterUpTo && w.stride(0) == 1);
+  if (small) {
+    if (auto c = small_linear(a, w, bias)) {
+      return *c;
+    }
+  }
+  const auto& op = onednn_linear_op();
+  if (small || !op.has_value() || a.scalar_type() != at::kFloat ||
+      !at::globalContext().userEnabledMkldnn()) {
+    return bias.has_value() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  }
+  torch::jit::Stack stack{c10::IValue(a), c10::IValue(w), c10::IValue(bias),
+                          c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue()};
+  op->callBoxed(stack);
+  return stack[0].toTensor().contiguous();  // a no-op unless `a` was strided
+}
+
+}  // namespace fastseq::cpu
