@@ -48,44 +48,52 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
 // 1.09x with oneDNN taking it).
 constexpr int64_t kOuterUpTo = 4;
 
-// a w^T (+ bias) by the unpacked AVX-512 kernels, or nothing where they cannot take the
-// operands: float32 on an AVX-512 CPU, w with unit stride along N (the broadcast form) or both
-// with unit stride along K (the dot form).
-inline std::optional<at::Tensor> small_linear(const at::Tensor& a, const at::Tensor& w,
-                                              const std::optional<at::Tensor>& bias) {
+// c = a w^T (+ bias) by the unpacked AVX-512 kernels, c (M, N) with unit column stride; false
+// (c untouched) where they cannot take the operands: float32 on an AVX-512 CPU, w with unit
+// stride along N (the broadcast form) or both with unit stride along K (the dot form).
+inline bool small_linear_into(const at::Tensor& c, const at::Tensor& a, const at::Tensor& w,
+                              const std::optional<at::Tensor>& bias = std::nullopt) {
 #ifdef FASTSEQ_SMALL_GEMM_AVX512
-  if (a.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat ||
-      (bias.has_value() && bias->scalar_type() != at::kFloat) || !lstm::cpu_has_avx512()) {
-    return std::nullopt;
-  }
   const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const bool floats = a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+                      c.scalar_type() == at::kFloat &&
+                      (!bias.has_value() || bias->scalar_type() == at::kFloat);
   const bool broadcast = w.stride(0) == 1 || N == 1;
   const bool dot = (a.stride(1) == 1 && w.stride(1) == 1) || K == 1;
-  if (!broadcast && !dot) {
-    return std::nullopt;
+  if (!floats || !lstm::cpu_has_avx512() || (!broadcast && !dot) ||
+      (c.stride(1) != 1 && N > 1)) {
+    return false;
   }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  at::Tensor c = at::empty({M, N}, a.options());
   const float* ap = a.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   float* cp = c.data_ptr<float>();
+  const int64_t ldc = c.stride(0);
   // Columns in blocks of the tile's width, split between threads when there is enough work.
   const int64_t width = broadcast ? 64 : 4;
   const int64_t blocks = (N + width - 1) / width;
   at::parallel_for(0, blocks, lstm::grain_for(2 * M * K * width), [&](int64_t v0, int64_t v1) {
     const int64_t n0 = v0 * width, n1 = std::min(N, v1 * width);
     if (broadcast) {
-      avx512::broadcast_gemm(M, K, ap, a.stride(0), a.stride(1), wp, w.stride(1), bp, cp, N, n0,
-                             n1);
+      avx512::broadcast_gemm(M, K, ap, a.stride(0), a.stride(1), wp, w.stride(1), bp, cp, ldc,
+                             n0, n1);
     } else {
-      avx512::dot_gemm(M, K, ap, a.stride(0), wp, w.stride(0), bp, cp, N, n0, n1);
+      avx512::dot_gemm(M, K, ap, a.stride(0), wp, w.stride(0), bp, cp, ldc, n0, n1);
     }
   });
-  return c;
+  return true;
 #else
-  return std::nullopt;
+  return false;
 #endif
+}
+
+// out = a w^T for a product inside a loop (per step), where oneDNN's call cost would dominate:
+// the unpacked kernels where they can take it, else ATen.
+inline void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
+  if (!small_linear_into(out, a, w)) {
+    at::mm_out(out, a, w.t());
+  }
 }
 
 // a (M, K), w (N, K), bias (N) or none; any strides. Returns a new contiguous (M, N).
@@ -94,8 +102,9 @@ inline at::Tensor linear(const at::Tensor& a, const at::Tensor& w,
   const bool small = small_product(a.size(0), w.size(0), a.size(1)) ||
                      (a.size(1) <= kOuterUpTo && w.stride(0) == 1);
   if (small) {
-    if (auto c = small_linear(a, w, bias)) {
-      return *c;
+    at::Tensor c = at::empty({a.size(0), w.size(0)}, a.options());
+    if (small_linear_into(c, a, w, bias)) {
+      return c;
     }
   }
   const auto& op = onednn_linear_op();

@@ -775,7 +775,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
                                        m_t.data_ptr<scalar_t>(), lengths, t, s.H};
       forward_step(cell, g_t, h_prev, w_hh, w_packed);
       if (proj) {
-        at::mm_out(y_t, m_t, w_hr->t());
+        cpu::linear_into(y_t, m_t, *w_hr);
       }
       h_prev = y_t;
       c_prev = c_t;
@@ -1018,7 +1018,7 @@ void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scala
     if (proj) {
       const Tensor dh_t = st.dh_all.select(0, t);
       projection_grad_step<scalar_t>(dh_t, st.dh, in.grad_y.select(0, t), lengths, t);
-      at::mm_out(st.dm, dh_t, *in.w_hr);
+      cpu::linear_into(st.dm, dh_t, in.w_hr->t());
     }
     backward_cell_step(backward_cell_args(s, in, st, lengths, reverse, k), s.B);
     if (k > 0 || wanted.state) {
