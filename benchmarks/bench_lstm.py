@@ -38,6 +38,8 @@ class Shape:
     padding: str | None = None  # None, "lengths" (fastseq lengths= vs torch packed)
     layer_norm: bool = False  # fastseq.nn.LayerNormLSTM
     cell: bool = False  # one step of fastseq.nn.LSTMCell (steps must be 1)
+    proj_size: int = 0
+
 
     def label(self):
         parts = [_DTYPE_NAMES[self.dtype], f"B{self.batch}", f"T{self.steps}", f"I{self.input_size}",
@@ -46,6 +48,8 @@ class Shape:
             parts.append(f"L{self.layers}")
         if self.bidirectional:
             parts.append("bidir")
+        if self.proj_size:
+            parts.append(f"P{self.proj_size}")
         if self.padding:
             parts.append(f"padded:{self.padding}")
         if self.layer_norm:
@@ -73,6 +77,8 @@ def _cell_variants(shape, pass_, device):
 
 def _modules(shape, device):
     kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
+    if shape.proj_size:
+        kwargs["proj_size"] = shape.proj_size
     theirs = torch.nn.LSTM(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
     kind = fastseq.nn.LayerNormLSTM if shape.layer_norm else fastseq.nn.LSTM
     ours = kind(shape.input_size, shape.hidden, **kwargs).to(device, shape.dtype)
@@ -145,7 +151,8 @@ def _layer_variants(shape, pass_, device):
         if device.type == "cuda":  # the default is the persistent kernel where it can run
             variants["fastseq_triton"] = _timed(_forced(ours, "triton"), pass_, x, ours)
         variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
-        if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 16384:
+        if shape.layers == 1 and not shape.bidirectional and not shape.proj_size \
+                and shape.steps * shape.batch <= 16384:
             variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x, theirs)
     return variants
 
@@ -180,6 +187,7 @@ def _shapes(device, quick):
         # one decoding step, as a generation loop or an LSTMCell runs it
         dataclasses.replace(headline, batch=1, steps=1, input_size=512, hidden=512),
         dataclasses.replace(headline, layers=2, bidirectional=True),
+        dataclasses.replace(headline, proj_size=128),  # torch: its non-oneDNN path
         dataclasses.replace(headline, padding="lengths"),
         dataclasses.replace(headline, layer_norm=True),
         dataclasses.replace(headline, layer_norm=True, batch=64),

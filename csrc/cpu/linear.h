@@ -44,8 +44,8 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
 
 // Depth up to which a product in the broadcast form (W^T's rows contiguous) goes to the unpacked
 // kernels too: an outer product of a few rows (weight gradients of one decoding step) is bound by
-// writing C, which that form writes once (B1 T1 I512 H512 fwd+bwd: 1.24x the eager loop, against
-// 1.09x with oneDNN taking it).
+// writing C, which that form writes once (B1 T1 I512 H512 fwd+bwd, interleaved in one process:
+// 0.40 against 0.45 ms with oneDNN taking them in two runs of three, the third the other way).
 constexpr int64_t kOuterUpTo = 4;
 
 // c = a w^T (+ bias) by the unpacked AVX-512 kernels, c (M, N) with unit column stride; false
