@@ -473,6 +473,24 @@ def test_registered_ops_pass_opcheck(backend):
                           (*inputs, torch.tensor([4, 1, 3]), False, True, backend))
 
 
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m: m(torch.randn(3, 7)), r"must be \(B, 5\)"),
+        (lambda m: m(torch.randn(3, 5), (torch.zeros(2, 6), torch.zeros(3, 6))),
+         r"h0 must have shape \(3, 6\)"),
+        (lambda m: m(torch.randn(3, 5), (torch.zeros(3, 6), torch.zeros(3, 4))),
+         r"c0 must have shape \(3, 6\)"),
+        (lambda m: m(torch.randn(3, 5), (torch.zeros(3, 6).double(), torch.zeros(3, 6))),
+         "h0 is torch.float64"),
+        (lambda m: m(torch.randn(5), (torch.zeros(6), torch.zeros(2, 6))), r"c0 must have shape"),
+    ],
+)
+def test_lstm_cell_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(fastseq.nn.LSTMCell(5, 6))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_compile_fullgraph(dtype):
     """float16 on the CPU adds the casts around the float32 C++ layer to the graph."""

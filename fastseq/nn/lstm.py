@@ -200,10 +200,17 @@ class LSTMCell(nn.LSTMCell):
         if x.dim() != 2 or x.shape[1] != self.input_size:
             _fail(f"LSTMCell input must be (B, {self.input_size}) or ({self.input_size},), "
                   f"got {tuple(input.shape)}")
+        state = (x.shape[0], self.hidden_size)
         if hx is None:
-            h0 = c0 = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+            h0 = c0 = torch.zeros(state, dtype=x.dtype, device=x.device)
         else:
             h0, c0 = (t.unsqueeze(0) if unbatched else t for t in hx)
+            for name, t in (("h0", h0), ("c0", c0)):
+                if t.shape != state:
+                    _fail(f"LSTMCell {name} must have shape {state}, got {tuple(t.shape)}")
+                if t.dtype != x.dtype or t.device != x.device:
+                    _fail(f"LSTMCell {name} is {t.dtype} on {t.device} but input is {x.dtype} on "
+                          f"{x.device}")
         bias = self.bias_ih + self.bias_hh if self.bias else None
         _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, bias)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
