@@ -24,6 +24,8 @@ zeros, at no extra cost over the padded run.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastseq import _backend, _extension
@@ -55,6 +57,7 @@ def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int, projecti
     return _backend.choose("lstm", device, reasons, prefer="cuda")
 
 
+@functools.cache  # it asks the driver for the device's properties
 def _persistent_unsupported(device, dtype, hidden, projection) -> str | None:
     """Why the persistent CUDA kernel cannot run this layer, or None."""
     ext = _extension.load()
