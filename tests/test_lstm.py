@@ -180,14 +180,15 @@ def test_cpp_backward_computes_only_the_gradients_asked_for(wanted, steps, batch
 @pytest.mark.parametrize("steps, batch, inputs, hidden", [(24, 32, 16, 48), (2, 8, 256, 256),
                                                           (1, 2, 8, 8), (3, 3, 37, 21),
                                                           (1, 5, 70, 13), (1, 8, 128, 128),
-                                                          (1, 2, 300, 300)],
+                                                          (1, 2, 300, 300), (3, 1, 20, 19)],
                          ids=["onednn_transposed", "onednn_result_layout", "small", "small_ragged",
-                              "small_one_step", "small_largest", "few_rows"])
+                              "small_one_step", "small_largest", "few_rows", "unpacked_steps"])
 def test_cpp_layer_gemm_paths(steps, batch, inputs, hidden):
     """The whole-sequence GEMMs take the unpacked small-product kernels (csrc/cpu/linear.h: rows,
     columns and depth off every tile multiple, up to the largest product they take, and larger
-    ones of two rows) or oneDNN by size, and the weight gradients one of three layouts: each way
-    against the float64 truth, in float32."""
+    ones of two rows) or oneDNN by size, and the weight gradients one of three layouts; with
+    fewer than 4 rows over the sequence the recurrent GEMMs accumulate on the unpacked kernels
+    too: each way against the float64 truth, in float32."""
     _check_cpp_layer(torch.float32, steps, batch, input_size=inputs, hidden=hidden)
 
 
@@ -220,15 +221,18 @@ def test_cpp_layer_on_ragged_panels(batch, hidden, dtype):
 
 
 @pytest.mark.skipif(not _CPP_LSTM, reason="extension built without its CPU kernels")
-@pytest.mark.parametrize("batch, hidden", [(13, 70), (1, 37)])
+@pytest.mark.parametrize("steps, batch, hidden", [(5, 13, 70), (5, 1, 37), (3, 1, 19)],
+                         ids=["packed", "packed_one_row", "unpacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpp_layer_with_lengths_on_ragged_panels(batch, hidden, dtype):
-    """As above with ``lengths=`` (an empty and a full sequence among them), against fastseq's
-    plain-PyTorch reference: float64 the truth, the same in ``dtype`` the low-precision one."""
+def test_cpp_layer_with_lengths_on_ragged_panels(steps, batch, hidden, dtype):
+    """As above with ``lengths=`` (an empty and a full sequence among them; a lone sequence one
+    padding step short), against fastseq's plain-PyTorch reference: float64 the truth, the same in
+    ``dtype`` the low-precision one. Under 4 rows over the sequence the recurrent GEMMs run
+    unpacked, accumulating onto the carry that padding rows keep."""
     module = fastseq.nn.LSTM(11, hidden, bidirectional=True).double()
-    lengths = torch.arange(batch) % 6
-    lengths[-1] = 5
-    x64 = torch.randn(5, batch, 11, dtype=torch.float64)
+    lengths = torch.arange(batch) % (steps + 1)
+    lengths[-1] = steps if batch > 1 else steps - 1
+    x64 = torch.randn(steps, batch, 11, dtype=torch.float64)
 
     def run(backend, dtype):
         m = fastseq.nn.LSTM(11, hidden, bidirectional=True).to(dtype)

@@ -48,11 +48,13 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
 // 0.40 against 0.45 ms with oneDNN taking them in two runs of three, the third the other way).
 constexpr int64_t kOuterUpTo = 4;
 
-// c = a w^T (+ bias) by the unpacked AVX-512 kernels, c (M, N) with unit column stride; false
-// (c untouched) where they cannot take the operands: float32 on an AVX-512 CPU, w with unit
-// stride along N (the broadcast form) or both with unit stride along K (the dot form).
+// c = a w^T (+ bias) (+ c when `accumulate`) by the unpacked AVX-512 kernels, c (M, N) with
+// unit column stride; false (c untouched) where they cannot take the operands: float32 on an
+// AVX-512 CPU, w with unit stride along N (the broadcast form) or both with unit stride along K
+// (the dot form).
 inline bool small_linear_into(const at::Tensor& c, const at::Tensor& a, const at::Tensor& w,
-                              const std::optional<at::Tensor>& bias = std::nullopt) {
+                              const std::optional<at::Tensor>& bias = std::nullopt,
+                              bool accumulate = false) {
 #ifdef FASTSEQ_SMALL_GEMM_AVX512
   const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
   const bool floats = a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
@@ -65,21 +67,19 @@ inline bool small_linear_into(const at::Tensor& c, const at::Tensor& a, const at
     return false;
   }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const avx512::Output out{c.data_ptr<float>(), c.stride(0),
+                           b.defined() ? b.const_data_ptr<float>() : nullptr, accumulate};
   const float* ap = a.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
-  float* cp = c.data_ptr<float>();
-  const int64_t ldc = c.stride(0);
   // Columns in blocks of the tile's width, split between threads when there is enough work.
   const int64_t width = broadcast ? 64 : 4;
   const int64_t blocks = (N + width - 1) / width;
   at::parallel_for(0, blocks, lstm::grain_for(2 * M * K * width), [&](int64_t v0, int64_t v1) {
     const int64_t n0 = v0 * width, n1 = std::min(N, v1 * width);
     if (broadcast) {
-      avx512::broadcast_gemm(M, K, ap, a.stride(0), a.stride(1), wp, w.stride(1), bp, cp, ldc,
-                             n0, n1);
+      avx512::broadcast_gemm(M, K, ap, a.stride(0), a.stride(1), wp, w.stride(1), out, n0, n1);
     } else {
-      avx512::dot_gemm(M, K, ap, a.stride(0), wp, w.stride(0), bp, cp, ldc, n0, n1);
+      avx512::dot_gemm(M, K, ap, a.stride(0), wp, w.stride(0), out, n0, n1);
     }
   });
   return true;
@@ -88,10 +88,16 @@ inline bool small_linear_into(const at::Tensor& c, const at::Tensor& a, const at
 #endif
 }
 
-// out = a w^T for a product inside a loop (per step), where oneDNN's call cost would dominate:
-// the unpacked kernels where they can take it, else ATen.
-inline void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-  if (!small_linear_into(out, a, w)) {
+// out = a w^T, or out += a w^T when `accumulate`, for a product inside a loop (per step), where
+// oneDNN's call cost would dominate: the unpacked kernels where they can take it, else ATen.
+inline void linear_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w,
+                        bool accumulate = false) {
+  if (small_linear_into(out, a, w, std::nullopt, accumulate)) {
+    return;
+  }
+  if (accumulate) {
+    out.addmm_(a, w.t());
+  } else {
     at::mm_out(out, a, w.t());
   }
 }

@@ -704,7 +704,7 @@ void forward_step(const ForwardStep<scalar_t>& cell, const Tensor& g_t, const Te
                                  h_prev.size(1));
     }
   }
-  g_t.addmm_(h_prev, w_hh.t());
+  cpu::linear_into(g_t, h_prev, w_hh, /*accumulate=*/true);
   forward_cell_step(cell, B);
 }
 
@@ -1003,7 +1003,7 @@ void grad_h_step(const Sizes& s, const Tensor& dh, const Tensor& dpre_t, const T
       return;
     }
   }
-  dh.addmm_(dpre_t, w_hh);
+  cpu::linear_into(dh, dpre_t, w_hh.t(), /*accumulate=*/true);
 }
 
 // The general loop: [projection,] cell, then dh += dpre_t W_hh, each over the whole step.

@@ -1,5 +1,5 @@
 // Products too small for a library GEMM call to pay its way, float32 on AVX-512, unpacked:
-// C (M x N) = A W^T (+ bias) with the operands read where they lie.
+// C (M x N) = A W^T (+ bias) (+ C) with the operands read where they lie.
 //
 // An LSTMCell step or one decoding step multiplies a few rows by the weights (8 x 128 by
 // 128 x 512: half a million multiply-adds). ATen's GEMM (MKL, which runs its AVX2 code on AMD
@@ -31,19 +31,30 @@ FASTSEQ_AVX512 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
 
+// Where a product's output goes: C (row stride ldc), plus bias (N) when given, plus what C held
+// when `accumulate`.
+struct Output {
+  float* c;
+  int64_t ldc;
+  const float* bias;
+  bool accumulate;
+};
+
 // Broadcast form, one tile: C[0:MR, 0:64) of the columns that `mask` keeps, A(r, k) at
 // a[r sam + k sak], W^T row k at w + k ldw.
 template <int MR>
 FASTSEQ_AVX512 void broadcast_tile(int64_t K, const float* a, int64_t sam, int64_t sak,
-                                   const float* w, int64_t ldw, const float* bias, float* c,
-                                   int64_t ldc, const __mmask16 (&mask)[4]) {
+                                   const float* w, int64_t ldw, const Output& out,
+                                   const __mmask16 (&mask)[4]) {
   __m512 acc[MR][4];
 #pragma GCC unroll 4
   for (int v = 0; v < 4; ++v) {
-    const __m512 init = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
+    const __m512 bias =
+        out.bias ? _mm512_maskz_loadu_ps(mask[v], out.bias + 16 * v) : _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
-      acc[r][v] = init;
+      const float* c = out.c + r * out.ldc + 16 * v;
+      acc[r][v] = out.accumulate ? _mm512_add_ps(bias, _mm512_maskz_loadu_ps(mask[v], c)) : bias;
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -65,7 +76,7 @@ FASTSEQ_AVX512 void broadcast_tile(int64_t K, const float* a, int64_t sam, int64
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+      _mm512_mask_storeu_ps(out.c + r * out.ldc + 16 * v, mask[v], acc[r][v]);
     }
   }
 }
@@ -73,20 +84,19 @@ FASTSEQ_AVX512 void broadcast_tile(int64_t K, const float* a, int64_t sam, int64
 // Broadcast form over rows [0, M) and columns [n0, n1) (n0 a multiple of 64).
 FASTSEQ_AVX512 inline void broadcast_gemm(int64_t M, int64_t K, const float* a, int64_t sam,
                                           int64_t sak, const float* w, int64_t ldw,
-                                          const float* bias, float* c, int64_t ldc, int64_t n0,
-                                          int64_t n1) {
+                                          const Output& out, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 64) {
     const __mmask16 mask[4] = {lanes(n1 - n), lanes(n1 - n - 16), lanes(n1 - n - 32),
                                lanes(n1 - n - 48)};
-    const float* b = bias ? bias + n : nullptr;
     for (int64_t m = 0; m < M; m += 4) {
       const float* a_m = a + m * sam;
-      float* c_m = c + m * ldc + n;
+      const Output tile{out.c + m * out.ldc + n, out.ldc, out.bias ? out.bias + n : nullptr,
+                        out.accumulate};
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: broadcast_tile<4>(K, a_m, sam, sak, w + n, ldw, b, c_m, ldc, mask); break;
-        case 3: broadcast_tile<3>(K, a_m, sam, sak, w + n, ldw, b, c_m, ldc, mask); break;
-        case 2: broadcast_tile<2>(K, a_m, sam, sak, w + n, ldw, b, c_m, ldc, mask); break;
-        default: broadcast_tile<1>(K, a_m, sam, sak, w + n, ldw, b, c_m, ldc, mask); break;
+        case 4: broadcast_tile<4>(K, a_m, sam, sak, w + n, ldw, tile, mask); break;
+        case 3: broadcast_tile<3>(K, a_m, sam, sak, w + n, ldw, tile, mask); break;
+        case 2: broadcast_tile<2>(K, a_m, sam, sak, w + n, ldw, tile, mask); break;
+        default: broadcast_tile<1>(K, a_m, sam, sak, w + n, ldw, tile, mask); break;
       }
     }
   }
@@ -109,7 +119,7 @@ FASTSEQ_AVX512 inline __m128 sum_lanes(__m512 p, __m512 q, __m512 r, __m512 s) {
 // Dot form, one tile: C[0:MR, 0:nc) for nc <= 4 columns, A rows at a (lda), W rows at w (ldw).
 template <int MR>
 FASTSEQ_AVX512 void dot_tile(int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
-                             int64_t nc, const float* bias, float* c, int64_t ldc) {
+                             int64_t nc, const Output& out) {
   const float* rows[4];
   for (int j = 0; j < 4; ++j) {
     rows[j] = w + std::min<int64_t>(j, nc - 1) * ldw;  // past nc: a real row, never stored
@@ -139,29 +149,33 @@ FASTSEQ_AVX512 void dot_tile(int64_t K, const float* a, int64_t lda, const float
     }
   }
   const __mmask8 store = static_cast<__mmask8>((1u << nc) - 1u);
-  const __m128 b4 = bias ? _mm_maskz_loadu_ps(store, bias) : _mm_setzero_ps();
+  const __m128 bias = out.bias ? _mm_maskz_loadu_ps(store, out.bias) : _mm_setzero_ps();
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) {
-    const __m128 sums = sum_lanes(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-    _mm_mask_storeu_ps(c + r * ldc, store, _mm_add_ps(sums, b4));
+    float* c = out.c + r * out.ldc;
+    __m128 sums = _mm_add_ps(sum_lanes(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), bias);
+    if (out.accumulate) {
+      sums = _mm_add_ps(sums, _mm_maskz_loadu_ps(store, c));
+    }
+    _mm_mask_storeu_ps(c, store, sums);
   }
 }
 
 // Dot form over rows [0, M) and columns [n0, n1).
 FASTSEQ_AVX512 inline void dot_gemm(int64_t M, int64_t K, const float* a, int64_t lda,
-                                    const float* w, int64_t ldw, const float* bias, float* c,
-                                    int64_t ldc, int64_t n0, int64_t n1) {
+                                    const float* w, int64_t ldw, const Output& out, int64_t n0,
+                                    int64_t n1) {
   for (int64_t n = n0; n < n1; n += 4) {
     const int64_t nc = std::min<int64_t>(4, n1 - n);
-    const float* b = bias ? bias + n : nullptr;
     for (int64_t m = 0; m < M; m += 4) {
       const float* a_m = a + m * lda;
-      float* c_m = c + m * ldc + n;
+      const Output tile{out.c + m * out.ldc + n, out.ldc, out.bias ? out.bias + n : nullptr,
+                        out.accumulate};
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: dot_tile<4>(K, a_m, lda, w + n * ldw, ldw, nc, b, c_m, ldc); break;
-        case 3: dot_tile<3>(K, a_m, lda, w + n * ldw, ldw, nc, b, c_m, ldc); break;
-        case 2: dot_tile<2>(K, a_m, lda, w + n * ldw, ldw, nc, b, c_m, ldc); break;
-        default: dot_tile<1>(K, a_m, lda, w + n * ldw, ldw, nc, b, c_m, ldc); break;
+        case 4: dot_tile<4>(K, a_m, lda, w + n * ldw, ldw, nc, tile); break;
+        case 3: dot_tile<3>(K, a_m, lda, w + n * ldw, ldw, nc, tile); break;
+        case 2: dot_tile<2>(K, a_m, lda, w + n * ldw, ldw, nc, tile); break;
+        default: dot_tile<1>(K, a_m, lda, w + n * ldw, ldw, nc, tile); break;
       }
     }
   }
