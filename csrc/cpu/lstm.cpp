@@ -1098,8 +1098,8 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     std::get<5>(grads) = dpre2d.sum(0);
   }
   if (proj) {
-    std::get<6>(grads) =
-        at::mm(st.dh_all.view({s.T * s.B, s.P}).t(), in.hidden.view({s.T * s.B, s.H}));
+    std::get<6>(grads) = cpu::linear(st.dh_all.view({s.T * s.B, s.P}).t(),
+                                     in.hidden.view({s.T * s.B, s.H}).t());
   }
   return grads;
 }
