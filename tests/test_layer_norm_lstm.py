@@ -134,6 +134,18 @@ def test_eager_calls_equal_the_registered_op(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_raises_instead_of_returning_zeros(backend):
+    """Differentiable once on the fused backends: a second backward through the gradient op
+    raises (its body would give silent zeros)."""
+    leaves = [t.requires_grad_() for t in _inputs(3, 2, 4, 5, dtype=torch.float32)]
+    with fastseq.use_backend(backend):
+        y = layer_norm_lstm_layer(*leaves)[0]
+    (grad,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        torch.autograd.grad(grad.square().sum(), leaves[3])
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_zero_eps_with_zero_padding_keeps_gradients_finite(backend):
     """With eps = 0 a zero-padded step's input LayerNorm divides by zero; padding must not read it."""
     inputs = _inputs(4, 3, 5, 6, dtype=torch.float32, bias=False)

@@ -469,6 +469,58 @@ def test_eager_calls_equal_the_registered_op(backend, projection):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", ["LSTM", "LSTMCell"])
+def test_double_backward_raises_instead_of_returning_zeros(backend, module):
+    """The layer is differentiable once: a backward with create_graph=True goes through the
+    gradient op, which refuses a second backward (its body would give silent zeros)."""
+    m = getattr(fastseq.nn, module)(4, 3)
+    x = torch.randn(5, 2, 4) if module == "LSTM" else torch.randn(2, 4)
+    x.requires_grad_()
+    with fastseq.use_backend(backend):
+        out = m(x)[0]
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        torch.autograd.grad(grad.square().sum(), m.weight_ih_l0 if module == "LSTM" else m.weight_ih)
+
+
+def test_vmap_fake_tensors_and_make_fx_take_the_registered_op():
+    """Outside plain eager mode (functorch transforms, fake tensors, make_fx) the layer runs the
+    registered op, which those systems know how to handle."""
+    torch.manual_seed(0)
+    m = fastseq.nn.LSTM(5, 6)
+    xs = torch.randn(3, 4, 2, 5)
+    batched = torch.func.vmap(lambda x: m(x)[0])(xs)
+    torch.testing.assert_close(batched, torch.stack([m(x)[0] for x in xs]))
+    first = xs[0]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = fastseq.nn.LSTM(5, 6)
+        y, (h, c) = fake(mode.from_tensor(first))
+    assert y.shape == (4, 2, 6) and h.shape == c.shape == (1, 2, 6)
+    params = dict(m.named_parameters())
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda p, x: torch.func.functional_call(m, p, (x,))[0], tracing_mode="fake")(params, first)
+    assert any("lstm_layer" in str(node.target) for node in graph.graph.nodes)
+
+
+def test_exported_program_runs_in_a_fresh_process(tmp_path):
+    """An exported graph holds fastseq.lstm_layer; a process that loads it runs the op's body
+    before anything else has loaded the C++ extension."""
+    torch.manual_seed(0)
+    m = fastseq.nn.LSTM(5, 6)
+    x = torch.randn(4, 2, 5)
+    torch.export.save(torch.export.export(m, (x,)), tmp_path / "lstm.pt2")
+    torch.save((x, m(x)[0]), tmp_path / "io.pt")
+    script = (
+        "import sys, torch, fastseq\n"
+        "x, want = torch.load(sys.argv[2])\n"
+        "got = torch.export.load(sys.argv[1]).module()(x)[0]\n"
+        "torch.testing.assert_close(got, want)\n")
+    child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lstm.pt2"),
+                            str(tmp_path / "io.pt")], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_registered_ops_pass_opcheck(backend):
     """The layer op under opcheck: schema, fake kernel (strides included), autograd registration
     and AOT dispatch of forward and backward (the gradient op), as torch.compile uses them."""

@@ -7,7 +7,9 @@ autograd Function, the alias checks, then the same again for the gradient op): a
 forward and backward on the CPU, more than a whole ``LSTMCell`` training step of batch 8 and
 hidden 128 costs in ``torch.nn.LSTMCell``. :func:`autograd_function` builds a
 ``torch.autograd.Function`` from the op's own body, ``setup_context`` and backward, and
-:func:`call` runs it in eager mode and the registered op wherever a graph is being traced.
+:func:`call` runs it on plain tensors in plain eager mode, and the registered op wherever
+anything else is at work: a graph being traced, functorch transforms (``vmap``), dispatch modes
+(fake tensors, ``make_fx``), tensor subclasses.
 """
 
 from __future__ import annotations
@@ -38,8 +40,19 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable,
 
 
 def call(op, function: type[torch.autograd.Function], *inputs):
-    """``op(*inputs)`` where a graph is being traced (torch.compile, torch.export), else
-    ``function.apply(*inputs)``: the same computation, gradients included."""
-    if torch.compiler.is_compiling():
-        return op(*inputs)
-    return function.apply(*inputs)
+    """``function.apply(*inputs)`` in plain eager mode on plain tensors (``inputs[0]`` is the one
+    looked at), else ``op(*inputs)``: the same computation, gradients included."""
+    plain = (type(inputs[0]) is torch.Tensor and not torch.compiler.is_compiling()
+             and not torch._C._are_functorch_transforms_active()
+             and torch._C._len_torch_dispatch_stack() == 0)
+    return function.apply(*inputs) if plain else op(*inputs)
+
+
+def gradient(op, body):
+    """The gradient for an eager Function's backward: ``body`` (the gradient op's body), or the
+    op itself while grad mode is on. That is a double backward (``create_graph=True``), which the
+    op refuses, having no autograd formula, where its body would give silently wrong zeros."""
+    def grad(*args):
+        return (op if torch.is_grad_enabled() else body)(*args)
+
+    return grad

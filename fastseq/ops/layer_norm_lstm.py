@@ -173,6 +173,7 @@ def _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, l
 def _layer_forward(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths,
                    reverse, eps, save, backend):
     """The body of :func:`layer_norm_lstm_op`."""
+    _extension.load()  # a graph loaded by torch.export may run this before anything else did
     args = (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths, reverse, eps)
     if backend == "cpu":
         return tuple(torch.ops.fastseq.layer_norm_lstm_forward(*args, save))
@@ -213,6 +214,7 @@ def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
                 ln_c_bias, lengths, reverse, eps, has_bias, gates, cells, h_in, x_hat, r_hat, stats,
                 needs_grad_x, needs_grad_weights, backend):
     """The body of :func:`layer_norm_lstm_grad_op`."""
+    _extension.load()  # a graph loaded by torch.export may run this before anything else did
     if backend == "cpu":
         grads = torch.ops.fastseq.layer_norm_lstm_backward(
             grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weight,
@@ -287,8 +289,9 @@ def _backward_through(layer_grad):
 
 layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op),
                                      setup_context=_setup)
-_EagerLayer = eager.autograd_function("LayerNormLSTMLayer", _layer_forward, _setup,
-                                      _backward_through(_layer_grad))
+_EagerLayer = eager.autograd_function(
+    "LayerNormLSTMLayer", _layer_forward, _setup,
+    _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)))
 
 
 def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,

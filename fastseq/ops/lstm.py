@@ -264,6 +264,7 @@ def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, ha
 
 def _layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend):
     """The body of :func:`lstm_layer_op`."""
+    _extension.load()  # a graph loaded by torch.export may run this before anything else did
     if backend == "cpu":
         return tuple(torch.ops.fastseq.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr,
                                                           lengths, reverse, save))
@@ -308,6 +309,7 @@ def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths
                 cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state,
                 backend):
     """The body of :func:`lstm_layer_grad_op`."""
+    _extension.load()  # a graph loaded by torch.export may run this before anything else did
     args = (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
             pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state)
     if backend == "cpu":
@@ -394,8 +396,9 @@ def _backward_through(layer_grad):
 
 
 lstm_layer_op.register_autograd(_backward_through(lstm_layer_grad_op), setup_context=_setup)
-_EagerLayer = eager.autograd_function("LSTMLayer", _layer_forward, _setup,
-                                      _backward_through(_layer_grad))
+_EagerLayer = eager.autograd_function(
+    "LSTMLayer", _layer_forward, _setup,
+    _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)))
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):
