@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 from tolerance import assert_within_rule
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastseq
@@ -492,12 +494,12 @@ def test_vmap_fake_tensors_and_make_fx_take_the_registered_op():
     batched = torch.func.vmap(lambda x: m(x)[0])(xs)
     torch.testing.assert_close(batched, torch.stack([m(x)[0] for x in xs]))
     first = xs[0]
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+    with FakeTensorMode() as mode:
         fake = fastseq.nn.LSTM(5, 6)
         y, (h, c) = fake(mode.from_tensor(first))
     assert y.shape == (4, 2, 6) and h.shape == c.shape == (1, 2, 6)
     params = dict(m.named_parameters())
-    graph = torch.fx.experimental.proxy_tensor.make_fx(
+    graph = make_fx(
         lambda p, x: torch.func.functional_call(m, p, (x,))[0], tracing_mode="fake")(params, first)
     assert any("lstm_layer" in str(node.target) for node in graph.graph.nodes)
 
