@@ -91,11 +91,14 @@ def test_fused_layer_matches_reference(backend, dtype, reverse, shape):
 
 @pytest.mark.parametrize("backend, dtype", CASES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_fused_layer_with_lengths_and_no_bias(backend, dtype, reverse):
+@pytest.mark.parametrize("steps, lengths", [(6, [6, 3, 1, 0, 5]), (3, [2]), (1, [1, 0, 1])],
+                         ids=["packed", "unpacked_one_row", "unpacked_one_step"])
+def test_fused_layer_with_lengths_and_no_bias(backend, dtype, reverse, steps, lengths):
     """Lengths from full to zero: padding keeps the state and outputs zeros; a reverse sequence
-    shorter than T starts from h0."""
-    _check(backend, 6, 5, 5, 21, dtype, lengths=torch.tensor([6, 3, 1, 0, 5]), reverse=reverse,
-           bias=False)
+    shorter than T starts from h0. Under 4 rows over the sequence the C++ layer's recurrent GEMMs
+    run unpacked, accumulating onto the carry that padding rows keep."""
+    _check(backend, steps, len(lengths), 5, 21, dtype, lengths=torch.tensor(lengths),
+           reverse=reverse, bias=False)
 
 
 @needs_cpp

@@ -480,17 +480,17 @@ RowKernels<T> row_kernels() {
 
 // ----------------------------------------------------------------------------------------------
 // The recurrent GEMMs of a block of rows: C[rows] (+)= A[rows] W, W (K x N) given as a transposed
-// view or packed (float32 on AVX-512).
+// view or packed (float32 on AVX-512, when the sequence has kMinRowsToPack rows or more).
 
 struct RowBlockGemm {
   Tensor w;       // (K, N), any strides
   Tensor packed;  // pack_column_panels(w), or undefined
   int64_t K, N;
 
-  static RowBlockGemm make(const Tensor& w) {
+  static RowBlockGemm make(const Tensor& w, int64_t sequence_rows) {
     RowBlockGemm gemm{w, Tensor(), w.size(0), w.size(1)};
 #ifdef FASTSEQ_PACKED_GEMM_AVX512
-    if (w.scalar_type() == at::kFloat && cpu_has_avx512()) {
+    if (w.scalar_type() == at::kFloat && cpu_has_avx512() && sequence_rows >= kMinRowsToPack) {
       gemm.packed = pack_column_panels(w.contiguous(), gemm.K, gemm.N);
     }
 #endif
@@ -518,12 +518,7 @@ struct RowBlockGemm {
     }
 #endif
     const Tensor a_rows = at::from_blob(const_cast<T*>(a), {rows, K}, w.options());
-    Tensor c_rows = at::from_blob(c, {rows, N}, w.options());
-    if (overwrite) {
-      at::mm_out(c_rows, a_rows, w);
-    } else {
-      c_rows.addmm_(a_rows, w);
-    }
+    cpu::linear_into(at::from_blob(c, {rows, N}, w.options()), a_rows, w.t(), !overwrite);
   }
 };
 
@@ -619,7 +614,7 @@ ForwardOut forward_impl(const Sizes& s, const Tensor& x, const Tensor& h0, const
                             x_hat.const_data_ptr<T>(), r.data_ptr<T>(), gates.data_ptr<T>(),
                             stats.data_ptr<T>(), save ? cells.data_ptr<T>() : nullptr,
                             h.data_ptr<T>(), c.data_ptr<T>(), y.data_ptr<T>()};
-  const RowBlockGemm gemm = RowBlockGemm::make(w_hh.t());
+  const RowBlockGemm gemm = RowBlockGemm::make(w_hh.t(), rows);
   const Blocks blocks = Blocks::over(s.B);
   at::parallel_for(0, blocks.blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -693,7 +688,7 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
                              sv.r_hat.const_data_ptr<T>(), sv.stats.const_data_ptr<T>(),
                              c0.const_data_ptr<T>(), grad_y.const_data_ptr<T>(), dh.data_ptr<T>(),
                              dc.data_ptr<T>(), dpre.data_ptr<T>(), dr.data_ptr<T>()};
-  const RowBlockGemm gemm = RowBlockGemm::make(w_hh);
+  const RowBlockGemm gemm = RowBlockGemm::make(w_hh, rows);
   const Blocks blocks = Blocks::over(s.B);
   // Per block: the gradients of ln_hh (4H), ln_c_weight and ln_c_bias (H each), and scratch (2H).
   Tensor sums = at::zeros({blocks.blocks, G + 4 * s.H}, opts);
@@ -735,11 +730,19 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
     grad_x = cpu::linear(dq, w_ih.t()).view({s.T, s.B, s.I});
   }
   if (needs_grad_weights) {
-    // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the
-    // second is taken as a transposed view, which oneDNN reads in place.
-    const Tensor x_t = x.view({rows, s.I}).t().contiguous();
-    grad_w_ih = cpu::linear(x_t, dq.t()).t().contiguous();
-    grad_w_hh = cpu::linear(sv.h_in.view({s.H, rows}), dr.view({rows, G}).t()).t().contiguous();
+    const Tensor h_in = sv.h_in.view({s.H, rows});
+    if (cpu::small_product(G, std::max(s.I, s.H), rows) || rows <= cpu::kOuterUpTo) {
+      // Small (a decoding step): straight into the (4H x I) and (4H x H) layouts, d q^T and
+      // d r^T read in place by the broadcast form, the few rows of h made row-major.
+      grad_w_ih = cpu::linear(dq.t(), x.view({rows, s.I}).t());
+      grad_w_hh = cpu::linear(dr.view({rows, G}).t(), h_in.t().contiguous().t());
+    } else {
+      // Transposed products (I x 4H and H x 4H) so that the first operand is row-major; the
+      // second is taken as a transposed view, which oneDNN reads in place.
+      const Tensor x_t = x.view({rows, s.I}).t().contiguous();
+      grad_w_ih = cpu::linear(x_t, dq.t()).t().contiguous();
+      grad_w_hh = cpu::linear(h_in, dr.view({rows, G}).t()).t().contiguous();
+    }
   }
   return {grad_x,
           dh,

@@ -481,7 +481,6 @@ Tensor pack_column_panels_bf16(const Tensor& w_hh, int64_t K, int64_t N) {
 template <typename scalar_t>
 bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
-  constexpr int64_t kMinRowsToPack = 4;  // rows of the recurrent GEMM over the sequence: T B
   const bool isa = (std::is_same_v<scalar_t, float> && cpu_has_avx2()) ||
                    (std::is_same_v<scalar_t, at::BFloat16> && cpu_has_avx512_bf16());
   return isa && s.T * s.B >= kMinRowsToPack;

@@ -22,6 +22,10 @@ inline int64_t grain_for(int64_t flops_per_item) {
   return std::max<int64_t>(1, kMinParallelFlops / std::max<int64_t>(flops_per_item, 1));
 }
 
+// Rows of the recurrent GEMM over the whole sequence (T B) from which packing W_hh once pays for
+// itself; below, the GEMMs read it where it lies (csrc/cpu/linear.h).
+constexpr int64_t kMinRowsToPack = 4;
+
 // Step t is padding for sequence b when t >= lengths[b] (never without lengths).
 inline bool is_active(const int64_t* lengths, int64_t b, int64_t t) {
   return lengths == nullptr || t < lengths[b];
