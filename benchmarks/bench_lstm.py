@@ -192,6 +192,8 @@ def _shapes(device, quick):
         dataclasses.replace(headline, layer_norm=True),
         dataclasses.replace(headline, layer_norm=True, batch=64),
         dataclasses.replace(headline, layer_norm=True, dtype=torch.bfloat16),
+        dataclasses.replace(headline, layer_norm=True, batch=1, steps=1, input_size=512,
+                            hidden=512),  # a decoding step
         # a decoder's LSTMCell step: small (host-bound) and typical training sizes
         dataclasses.replace(headline, cell=True, steps=1, batch=8, hidden=128),
         dataclasses.replace(headline, cell=True, steps=1, batch=32, input_size=256),
