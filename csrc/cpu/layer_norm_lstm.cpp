@@ -731,7 +731,7 @@ Grads backward_impl(const Sizes& s, const Tensor& grad_y, const Tensor& grad_h_n
   }
   if (needs_grad_weights) {
     const Tensor h_in = sv.h_in.view({s.H, rows});
-    if (cpu::small_product(G, std::max(s.I, s.H), rows) || rows <= cpu::kOuterUpTo) {
+    if (cpu::small_broadcast_product(G, std::max(s.I, s.H), rows)) {
       // Small (a decoding step): straight into the (4H x I) and (4H x H) layouts, d q^T and
       // d r^T read in place by the broadcast form, the few rows of h made row-major.
       grad_w_ih = cpu::linear(dq.t(), x.view({rows, s.I}).t());

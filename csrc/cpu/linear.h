@@ -48,6 +48,12 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
 // 0.40 against 0.45 ms with oneDNN taking them in two runs of three, the third the other way).
 constexpr int64_t kOuterUpTo = 4;
 
+// Whether a product in the broadcast form goes to the unpacked kernels: the callers that choose
+// their operands' layout (the weight gradients) ask this first.
+inline bool small_broadcast_product(int64_t M, int64_t N, int64_t K) {
+  return small_product(M, N, K) || K <= kOuterUpTo;
+}
+
 // c = a w^T (+ bias) (+ c when `accumulate`) by the unpacked AVX-512 kernels, c (M, N) with
 // unit column stride; false (c untouched) where they cannot take the operands: float32 on an
 // AVX-512 CPU, w with unit stride along N (the broadcast form) or both with unit stride along K
@@ -105,10 +111,10 @@ inline void linear_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w
 // a (M, K), w (N, K), bias (N) or none; any strides. Returns a new contiguous (M, N).
 inline at::Tensor linear(const at::Tensor& a, const at::Tensor& w,
                          const std::optional<at::Tensor>& bias = std::nullopt) {
-  const bool small = small_product(a.size(0), w.size(0), a.size(1)) ||
-                     (a.size(1) <= kOuterUpTo && w.stride(0) == 1);
+  const int64_t M = a.size(0), N = w.size(0), K = a.size(1);
+  const bool small = w.stride(0) == 1 ? small_broadcast_product(M, N, K) : small_product(M, N, K);
   if (small) {
-    at::Tensor c = at::empty({a.size(0), w.size(0)}, a.options());
+    at::Tensor c = at::empty({M, N}, a.options());
     if (small_linear_into(c, a, w, bias)) {
       return c;
     }

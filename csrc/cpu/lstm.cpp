@@ -1075,8 +1075,7 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   // own product with a row block of operand, no copy after: that costs less while T B < I + P
   // (float32, oneDNN; H = 256, I + P = 384: 0.54 against 0.59 ms at T B = 256, even at 384, 0.90x
   // at 768; H = 512, I + P = 1024: even at 1024).
-  const bool small = cpu::small_product(4 * s.H, std::max(s.I, s.P), s.T * s.B) ||
-                     s.T * s.B <= cpu::kOuterUpTo;
+  const bool small = cpu::small_broadcast_product(4 * s.H, std::max(s.I, s.P), s.T * s.B);
   const Tensor operand =
       weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, small);
   if (small) {

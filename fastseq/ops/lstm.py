@@ -388,8 +388,8 @@ def _backward_through(layer_grad):
         gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
         weights, state = ctx.needs_grad_weights, ctx.needs_grad_state
         return (gx if ctx.needs_grad_x else None, gh0 if state else None, gc0 if state else None,
-                gw_ih if weights else None,
-                gw_hh if weights else None, gbias if weights and ctx.has_bias else None,
+                gw_ih if weights else None, gw_hh if weights else None,
+                gbias if weights and ctx.has_bias else None,
                 gw_hr if weights and w_hr is not None else None, None, None, None, None)
 
     return backward
