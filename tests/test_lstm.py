@@ -452,13 +452,9 @@ def _layer_inputs(projection, seed=0):
     return [*tensors, torch.randn(out, hidden, generator=g) * 0.5 if projection else None]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("projection", [False, True])
-def test_eager_calls_equal_the_registered_op(backend, projection):
-    """Eager calls run the op's autograd without the dispatcher (fastseq/ops/eager.py); the
-    registered op, which torch.compile and torch.export trace, gives the same bits."""
-    inputs = _layer_inputs(projection)
-    lengths = torch.tensor([4, 1, 3])
+def _eager_and_op_results(inputs, lengths, backend):
+    """(y, h_n, c_n, every gradient) of one reversed layer with ``lengths``, run through the eager
+    Function and through the registered op."""
     results = []
     for layer in (lstm_ops._EagerLayer.apply, torch.ops.fastseq.lstm_layer):
         leaves = [t if t is None else t.detach().requires_grad_() for t in inputs]
@@ -466,7 +462,17 @@ def test_eager_calls_equal_the_registered_op(backend, projection):
         grads = torch.autograd.grad((y.sin().sum(), h_n.square().sum(), c_n.sum()),
                                     [t for t in leaves if t is not None])
         results.append((y, h_n, c_n, *grads))
-    for got, want in zip(*results, strict=True):
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_eager_calls_equal_the_registered_op(backend, projection):
+    """Eager calls run the op's autograd without the dispatcher (fastseq/ops/eager.py); the
+    registered op, which torch.compile and torch.export trace, gives the same bits."""
+    eager_results, op_results = _eager_and_op_results(_layer_inputs(projection),
+                                                      torch.tensor([4, 1, 3]), backend)
+    for got, want in zip(eager_results, op_results, strict=True):
         assert torch.equal(got, want)
 
 
@@ -615,6 +621,19 @@ def test_gpu_backends_within_tolerance_rule(backend, dtype, case, with_lengths):
     _compare(cpu[1][:1], truth_grads[:1], low_cpu[1][:1])
     for g, t, lo in zip(cpu[1][1:], truth_grads[1:], low_cpu[1][1:], strict=True):
         assert_within_rule(g, t, lo, "weight grad", factor=3.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("backend", "projection"), [("cuda", False), ("triton", False), ("triton", True)])
+def test_gpu_eager_calls_equal_the_registered_op_and_pass_opcheck(backend, projection):
+    """On the GPU too, the eager Function (fastseq/ops/eager.py) and the registered op, which
+    torch.compile traces, agree; and the op passes opcheck (fake kernel, autograd, AOT dispatch)."""
+    inputs = [t if t is None else t.cuda() for t in _layer_inputs(projection)]
+    lengths = torch.tensor([4, 1, 3], device="cuda")  # as fastseq.ops.lstm.checked_lengths gives it
+    for got, want in zip(*_eager_and_op_results(inputs, lengths, backend), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    leaves = [t if t is None else t.requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.fastseq.lstm_layer, (*leaves, lengths, False, True, backend))
 
 
 @pytest.mark.skipif(not _extension.cuda_built(), reason="extension built without its CUDA kernels")
