@@ -10,7 +10,10 @@ Variants that isolate a fastseq cost:
 * rotary ``fastseq_int_offset``: positions given as an int, which needs no range check on the
   device (the per-batch tensor of positions does: one host read);
 * attention ``fastseq_key_lengths``: key lengths given as a tensor (a range check, one host read);
-* LSTM at T=1 and T=16: the per-step cost is their difference over 15 steps.
+* LSTM at T=1 and T=16: the per-step cost is their difference over 15 steps;
+  ``fastseq_layer`` calls the layer op (:func:`fastseq.ops.lstm.lstm_layer`) on the module's
+  weights and zero states: what the module adds (the zero state, the bias sum, the layer loop)
+  is the difference.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 import fastseq
 from fastseq.bench import Case
+from fastseq.ops.lstm import lstm_layer
 from fastseq.reference import rotary as rotary_reference
 
 SUITE = "dispatch"
@@ -70,8 +74,13 @@ def _lstm(device, dtype, steps):
     ours = fastseq.nn.LSTM(32, 32).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(steps, 1, 32, device=device, dtype=dtype)
+    state = torch.zeros(1, 32, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer_args = (x, state, state, ours.weight_ih_l0, ours.weight_hh_l0,
+                      ours.bias_ih_l0 + ours.bias_hh_l0)
     return _case(f"lstm T{steps} B1 H32", {"op": "lstm", "steps": steps}, dtype, {
         "fastseq": torch.no_grad()(lambda: ours(x)),
+        "fastseq_layer": torch.no_grad()(lambda: lstm_layer(*layer_args)),
         "torch": torch.no_grad()(lambda: theirs(x)),
         "one_launch": lambda: x + 1,
     })

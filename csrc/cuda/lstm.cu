@@ -29,6 +29,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -248,12 +251,28 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
 // ---------------------------------------------------------------------------------------------
 // Launch: pick U, check the whole grid can be resident, launch cooperatively.
 
-template <typename Args>
-void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+// Blocks of `kernel` with `smem` bytes of dynamic shared memory that fit on one SM of the current
+// device. The driver is asked once per (kernel, device, smem) rather than at every launch, as a
+// one-step layer call would otherwise pay two driver calls beside its one launch; the first
+// question also lifts the kernel's dynamic shared-memory limit to the device's opt-in maximum, so
+// that it covers every size asked later.
+int resident_blocks_per_sm(const void* kernel, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t>, int> known;
+  const auto key = std::make_tuple(kernel, int(c10::cuda::current_device()), smem);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  const int most = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  known.emplace(key, per_sm);
+  return per_sm;
+}
+
+template <typename Args>
+void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
+  const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = (hidden + units - 1) / units;
   TORCH_CHECK(blocks <= int64_t(per_sm) * sms, "fastseq lstm_recurrence: ", blocks,

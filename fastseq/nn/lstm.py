@@ -15,6 +15,12 @@ def _fail(message):
     raise ValueError(f"fastseq LSTM: {message}")
 
 
+def _stacked(states):
+    """Final states of every layer and direction, (L * D, B, F): a view for one layer and one
+    direction, where a stack would copy (a kernel launch per state on the GPU)."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
 class LSTM(nn.Module):
     """``torch.nn.LSTM`` on fastseq kernels: same constructor, parameters, state dicts and outputs.
 
@@ -108,7 +114,7 @@ class LSTM(nn.Module):
             _fail(f"input has {x.shape[-1]} features, expected input_size={self.input_size}")
         if hx is None:
             zeros = torch.zeros(layers, batch, self.hidden_size, dtype=x.dtype, device=x.device)
-            return zeros[..., :out_size], zeros
+            return (zeros[..., :out_size] if self.proj_size else zeros), zeros
         h0, c0 = hx
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
@@ -147,7 +153,7 @@ class LSTM(nn.Module):
             x = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, torch.stack(h_n), torch.stack(c_n)
+        return x, _stacked(h_n), _stacked(c_n)
 
 
 class LayerNormLSTM(LSTM):

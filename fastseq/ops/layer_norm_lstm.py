@@ -326,5 +326,5 @@ def run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_we
                                       ln_c_bias))
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     outputs = eager.call(layer_norm_lstm_op, _EagerLayer, *tensors, lengths, reverse, float(eps),
-                         save, backend)[:3]
+                         save, backend, differentiable=save)[:3]
     return outputs if compute == dtype else tuple(t.to(dtype) for t in outputs)

@@ -415,5 +415,6 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     tensors = contiguous_in(compute, (x, h0, c0, w_ih, w_hh, bias, w_hr))
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     lengths = lengths if lengths is None else lengths.contiguous()
-    outputs = eager.call(lstm_layer_op, _EagerLayer, *tensors, lengths, reverse, save, backend)[:3]
+    outputs = eager.call(lstm_layer_op, _EagerLayer, *tensors, lengths, reverse, save, backend,
+                         differentiable=save)[:3]
     return outputs if compute == dtype else tuple(t.to(dtype) for t in outputs)
