@@ -137,6 +137,30 @@ def test_eager_calls_equal_the_registered_op(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_torch_func_per_sample_gradients_and_grad_of_grad(backend):
+    """torch.func transforms run the fused layer (fastseq/ops/eager.py): per-sample gradients
+    (vmap of grad) equal autograd's example by example; a grad of a grad raises."""
+    inputs = _inputs(3, 2, 4, 5, dtype=torch.float32)
+    xs = torch.stack([inputs[0], inputs[0].flip(0)])
+
+    def loss(x, *weights):
+        y, h_n, c_n = layer_norm_lstm_layer(x, *weights)
+        return y.sin().sum() + h_n.square().sum() + c_n.sum()
+
+    with fastseq.use_backend(backend):
+        grads = torch.func.vmap(torch.func.grad(loss, argnums=tuple(range(1, 10))),
+                                in_dims=(0, *[None] * 9))(xs, *inputs[1:])
+        for i, x in enumerate(xs):
+            leaves = [t.detach().requires_grad_() for t in inputs[1:]]
+            want = torch.autograd.grad(loss(x, *leaves), leaves)
+            for name, got, w in zip(NAMES[1:], grads, want, strict=True):
+                torch.testing.assert_close(got[i], w, msg=name)
+        inner = torch.func.grad(loss)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.func.grad(lambda x: inner(x, *inputs[1:]).square().sum())(inputs[0])
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_double_backward_raises_instead_of_returning_zeros(backend):
     """Differentiable once on the fused backends: a second backward through the gradient op
     raises (its body would give silent zeros)."""

@@ -491,6 +491,40 @@ def test_double_backward_raises_instead_of_returning_zeros(backend, module):
         torch.autograd.grad(grad.square().sum(), m.weight_ih_l0 if module == "LSTM" else m.weight_ih)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
+    """torch.func transforms, which refuse torch.library's autograd, run the layer through a
+    Function of their own (fastseq/ops/eager.py): per-sample gradients (vmap of grad) equal
+    autograd's example by example, and jacrev equals autograd's Jacobian."""
+    torch.manual_seed(0)
+    m = fastseq.nn.LSTM(5, 6, proj_size=3 if backend != "reference" else 0)
+    xs = torch.randn(3, 4, 2, 5)
+    params = {name: p.detach() for name, p in m.named_parameters()}
+
+    def loss(p, x):
+        y, (h, c) = torch.func.functional_call(m, p, (x,))
+        return y.sin().sum() + h.square().sum() + c.sum()
+
+    with fastseq.use_backend(backend):
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+        for i, x in enumerate(xs):
+            want = torch.autograd.grad(loss(dict(m.named_parameters()), x), list(m.parameters()))
+            for name, w in zip(params, want, strict=True):
+                torch.testing.assert_close(per_sample[name][i], w, msg=name)
+        outputs = lambda x: m(x)[0].sum((0, 1))  # noqa: E731
+        torch.testing.assert_close(torch.func.jacrev(outputs)(xs[0]),
+                                   torch.autograd.functional.jacobian(outputs, xs[0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_of_grad_raises(backend):
+    """Differentiable once under torch.func too: a grad of a grad raises, not silent zeros."""
+    m = fastseq.nn.LSTM(4, 3)
+    inner = torch.func.grad(lambda x: m(x)[0].square().sum())
+    with fastseq.use_backend(backend), pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.grad(lambda x: inner(x).square().sum())(torch.randn(5, 2, 4))
+
+
 def test_vmap_fake_tensors_and_make_fx_take_the_registered_op():
     """Outside plain eager mode (functorch transforms, fake tensors, make_fx) the layer runs the
     registered op, which those systems know how to handle."""

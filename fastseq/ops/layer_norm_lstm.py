@@ -224,7 +224,7 @@ def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
         grads = _triton_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh,
                                  ln_c_weight, ln_c_bias, lengths, reverse, has_bias, gates, cells,
                                  h_in, x_hat, r_hat, stats, needs_grad_x, needs_grad_weights)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @torch.library.custom_op("fastseq::layer_norm_lstm_layer_grad", mutates_args=())
@@ -235,8 +235,9 @@ def layer_norm_lstm_grad_op(
     lengths: torch.Tensor | None, reverse: bool, eps: float, has_bias: bool, gates: torch.Tensor,
     cells: torch.Tensor, h_in: torch.Tensor, x_hat: torch.Tensor, r_hat: torch.Tensor,
     stats: torch.Tensor, needs_grad_x: bool, needs_grad_weights: bool, backend: str,
-) -> list[torch.Tensor]:
-    """Gradients [x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias] of
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias) of
     :func:`layer_norm_lstm_op` (bias's empty when the layer has none; x's unless
     ``needs_grad_x`` and w_ih's and w_hh's unless ``needs_grad_weights`` empty too: GEMMs left
     out)."""
@@ -252,9 +253,9 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, ln_ih, ln_hh, ln_c_weig
     def like(t, needed=True):
         return torch.empty_like(t) if needed else x.new_empty(0)
 
-    return [like(x, needs_grad_x), like(h0), like(c0), like(w_ih, needs_grad_weights),
+    return (like(x, needs_grad_x), like(h0), like(c0), like(w_ih, needs_grad_weights),
             like(w_hh, needs_grad_weights), x.new_empty(w_ih.shape[0] if has_bias else 0),
-            *(torch.empty_like(t) for t in (ln_ih, ln_hh, ln_c_weight, ln_c_bias))]
+            *(torch.empty_like(t) for t in (ln_ih, ln_hh, ln_c_weight, ln_c_bias)))
 
 
 def _setup(ctx, inputs, output):
@@ -287,11 +288,11 @@ def _backward_through(layer_grad):
     return backward
 
 
-layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op),
-                                     setup_context=_setup)
+_op_backward = _backward_through(layer_norm_lstm_grad_op)
+layer_norm_lstm_op.register_autograd(_op_backward, setup_context=_setup)
 _EagerLayer = eager.autograd_function(
     "LayerNormLSTMLayer", _layer_forward, _setup,
-    _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)))
+    _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)), layer_norm_lstm_op, _op_backward)
 
 
 def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,

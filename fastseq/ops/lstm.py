@@ -318,7 +318,7 @@ def _layer_grad(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths
         grads = _persistent_backward(*args)
     else:
         grads = _loop_backward(_cells(backend)[1], *args)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @torch.library.custom_op("fastseq::lstm_layer_grad", mutates_args=())
@@ -328,7 +328,8 @@ def lstm_layer_grad_op(
     w_hr: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, gates: torch.Tensor,
     cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
     needs_grad_x: bool, needs_grad_weights: bool, needs_grad_state: bool, backend: str,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent
     or not needed: grad_x unless ``needs_grad_x``, the weights' unless ``needs_grad_weights``,
     h0's and c0's unless ``needs_grad_state``).
@@ -347,8 +348,8 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
         return torch.empty_like(t) if needed and t is not None else x.new_empty(0)
 
     bias = x.new_empty(4 * c0.shape[1]) if has_bias else None
-    return [like(x, needs_grad_x), like(h0, needs_grad_state), like(c0, needs_grad_state),
-            like(w_ih), like(w_hh), like(bias), like(w_hr)]
+    return (like(x, needs_grad_x), like(h0, needs_grad_state), like(c0, needs_grad_state),
+            like(w_ih), like(w_hh), like(bias), like(w_hr))
 
 
 def _setup(ctx, inputs, output):
@@ -395,10 +396,11 @@ def _backward_through(layer_grad):
     return backward
 
 
-lstm_layer_op.register_autograd(_backward_through(lstm_layer_grad_op), setup_context=_setup)
+_op_backward = _backward_through(lstm_layer_grad_op)
+lstm_layer_op.register_autograd(_op_backward, setup_context=_setup)
 _EagerLayer = eager.autograd_function(
     "LSTMLayer", _layer_forward, _setup,
-    _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)))
+    _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)), lstm_layer_op, _op_backward)
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):
