@@ -99,6 +99,8 @@ struct ForwardArgs {
   scalar_t* gates;        // (T, B, 4H), activated
   float* cells;           // (T, B, H)
   scalar_t* h_buf;        // (2, B, H): h before / after the current step
+  scalar_t* h_n;          // (B, H): the state after the last step, written by its last step
+  scalar_t* c_n;          // (B, H), in the input dtype
 };
 
 template <typename scalar_t, int U>
@@ -139,11 +141,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
       const int64_t row = t * B + b;
       const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j]) : a.cells[(t_prev * B + b) * H + j];
       scalar_t* g_out = a.gates + row * 4 * H + j;
+      const bool last = i == r.steps - 1;
       if (!is_active(r, b, t)) {
         for (int gate = 0; gate < 4; ++gate) g_out[gate * H] = scalar_t(0);
         a.cells[row * H + j] = c_prev;
         h_out[b * H + j] = h_in[b * H + j];
         a.y[row * H + j] = scalar_t(0);
+        if (last) {
+          a.h_n[b * H + j] = h_in[b * H + j];
+          a.c_n[b * H + j] = static_cast<scalar_t>(c_prev);
+        }
         continue;
       }
       const scalar_t* pre = a.pre_x + row * 4 * H + j;
@@ -159,6 +166,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
       a.cells[row * H + j] = c;
       h_out[b * H + j] = h;
       a.y[row * H + j] = h;
+      if (last) {
+        a.h_n[b * H + j] = h;
+        a.c_n[b * H + j] = static_cast<scalar_t>(c);
+      }
     }
     grid.sync();
   }
@@ -330,20 +341,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   auto cells = at::empty({T, B, H}, pre_x.options().dtype(at::kFloat));
   auto h_buf = at::empty({2, B, H}, pre_x.options());
   if (T == 0 || B == 0) return {y, h0.clone(), c0.clone(), gates, cells};
+  // The kernel's last step writes h_n and c_n: no copies after it (a launch each on the GPU).
+  auto h_n = at::empty({B, H}, pre_x.options());
+  auto c_n = at::empty({B, H}, c0.options());
   const int units = plan_or_fail(H, pre_x);
   const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   FASTSEQ_DISPATCH_KERNEL_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
     ForwardArgs<scalar_t> args{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
                                c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                               cells.data_ptr<float>(), h_buf.data_ptr<scalar_t>()};
+                               cells.data_ptr<float>(), h_buf.data_ptr<scalar_t>(),
+                               h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>()};
     const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
     FASTSEQ_LSTM_UNITS(units, forward_kernel, args, H, units, smem);
   });
-  const int64_t last = reverse ? 0 : T - 1;
-  // A copy even for float32: c_n may not be a view of `cells`, another output.
-  return {y, h_buf[T % 2].clone(),
-          cells[last].to(c0.scalar_type(), /*non_blocking=*/false, /*copy=*/true), gates, cells};
+  return {y, h_n, c_n, gates, cells};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
