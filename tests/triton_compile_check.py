@@ -10,8 +10,9 @@ smallest config of an autotuned one; a larger config that does not fit is report
 autotuner skips it on that device).
 
 Run as a script, without TRITON_INTERPRET: ``python tests/triton_compile_check.py [label ...]``
-(optional substrings of the case labels). Prints one line per compiled kernel and exits non-zero,
-naming the kernels, when any fails.
+(optional substrings of the case labels). Prints one line per compiled kernel (shared memory, and
+registers and stack per thread where Triton's cuobjdump is found) and exits non-zero, naming the
+kernels, when any fails.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 import torch
@@ -102,6 +106,23 @@ def _variants(kernel, args, kwargs):
             for c, everywhere in picked]
 
 
+def _registers(compiled) -> str:
+    """", registers R, stack S B" per thread of a compiled kernel, read from its cubin with the
+    cuobjdump Triton ships (empty where it is missing): a stack means registers spilled, which the
+    interpreter cannot show and which costs on the GPU."""
+    try:
+        tool = triton.knobs.nvidia.cuobjdump.path
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True,
+                                   text=True, timeout=60).stdout
+    except (AttributeError, OSError, subprocess.SubprocessError):
+        return ""
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f", registers {found[1]}, stack {found[2]} B" if found else ""
+
+
 def compile_launches(launches, label):
     """Compile each recorded launch for every target; returns the failures' descriptions."""
     failures = []
@@ -119,7 +140,8 @@ def compile_launches(launches, label):
                     if shared > shared_limit and everywhere:
                         raise RuntimeError(f"{shared} bytes of shared memory > {shared_limit}")
                     verdict = "ok   " if shared <= shared_limit else "skip "  # autotuner's call
-                    print(f"{verdict} {where} (shared {shared} B)", flush=True)
+                    print(f"{verdict} {where} (shared {shared} B{_registers(compiled)})",
+                          flush=True)
                 except Exception:  # noqa: BLE001 - every failure is reported, then the next runs
                     failures.append(where)
                     print(f"FAIL  {where}\n{traceback.format_exc()}", flush=True)
