@@ -158,6 +158,8 @@ def test_torch_func_per_sample_gradients_and_grad_of_grad(backend):
         inner = torch.func.grad(loss)
         with pytest.raises(RuntimeError, match="differentiable once"):
             torch.func.grad(lambda x: inner(x, *inputs[1:]).square().sum())(inputs[0])
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.func.jacrev(torch.func.jacrev(lambda x: loss(x, *inputs[1:])))(inputs[0])
 
 
 @pytest.mark.parametrize("backend", FUSED)

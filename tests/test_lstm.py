@@ -418,6 +418,23 @@ def test_empty_sequence_or_batch(backend, dtype, shape):
     assert x.grad.shape == x.shape and h0.grad.shape == h0.shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", ["LSTM", "LayerNormLSTM"])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_final_states_never_alias(backend, module, steps):
+    """h_n and c_n of one layer and direction are views of the layer's outputs, not stacks: they
+    share memory neither with each other (the default zero state is one tensor) nor with hx."""
+    m = getattr(fastseq.nn, module)(4, 5)
+    x = torch.randn(steps, 2, 4)
+    hx = (torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    with fastseq.use_backend(backend), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for state in (None, hx):
+            _, (h, c) = m(x, state)
+            storages = {t.untyped_storage().data_ptr() for t in (h, c, *hx)}
+            assert len(storages) == 4, f"state {'given' if state else 'default'}"
+
+
 def test_strided_lengths():
     _, ours = _pair()
     x = torch.randn(6, 3, 5, dtype=torch.float64)
@@ -516,13 +533,49 @@ def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
                                    torch.autograd.functional.jacobian(outputs, xs[0]))
 
 
+def _second_order(kind, f, x):
+    """A second derivative of f at x, taken the way ``kind`` names."""
+    if kind == "grad of grad":
+        return torch.func.grad(lambda x: torch.func.grad(f)(x).square().sum())(x)
+    if kind == "grad of jacrev":
+        return torch.func.grad(lambda x: torch.func.jacrev(f)(x).square().sum())(x)
+    if kind == "jacrev of jacrev":
+        return torch.func.jacrev(torch.func.jacrev(f))(x)
+    leaf = x.clone().requires_grad_()  # "autograd of grad"
+    return torch.autograd.grad(torch.func.grad(f)(leaf).square().sum() + leaf.sum(), leaf)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_of_grad_raises(backend):
-    """Differentiable once under torch.func too: a grad of a grad raises, not silent zeros."""
+@pytest.mark.parametrize("kind", ["grad of grad", "grad of jacrev", "jacrev of jacrev",
+                                  "autograd of grad"])
+def test_torch_func_second_derivatives_raise(backend, kind):
+    """Differentiable once under torch.func too: whatever differentiates the gradient raises,
+    where the gradient op would give silent zeros; a gradient used as data does not."""
     m = fastseq.nn.LSTM(4, 3)
-    inner = torch.func.grad(lambda x: m(x)[0].square().sum())
-    with fastseq.use_backend(backend), pytest.raises(RuntimeError, match="differentiable once"):
-        torch.func.grad(lambda x: inner(x).square().sum())(torch.randn(5, 2, 4))
+    x = torch.randn(5, 2, 4)
+    f = lambda x: m(x)[0].sin().sum()  # noqa: E731
+    with fastseq.use_backend(backend):
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            _second_order(kind, f, x)
+        as_data = torch.func.grad(lambda w: (w * torch.func.grad(f)(x).detach()).sum())(x)
+        torch.testing.assert_close(as_data, torch.func.grad(f)(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises_and_functionalize_runs(backend):
+    """Forward-mode AD (dual tensors need no grad, even under no_grad) reaches the Function and
+    gets torch's error rather than a silently dropped tangent; functionalize takes the
+    registered op and gives the eager result."""
+    m = fastseq.nn.LSTM(4, 3)
+    x = torch.randn(5, 2, 4)
+    with fastseq.use_backend(backend):
+        with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+            with pytest.raises(NotImplementedError, match="jvp"):
+                m(dual)
+        with pytest.raises(NotImplementedError, match="jvp"):
+            torch.func.jvp(lambda x: m(x)[0], (x,), (torch.randn_like(x),))
+        torch.testing.assert_close(torch.func.functionalize(lambda x: m(x)[0])(x), m(x)[0])
 
 
 def test_vmap_fake_tensors_and_make_fx_take_the_registered_op():

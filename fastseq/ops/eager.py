@@ -29,75 +29,88 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
     Its forward takes ``ctx`` and calls ``setup_context`` itself: a separate ``setup_context``
     staticmethod would make ``apply`` bind the arguments to a signature on every call. It carries
     ``body`` (``forward`` alone) and ``for_transforms``, the Function that torch.func transforms
-    take (:func:`transformable_function` of ``op``, ``setup_context`` and ``op_backward``, the
-    backward written with the gradient op).
+    take: ``op`` forward, ``setup_context``, and ``op_backward``, a backward that computes the
+    gradients with :func:`differentiable_once` of the gradient op.
     """
     def forward_and_setup(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
+    def op_forward(*inputs):
+        return op(*inputs)
+
+    # The registered ops inside, so that under vmap the dispatcher's batching fallback gives every
+    # backend plain tensors, one example at a time (the vmap rule is generated).
+    for_transforms = type(name + "ForTransforms", (torch.autograd.Function,), {
+        "forward": staticmethod(op_forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(op_backward),
+        "generate_vmap_rule": True,
+    })
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward_and_setup),
         "backward": staticmethod(backward),
         "body": staticmethod(forward),
-        "for_transforms": transformable_function(name + "ForTransforms", op, setup_context,
-                                                 op_backward),
+        "for_transforms": for_transforms,
     })
 
 
-def transformable_function(name: str, op: Callable, setup_context: Callable,
-                           op_backward: Callable) -> type[torch.autograd.Function]:
-    """A ``torch.autograd.Function`` for ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``,
-    ``vmap`` and their compositions, such as per-sample gradients), which refuse the op's own
-    autograd (torch.library's generated Function has no ``setup_context``).
+def differentiable_once(grad_op: Callable) -> Callable:
+    """``grad_op`` applied as a Function whose own backward raises: the gradient op of a layer
+    under torch.func transforms. Whatever differentiates the gradient (``grad`` of ``grad``,
+    ``jacrev`` of ``jacrev``, autograd of a ``torch.func.grad``) gets an error, where the op, which
+    has no second derivative, would give silent zeros; a gradient used as data is free."""
+    name = getattr(grad_op, "_qualname", str(grad_op))
 
-    Forward and backward call the registered ops, so that under ``vmap`` the dispatcher's
-    batching fallback gives every backend plain tensors, one example at a time (the vmap rule is
-    generated). The backward is differentiable once: under a second gradient transform (``grad``
-    of ``grad``, ``jacrev`` of ``grad``) it raises, where its ops would give silent zeros.
-    """
-    def op_forward(*inputs):
-        return op(*inputs)
+    def forward(*args):
+        return grad_op(*args)
 
-    def backward_once(ctx, *grads):
-        if _gradient_transforms() > 1:
-            raise RuntimeError(f"{getattr(op, '_qualname', op)}: differentiable once; a "
-                               "gradient of its gradient (nested "
-                               "torch.func.grad, vjp or jacrev) is not supported")
-        with torch.no_grad():  # the gradient op runs without autograd, as in a backward
-            return op_backward(ctx, *grads)
+    def setup_context(ctx, inputs, output):
+        pass
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(op_forward),
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name}: differentiable once; a gradient of its gradient is not "
+                           "supported (nested torch.func.grad, vjp, jacrev, or autograd through "
+                           "a torch.func gradient)")
+
+    return type("DifferentiableOnce", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward_once),
+        "backward": staticmethod(backward),
         "generate_vmap_rule": True,
-    })
+    }).apply
 
 
-def _gradient_transforms() -> int:
-    """How many torch.func gradient transforms (``grad``, ``vjp``, ``jacrev``) are active."""
+def _differentiating_transforms() -> bool:
+    """Whether a torch.func transform that differentiates or batches (grad, vjp, jacrev, jvp,
+    vmap) is active: those refuse the registered op's autograd. ``functionalize`` alone takes the
+    registered op."""
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    grad = torch._C._functorch.TransformType.Grad
-    return sum(interpreter.key() == grad for interpreter in retrieve_all_functorch_interpreters())
+    functionalize = torch._C._functorch.TransformType.Functionalize
+    return any(interpreter.key() != functionalize
+               for interpreter in retrieve_all_functorch_interpreters())
 
 
 def call(op, function: type[torch.autograd.Function], *inputs, differentiable: bool = True):
     """``function.apply(*inputs)`` in plain eager mode on plain tensors (``inputs[0]`` is the one
-    looked at), else ``op(*inputs)``: the same computation, gradients included.
+    looked at), ``function.for_transforms.apply(*inputs)`` under torch.func's differentiating and
+    batching transforms, else ``op(*inputs)``: the same computation, gradients included.
 
     ``differentiable=False`` (no input needs a gradient, or grad mode is off) runs the op's body
-    alone in plain eager mode: its outputs need no graph, and ``apply`` would cost a few
-    microseconds more, a tenth of a one-step layer call.
+    alone in plain eager mode, unless forward-mode AD is on (dual tensors need no grad): its
+    outputs need no graph, and ``apply`` would cost a few microseconds more, a tenth of a one-step
+    layer call.
     """
     if (type(inputs[0]) is not torch.Tensor or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() != 0):
         return op(*inputs)
     if torch._C._are_functorch_transforms_active():
-        return function.for_transforms.apply(*inputs)
-    return function.apply(*inputs) if differentiable else function.body(*inputs)
+        return (function.for_transforms.apply if _differentiating_transforms() else op)(*inputs)
+    if differentiable or torch.autograd.forward_ad._current_level >= 0:
+        return function.apply(*inputs)
+    return function.body(*inputs)
 
 
 def gradient(op, body):

@@ -288,11 +288,11 @@ def _backward_through(layer_grad):
     return backward
 
 
-_op_backward = _backward_through(layer_norm_lstm_grad_op)
-layer_norm_lstm_op.register_autograd(_op_backward, setup_context=_setup)
+layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op), setup_context=_setup)
 _EagerLayer = eager.autograd_function(
     "LayerNormLSTMLayer", _layer_forward, _setup,
-    _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)), layer_norm_lstm_op, _op_backward)
+    _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)),
+    layer_norm_lstm_op, _backward_through(eager.differentiable_once(layer_norm_lstm_grad_op)))
 
 
 def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias,

@@ -396,11 +396,10 @@ def _backward_through(layer_grad):
     return backward
 
 
-_op_backward = _backward_through(lstm_layer_grad_op)
-lstm_layer_op.register_autograd(_op_backward, setup_context=_setup)
+lstm_layer_op.register_autograd(_backward_through(lstm_layer_grad_op), setup_context=_setup)
 _EagerLayer = eager.autograd_function(
-    "LSTMLayer", _layer_forward, _setup,
-    _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)), lstm_layer_op, _op_backward)
+    "LSTMLayer", _layer_forward, _setup, _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)),
+    lstm_layer_op, _backward_through(eager.differentiable_once(lstm_layer_grad_op)))
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):

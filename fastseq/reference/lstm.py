@@ -90,4 +90,6 @@ def layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight
             ys[t] = h_new
         h, c = h_new, c_new
     y = torch.stack(ys) if ys else x.new_zeros(0, batch, h0.shape[1])
+    if not steps:  # h_n and c_n never alias the initial state (nor each other, through it)
+        h, c = h.clone(), c.clone()
     return y, h, c
