@@ -513,9 +513,20 @@ def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
     """torch.func transforms, which refuse torch.library's autograd, run the layer through a
     Function of their own (fastseq/ops/eager.py): per-sample gradients (vmap of grad) equal
     autograd's example by example, and jacrev equals autograd's Jacobian."""
+    _check_torch_func(backend, "cpu", proj_size=3 if backend != "reference" else 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_func_on_the_gpu(backend):
+    """As on the CPU: under vmap each example reaches the GPU kernels as plain tensors."""
+    _check_torch_func(backend, "cuda", proj_size=0)
+
+
+def _check_torch_func(backend, device, proj_size):
     torch.manual_seed(0)
-    m = fastseq.nn.LSTM(5, 6, proj_size=3 if backend != "reference" else 0)
-    xs = torch.randn(3, 4, 2, 5)
+    m = fastseq.nn.LSTM(5, 6, proj_size=proj_size).to(device)
+    xs = torch.randn(3, 4, 2, 5, device=device)
     params = {name: p.detach() for name, p in m.named_parameters()}
 
     def loss(p, x):
