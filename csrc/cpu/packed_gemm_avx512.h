@@ -37,9 +37,12 @@ struct Panels {
   bool k_blocked = false;
 };
 
-// Rows of A per pass over the panels: np panels of this many rows (32 KiB) stay in L1.
+// Rows of k per pass over the panels: np panels of this many rows make 256 KiB, which stays in L2
+// for the row tiles after the first. Deeper passes write C less often: against 32 KiB blocks kept
+// in L1 (128 rows of four panels), they took one H1024 step's GEMM at batch 16 from 320-330 to
+// 268 us on two cores, 500 GFLOP/s (and never lost, batch 1 to 128, k 256 to 2048).
 constexpr int64_t depth_for(int np) {
-  return 512 / np;
+  return 4096 / np;
 }
 
 // acc[r][p] += A[r, k] B_p[k, :] for one k.
@@ -124,8 +127,8 @@ FASTSEQ_AVX512 void micro_kernel(int64_t K, const float* A, int64_t lda, const P
 }
 
 // C_p[0:M, 0:n] += A[0:M, 0:K] B_p for `np` <= 4 panels. Rows stream past the panels in tiles
-// (for_each_row_tile), over k in blocks small enough that the panels' block (32 KiB) stays in L1
-// for all of them.
+// (for_each_row_tile), over k in blocks of depth_for(np) rows, whose panels stay in L2 for all of
+// them.
 FASTSEQ_AVX512 inline void gemm_panels(int64_t M, int64_t K, const float* A, int64_t lda,
                                        const Panels& w, int np) {
   const int64_t depth = depth_for(np);
