@@ -366,6 +366,23 @@ def test_dropout_between_layers_is_reproducible_under_a_seed():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_between_layers_matches_torch_under_the_same_seed(backend, bidirectional):
+    """Dropout > 0 as torch.nn.LSTM applies it: the same mask and scale on the same layers'
+    outputs (the same draws from the generator), so outputs and gradients agree under one seed."""
+    torch_lstm, ours = _pair(torch.float32, num_layers=3, dropout=0.5, bidirectional=bidirectional)
+    torch_lstm.train(), ours.train()
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    torch.manual_seed(3)
+    want_out, want_grads = _run(torch_lstm, x, None)
+    torch.manual_seed(3)
+    got_out, got_grads = _run(ours, x, None, backend)
+    for a, b in zip(got_out + got_grads, want_out + want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (ours.dropout, torch_lstm.training) == (0.5, True)
+
+
 def test_triton_cell_kernels_match_reference():
     if "triton" not in fastseq.available_backends("cpu"):
         pytest.skip("Triton interpreter not active")
