@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build the extension with its CUDA kernels for this GPU, run the GPU tests, then the
-# benchmark suites and the memory profile, in that order, within one time budget.
+# benchmark suites, a host-time trace of the small calls and the memory profile, in that order,
+# within one time budget.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]
 #
@@ -73,6 +74,7 @@ stage tests_largest_tiles 240 env FASTSEQ_AUTOTUNE=largest \
 # as the GPU default); attention autotunes every shape it meets. The smallest tiles' tests come
 # after the suites: a short budget spends itself on results first.
 stage bench_lstm 180 $PY -m fastseq bench lstm
+stage trace_dispatch 60 $PY -m fastseq trace dispatch
 stage bench_dispatch 60 $PY -m fastseq bench dispatch
 stage bench_rotary 90 $PY -m fastseq bench rotary
 stage bench_cross_attention 150 $PY -m fastseq bench cross_attention

@@ -1,13 +1,15 @@
-"""Command line: ``python -m fastseq {bench,profile,info}`` (also installed as ``fastseq``).
+"""Command line: ``python -m fastseq {bench,profile,trace,info}`` (also installed as ``fastseq``).
 
     python -m fastseq bench [suite ...] [--quick] [--malloc keep|default] [--out DIR] [--device cpu|cuda]
     python -m fastseq profile [suite ...] [--snapshot] [--out DIR] [--device cpu|cuda]
+    python -m fastseq trace [suite ...] [--out DIR] [--device cpu|cuda]
     python -m fastseq info
 
 ``bench`` times every case of the suites (all of them when none is named) and writes JSON,
 Markdown and plots to ``benchmarks/results/<device>/`` (or ``--out``). ``profile`` sweeps the
-suites' memory cases. ``info`` says what this installation can run. The device defaults to CUDA
-when a GPU is present.
+suites' memory cases. ``trace`` records with ``torch.profiler`` what one call of each variant
+of the suites' quick cases spends its host time on (default suite: dispatch). ``info`` says
+what this installation can run. The device defaults to CUDA when a GPU is present.
 """
 
 from __future__ import annotations
@@ -70,17 +72,25 @@ def bench(args: argparse.Namespace) -> int:
     return int(failed)
 
 
-def profile(args: argparse.Namespace) -> int:
-    """Run the suites' peak-memory sweeps; print, plot and save them."""
+def _setting(args: argparse.Namespace, suites: list[str]):
+    """(device, suite names, environment metadata, results folder) of a command, the folder made
+    and the environment printed."""
     from fastseq.bench import report
-    from fastseq.bench.runner import load_suite, suite_label
-    from fastseq.profiling import sweep
 
-    device, names = _device(args.device), _suites(args.suites)
+    device, names = _device(args.device), _suites(suites)
     meta = report.environment(device)
     print(report.describe(meta))
     folder = report.results_dir(device, args.out)
     folder.mkdir(parents=True, exist_ok=True)
+    return device, names, meta, folder
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Run the suites' peak-memory sweeps; print, plot and save them."""
+    from fastseq.bench.runner import load_suite, suite_label
+    from fastseq.profiling import sweep
+
+    device, names, meta, folder = _setting(args, args.suites)
     for name in names:
         label = suite_label(name)
         if not hasattr(load_suite(name), "memory_cases"):
@@ -96,6 +106,22 @@ def profile(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(str(p) for p in paths))
     if args.snapshot and device.type != "cuda":
         print("--snapshot records the CUDA allocator; nothing was recorded on the CPU")
+    return 0
+
+
+def trace(args: argparse.Namespace) -> int:
+    """Trace one call of every variant of the suites' cases (default: the dispatch suite)."""
+    from fastseq.bench import report
+    from fastseq.bench.runner import load_suite, suite_label
+    from fastseq.bench.trace import trace_cases
+
+    device, names, meta, folder = _setting(args, args.suites or ["dispatch"])
+    for name in names:
+        label = suite_label(name)
+        text = trace_cases(load_suite(name).cases(device, quick=True), device)
+        path = folder / f"{label}_trace.txt"
+        path.write_text(report.describe(meta) + "\n\n" + text)
+        print(f"\n{text}wrote {path}")
     return 0
 
 
@@ -159,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     with_common("profile", "peak-memory sweeps of the suites", profile).add_argument(
         "--snapshot", action="store_true", help="CUDA: also dump an allocator history snapshot"
     )
+    with_common("trace", "host time of one call of each variant, by op (torch.profiler)", trace)
     commands.add_parser("info", help="versions, devices, builds, backends").set_defaults(run=info)
     return parser
 

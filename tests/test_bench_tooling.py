@@ -5,6 +5,7 @@ Nothing here checks speed; the synthetic suite's variants take microseconds.
 
 import json
 import platform
+import re
 import textwrap
 
 import pytest
@@ -221,6 +222,19 @@ def test_profile_command_measures_memory_cases(tiny_suite, tmp_path, capsys):
     assert [r["peak_bytes"] for r in report["rows"]] == [MIB, 2 * MIB]
     assert (out / "tiny_memory.png").stat().st_size > 0
     assert "alloc 2 MiB" in capsys.readouterr().out
+
+
+def test_trace_command_counts_the_ops_of_each_call(tiny_suite, tmp_path):
+    """``trace`` records each variant's ops per call: x.sum() is one aten::sum, (x * 1).sum() one
+    aten::mul and one aten::sum; a variant that raises is named with its error."""
+    out = tmp_path / "results"
+    assert main(["trace", tiny_suite, "--device", "cpu", "--out", str(out)]) == 0
+    text = (out / "tiny_trace.txt").read_text()
+    blocks = {block.splitlines()[0].split(":")[0]: block for block in text.split("\n\n")}
+    ours, eager = blocks["sum n1024 | fastseq"], blocks["sum n1024 | eager"]
+    assert re.search(r"^\s+1\.00 .* aten::sum$", ours, re.M) and "aten::mul" not in ours
+    assert re.search(r"^\s+1\.00 .* aten::mul$", eager, re.M)
+    assert "ZeroDivisionError" in blocks["sum n1024 | broken"]
 
 
 def test_info_command(capsys):
