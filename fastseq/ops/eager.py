@@ -9,8 +9,9 @@ hidden 128 costs in ``torch.nn.LSTMCell``. :func:`autograd_function` builds a
 ``torch.autograd.Function`` from the op's own body, ``setup_context`` and backward, and
 :func:`call` runs it on plain tensors in plain eager mode, and the registered op wherever
 anything else is at work: a graph being traced, dispatch modes (fake tensors, ``make_fx``),
-tensor subclasses. torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``), which refuse
-the registered op's autograd, get a Function of their own (:func:`transformable_function`).
+tensor subclasses. torch.func's differentiating and batching transforms (``grad``, ``vjp``,
+``jacrev``, ``jvp``, ``vmap``), which refuse the registered op's autograd, get a Function of their
+own (``for_transforms`` of :func:`autograd_function`, its gradient :func:`differentiable_once`).
 """
 
 from __future__ import annotations
