@@ -562,6 +562,43 @@ def _check_torch_func(backend, device, proj_size):
                                    torch.autograd.functional.jacobian(outputs, xs[0]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_folds_sequences_into_the_batch(backend):
+    """vmap with shared weights runs one layer call for all the vmapped sequences (the layer's
+    batching rule): equal to a loop over them, whatever dimension is vmapped, with per-sequence
+    states and lengths; batched weights (an ensemble) too; out-of-range vmapped lengths raise."""
+    torch.manual_seed(0)
+    m = fastseq.nn.LSTM(5, 6, num_layers=2, bidirectional=True,
+                        proj_size=3 if backend != "reference" else 0)
+    xs, lengths = torch.randn(4, 3, 2, 5), torch.tensor([[3, 1], [2, 2], [0, 3], [1, 1]])
+    h0, c0 = torch.randn(4, 4, 2, m.proj_size or 6), torch.randn(4, 4, 2, 6)
+    ensemble = [fastseq.nn.LSTM(5, 6) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(ensemble)
+    with fastseq.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop = torch.stack([m(x)[0] for x in xs])
+        torch.testing.assert_close(torch.func.vmap(lambda x: m(x)[0])(xs), loop)
+        torch.testing.assert_close(
+            torch.func.vmap(lambda x: m(x)[0], in_dims=1)(xs.transpose(0, 1)), loop)
+        def run(x, h, c, n):
+            y, (h_n, c_n) = m(x, (h, c), lengths=n)
+            return torch.cat([y.flatten(), h_n.flatten(), c_n.flatten()])
+
+        per_sequence = zip(xs, h0, c0, lengths, strict=True)
+        torch.testing.assert_close(torch.func.vmap(run)(xs, h0, c0, lengths),
+                                   torch.stack([run(*args) for args in per_sequence]))
+        torch.testing.assert_close(  # one sequence from several states
+            torch.func.vmap(lambda h, c: run(xs[0], h, c, lengths[0]))(h0, c0),
+            torch.stack([run(xs[0], h, c, lengths[0]) for h, c in zip(h0, c0, strict=True)]))
+        member = fastseq.nn.LSTM(5, 6)
+        torch.testing.assert_close(
+            torch.func.vmap(lambda p, b: torch.func.functional_call(member, (p, b), (xs[0],))[0])(
+                params, buffers),
+            torch.stack([e(xs[0])[0] for e in ensemble]))
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, 3\]"):
+            torch.func.vmap(lambda x, n: m(x, lengths=n)[0])(xs, lengths + 1)
+
+
 def _second_order(kind, f, x):
     """A second derivative of f at x, taken the way ``kind`` names."""
     if kind == "grad of grad":

@@ -74,17 +74,22 @@ def _persistent_unsupported(device, dtype, hidden, projection) -> str | None:
 
 def checked_lengths(lengths, steps, batch, device, fail):
     """``lengths`` as int64 (B,) on ``device``, after checking that they are ``batch`` integers in
-    [0, steps] (the range only outside torch.compile: it reads the values). ``fail(message)``
-    raises."""
+    [0, steps]. The range reads the values: not under torch.compile, and under vmap (lengths
+    per vmapped sequence) the layer's batching rule checks it. ``fail(message)`` raises."""
     lengths = torch.as_tensor(lengths)
     if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() \
             or lengths.dtype == torch.bool:
         fail(f"lengths must be {batch} integers, got {tuple(lengths.shape)} {lengths.dtype}")
     lengths = lengths.to(device=device, dtype=torch.int64)
-    if not torch.compiler.is_compiling() and lengths.numel():
-        if out_of_range(lengths, lengths, 0, steps):
-            fail(f"lengths must lie in [0, {steps}] (the sequence length), got {lengths.tolist()}")
+    if (not torch.compiler.is_compiling() and lengths.numel()
+            and not torch._C._functorch.is_batchedtensor(lengths)):
+        _check_range(lengths, steps, fail)
     return lengths.contiguous()
+
+
+def _check_range(lengths, steps, fail):
+    if out_of_range(lengths, lengths, 0, steps):
+        fail(f"lengths must lie in [0, {steps}] (the sequence length), got {lengths.tolist()}")
 
 
 def contiguous_in(dtype, tensors):
@@ -397,6 +402,54 @@ def _backward_through(layer_grad):
 
 
 lstm_layer_op.register_autograd(_backward_through(lstm_layer_grad_op), setup_context=_setup)
+
+
+@lstm_layer_op.register_vmap
+def _vmap_layer(info, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, save, backend):
+    """vmap of the layer (``torch.func``; the forward of per-sample gradients): with shared weights
+    the vmapped dimension folds into the batch, one layer call for all the sequences at once;
+    batched weights (an ensemble) take one call per member."""
+    n = info.batch_size
+    steps, batch = [size for dim, size in enumerate(x.shape) if dim != in_dims[0]][:2]
+    if lengths is not None and in_dims[7] is not None and lengths.numel():
+        _check_range(lengths, steps, _value_error)  # what checked_lengths could not read
+    if any(dim is not None for dim in in_dims[3:7]):
+        return _vmap_by_member(n, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse,
+                               save, backend)
+    folded = (_fold(x, in_dims[0], n, sequence=True), _fold(h0, in_dims[1], n),
+              _fold(c0, in_dims[2], n), w_ih, w_hh, bias, w_hr,
+              None if lengths is None else _fold(lengths, in_dims[7], n))
+    outputs = lstm_layer_op(*folded, reverse, save, backend)
+    # Each sequence's outputs contiguous along the vmapped dimension 0, as the gradient op takes
+    # them one sequence at a time: y and the saved (T, N B, F) ones are copied once to (N, T, B, F).
+    unfolded = [t if t.numel() == 0 and t.dim() == 1  # what save=False leaves empty
+                else t.view(n, batch, -1) if index in (1, 2)  # h_n, c_n: (N B, F)
+                else t.view(steps, n, batch, -1).movedim(1, 0).contiguous()
+                for index, t in enumerate(outputs)]
+    return tuple(unfolded), tuple(None if t.numel() == 0 and t.dim() == 1 else 0 for t in unfolded)
+
+
+def _value_error(message):
+    raise ValueError(f"fastseq lstm_layer: {message}")
+
+
+def _fold(t, dim, n, sequence=False):
+    """``t`` (vmapped along ``dim``, or shared when None) with its n copies stacked into the batch:
+    (T, N B, F) for a sequence, (N B, ...) for a state or lengths."""
+    at = 1 if sequence else 0
+    t = t.expand(n, *t.shape).movedim(0, at) if dim is None else t.movedim(dim, at)
+    return t.flatten(at, at + 1).contiguous()
+
+
+def _vmap_by_member(n, in_dims, *args):
+    """One layer call per vmapped member (batched weights), the outputs stacked along dim 0."""
+    tensors, rest = args[:8], args[8:]
+    members = []
+    for e in range(n):
+        picked = [t if t is None or dim is None else t.select(dim, e)
+                  for t, dim in zip(tensors, in_dims[:8], strict=True)]
+        members.append(lstm_layer_op(*picked, *rest))
+    return tuple(torch.stack(parts) for parts in zip(*members, strict=True)), (0,) * 6
 _EagerLayer = eager.autograd_function(
     "LSTMLayer", _layer_forward, _setup, _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)),
     lstm_layer_op, _backward_through(eager.differentiable_once(lstm_layer_grad_op)))
