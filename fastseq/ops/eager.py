@@ -83,6 +83,18 @@ def differentiable_once(grad_op: Callable) -> Callable:
     }).apply
 
 
+def one_call_per_member(op: Callable, n: int, in_dims, args):
+    """A vmap rule's result for ``op`` called once per vmapped member: each argument selected
+    along its vmapped dimension (and made contiguous, as the kernels take it), the outputs stacked
+    along dimension 0. What vmap's batching fallback does, without its warning that a rule is
+    missing."""
+    members = [op(*(a if d is None else a.select(d, e).contiguous()
+                    for a, d in zip(args, in_dims, strict=True)))
+               for e in range(n)]
+    outputs = tuple(torch.stack(parts) for parts in zip(*members, strict=True))
+    return outputs, (0,) * len(outputs)
+
+
 def _differentiating_transforms() -> bool:
     """Whether a torch.func transform that differentiates or batches (grad, vjp, jacrev, jvp,
     vmap) is active: those refuse the registered op's autograd. ``functionalize`` alone takes the

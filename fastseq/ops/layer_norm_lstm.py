@@ -289,6 +289,18 @@ def _backward_through(layer_grad):
 
 
 layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op), setup_context=_setup)
+@layer_norm_lstm_op.register_vmap
+def _vmap_layer(info, in_dims, *args):
+    """The layer under vmap (torch.func): one call per vmapped member."""
+    return eager.one_call_per_member(layer_norm_lstm_op, info.batch_size, in_dims, args)
+
+
+@layer_norm_lstm_grad_op.register_vmap
+def _vmap_layer_grad(info, in_dims, *args):
+    """The gradient under vmap: one call per member, whose weight gradients are its own."""
+    return eager.one_call_per_member(layer_norm_lstm_grad_op, info.batch_size, in_dims, args)
+
+
 _EagerLayer = eager.autograd_function(
     "LayerNormLSTMLayer", _layer_forward, _setup,
     _backward_through(eager.gradient(layer_norm_lstm_grad_op, _layer_grad)),

@@ -414,8 +414,9 @@ def _vmap_layer(info, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, rever
     if lengths is not None and in_dims[7] is not None and lengths.numel():
         _check_range(lengths, steps, _value_error)  # what checked_lengths could not read
     if any(dim is not None for dim in in_dims[3:7]):
-        return _vmap_by_member(n, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse,
-                               save, backend)
+        return eager.one_call_per_member(lstm_layer_op, n, in_dims, (x, h0, c0, w_ih, w_hh, bias,
+                                                                   w_hr, lengths, reverse, save,
+                                                                   backend))
     folded = (_fold(x, in_dims[0], n, sequence=True), _fold(h0, in_dims[1], n),
               _fold(c0, in_dims[2], n), w_ih, w_hh, bias, w_hr,
               None if lengths is None else _fold(lengths, in_dims[7], n))
@@ -441,17 +442,15 @@ def _fold(t, dim, n, sequence=False):
     return t.flatten(at, at + 1).contiguous()
 
 
-def _vmap_by_member(n, in_dims, *args):
-    """One layer call per vmapped member (batched weights), the outputs stacked along dim 0."""
-    tensors, rest = args[:8], args[8:]
-    members = []
-    for e in range(n):
-        picked = [t if t is None or dim is None else t.select(dim, e)
-                  for t, dim in zip(tensors, in_dims[:8], strict=True)]
-        members.append(lstm_layer_op(*picked, *rest))
-    return tuple(torch.stack(parts) for parts in zip(*members, strict=True)), (0,) * 6
+@lstm_layer_grad_op.register_vmap
+def _vmap_layer_grad(info, in_dims, *args):
+    """The gradient under vmap: one call per sequence, whose weight gradients are its own."""
+    return eager.one_call_per_member(lstm_layer_grad_op, info.batch_size, in_dims, args)
+
+
 _EagerLayer = eager.autograd_function(
-    "LSTMLayer", _layer_forward, _setup, _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)),
+    "LSTMLayer", _layer_forward, _setup,
+    _backward_through(eager.gradient(lstm_layer_grad_op, _layer_grad)),
     lstm_layer_op, _backward_through(eager.differentiable_once(lstm_layer_grad_op)))
 
 
