@@ -20,7 +20,9 @@ TORCH_LIBRARY(fastseq, m) {
   // w_hr (P, H) for projections, lengths (B,) for padded batches; see csrc/cpu/lstm.cpp. Returns
   // y, h_n, c_n and, when save_for_backward, the activated gates, the cells and (with w_hr) the
   // projection inputs that lstm_layer_backward takes. The backward leaves out grad_x, all the
-  // weight gradients, or those of the initial state, when told they are not needed (None then).
+  // weight gradients, or those of the initial state, when told they are not needed (None then),
+  // and returns d pre (T, B, 4H) as well, from which a caller can form other weight gradients
+  // (per sequence, under vmap).
   m.def(
       "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "Tensor? w_hr, Tensor? lengths, bool reverse, bool save_for_backward) -> (Tensor y, Tensor h_n, "
@@ -30,7 +32,8 @@ TORCH_LIBRARY(fastseq, m) {
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor gates, "
       "Tensor cells, Tensor hidden, Tensor y, bool has_bias, bool needs_grad_x, "
       "bool needs_grad_weights, bool needs_grad_state) -> (Tensor? grad_x, Tensor? grad_h0, "
-      "Tensor? grad_c0, Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr)");
+      "Tensor? grad_c0, Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, Tensor? grad_w_hr, "
+      "Tensor grad_pre)");
   // One LayerNorm-LSTM layer (see csrc/cpu/layer_norm_lstm.cpp): shapes as lstm_layer without
   // projection, plus the LayerNorm gains ln_ih and ln_hh (4H) and the cell's LayerNorm ln_c_weight,
   // ln_c_bias (H). With save_for_backward it also returns what layer_norm_lstm_backward takes,

@@ -170,7 +170,7 @@ def test_cpp_backward_computes_only_the_gradients_asked_for(wanted, steps, batch
     full = torch.ops.fastseq.lstm_layer_backward(*args, True, True, True)
     part = torch.ops.fastseq.lstm_layer_backward(*args, *wanted)
     with_x, weights, state = wanted
-    needed = [with_x, state, state, weights, weights, weights, weights and bool(proj)]
+    needed = [with_x, state, state, weights, weights, weights, weights and bool(proj), True]
     for index, (a, b, need) in enumerate(zip(part, full, needed, strict=True)):
         if need:
             assert torch.equal(a, b), f"gradient {index}"
@@ -527,11 +527,14 @@ def test_double_backward_raises_instead_of_returning_zeros(backend, module):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_torch_func_grad_jacrev_and_per_sample_gradients(backend, proj_size):
     """torch.func transforms, which refuse torch.library's autograd, run the layer through a
     Function of their own (fastseq/ops/eager.py): per-sample gradients (vmap of grad) equal
-    autograd's example by example, and jacrev equals autograd's Jacobian."""
-    _check_torch_func(backend, "cpu", proj_size=3 if backend != "reference" else 0)
+    autograd's example by example, and jacrev equals autograd's Jacobian. Without a projection
+    the gradient's batching rule folds the sequences (weight gradients per sequence from d pre);
+    with one it takes them one at a time."""
+    _check_torch_func(backend, "cpu", proj_size=proj_size)
 
 
 @pytest.mark.cuda
@@ -599,6 +602,20 @@ def test_vmap_folds_sequences_into_the_batch(backend):
             torch.stack([e(xs[0])[0] for e in ensemble]))
         with pytest.raises(ValueError, match=r"lengths must lie in \[0, 3\]"):
             torch.func.vmap(lambda x, n: m(x, lengths=n)[0])(xs, lengths + 1)
+        plain = fastseq.nn.LSTM(5, 6, num_layers=2, bidirectional=True)  # the gradient folds too
+        params = {name: p.detach() for name, p in plain.named_parameters()}
+
+        def loss(p, x, n):
+            y, (h_n, c_n) = torch.func.functional_call(plain, p, (x,), {"lengths": n})
+            return y.sin().sum() + h_n.square().sum() + c_n.sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs,
+                                                                                  lengths)
+        for i, (x, n) in enumerate(zip(xs, lengths, strict=True)):
+            want = torch.autograd.grad(loss(dict(plain.named_parameters()), x, n),
+                                       list(plain.parameters()))
+            for name, w in zip(params, want, strict=True):
+                torch.testing.assert_close(per_sample[name][i], w, msg=name)
 
 
 def _second_order(kind, f, x):

@@ -1026,9 +1026,11 @@ void backward_loop(const Sizes& s, const BackwardInputs& in, BackwardState<scala
   }
 }
 
+// grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr (None where not wanted),
+// and d pre (T, B, 4H).
 using Grads = std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
                          std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
-                         std::optional<Tensor>>;
+                         std::optional<Tensor>, Tensor>;
 
 template <typename scalar_t>
 Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* lengths,
@@ -1055,6 +1057,7 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
     backward_loop(s, in, st, lengths, reverse, wanted);
   }
   Grads grads;
+  std::get<7>(grads) = st.dpre;
   if (wanted.state) {
     std::get<1>(grads) = st.dh;
     std::get<2>(grads) = std::is_same_v<acc_t, scalar_t> ? st.dc : st.dc.to(in.x.scalar_type());

@@ -81,10 +81,19 @@ def checked_lengths(lengths, steps, batch, device, fail):
             or lengths.dtype == torch.bool:
         fail(f"lengths must be {batch} integers, got {tuple(lengths.shape)} {lengths.dtype}")
     lengths = lengths.to(device=device, dtype=torch.int64)
-    if (not torch.compiler.is_compiling() and lengths.numel()
-            and not torch._C._functorch.is_batchedtensor(lengths)):
+    if not torch.compiler.is_compiling() and lengths.numel() and not _vmapped(lengths):
         _check_range(lengths, steps, fail)
     return lengths.contiguous()
+
+
+def _vmapped(t):
+    """Whether ``t`` is batched by vmap at some level of functorch's wrappers."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _check_range(lengths, steps, fail):
@@ -232,10 +241,10 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
     gx, gw_ih, gw_hh, gbias, gw_hr = _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths,
                                                  reverse, has_bias, needs_grad_x, needs_grad_weights)
     if not needs_grad_state:
-        return gx, None, None, gw_ih, gw_hh, gbias, gw_hr
+        return gx, None, None, gw_ih, gw_hh, gbias, gw_hr, dpre_all
     # With no steps dh is grad_h_n itself, which an op may not return.
     return (gx, dh.clone() if dh is grad_h_n else dh, dc.to(c0.dtype, copy=True), gw_ih, gw_hh,
-            gbias, gw_hr)
+            gbias, gw_hr, dpre_all)
 
 
 def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
@@ -247,7 +256,7 @@ def _persistent_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr
                                              reverse, has_bias, needs_grad_x, needs_grad_weights)
     if not needs_grad_state:  # the kernel computes them on the way
         dh0 = dc0 = None
-    return gx, dh0, dc0, gw_ih, gw_hh, gbias, None
+    return gx, dh0, dc0, gw_ih, gw_hh, gbias, None, dpre_all
 
 
 def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, has_bias,
@@ -334,10 +343,11 @@ def lstm_layer_grad_op(
     cells: torch.Tensor, pre_proj: torch.Tensor, y: torch.Tensor, has_bias: bool,
     needs_grad_x: bool, needs_grad_weights: bool, needs_grad_state: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+           torch.Tensor, torch.Tensor]:
     """Gradients [x, h0, c0, w_ih, w_hh, bias, w_hr] of :func:`lstm_layer_op` (empty when absent
     or not needed: grad_x unless ``needs_grad_x``, the weights' unless ``needs_grad_weights``,
-    h0's and c0's unless ``needs_grad_state``).
+    h0's and c0's unless ``needs_grad_state``), and the gradient of the pre-activations (T, B,
+    4H), of which the weight gradients are products (the vmap rule forms them per sequence).
 
     ``backend`` is the one the forward ran: what it saved is in that backend's format.
     """
@@ -354,7 +364,7 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse,
 
     bias = x.new_empty(4 * c0.shape[1]) if has_bias else None
     return (like(x, needs_grad_x), like(h0, needs_grad_state), like(c0, needs_grad_state),
-            like(w_ih), like(w_hh), like(bias), like(w_hr))
+            like(w_ih), like(w_hh), like(bias), like(w_hr), torch.empty_like(gates))
 
 
 def _setup(ctx, inputs, output):
@@ -391,7 +401,7 @@ def _backward_through(layer_grad):
                            x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, gates, cells,
                            pre_proj, y, ctx.has_bias, ctx.needs_grad_x, ctx.needs_grad_weights,
                            ctx.needs_grad_state, ctx.backend)
-        gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr = grads
+        gx, gh0, gc0, gw_ih, gw_hh, gbias, gw_hr, _ = grads
         weights, state = ctx.needs_grad_weights, ctx.needs_grad_state
         return (gx if ctx.needs_grad_x else None, gh0 if state else None, gc0 if state else None,
                 gw_ih if weights else None, gw_hh if weights else None,
@@ -444,8 +454,43 @@ def _fold(t, dim, n, sequence=False):
 
 @lstm_layer_grad_op.register_vmap
 def _vmap_layer_grad(info, in_dims, *args):
-    """The gradient under vmap: one call per sequence, whose weight gradients are its own."""
-    return eager.one_call_per_member(lstm_layer_grad_op, info.batch_size, in_dims, args)
+    """The gradient under vmap (per-sample gradients, jacrev): with shared weights and no
+    projection one gradient call for all the vmapped sequences folded into the batch, each
+    sequence's weight gradients then formed from its own rows of d pre (a batched GEMM); else
+    one call per sequence."""
+    n = info.batch_size
+    (grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, cells,
+     pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state, backend) = args
+    if w_hr is not None or any(dim is not None for dim in in_dims[6:9]):
+        return eager.one_call_per_member(lstm_layer_grad_op, n, in_dims, args)
+    steps, batch = [size for dim, size in enumerate(x.shape) if dim != in_dims[3]][:2]
+    seq = [_fold(t, dim, n, sequence=True) for t, dim in
+           zip((grad_y, x, gates, cells, y), (in_dims[0], in_dims[3], in_dims[11], in_dims[12],
+                                              in_dims[14]), strict=True)]
+    fgrad_y, fx, fgates, fcells, fy = seq
+    fh0, fc0 = _fold(h0, in_dims[4], n), _fold(c0, in_dims[5], n)
+    flengths = None if lengths is None else _fold(lengths, in_dims[9], n)
+    gx, gh0, gc0, *_, dpre = lstm_layer_grad_op(
+        fgrad_y, _fold(grad_h_n, in_dims[1], n), _fold(grad_c_n, in_dims[2], n), fx, fh0, fc0,
+        w_ih, w_hh, None, flengths, reverse, fgates, fcells, pre_proj, fy, has_bias, needs_grad_x,
+        False, needs_grad_state, backend)
+
+    def per_sequence(t):  # (T, N B, F) -> (N, T, B, F)
+        return t.view(steps, n, batch, t.shape[-1]).movedim(1, 0)
+
+    empty = x.new_empty(0)
+    grads = [per_sequence(gx) if needs_grad_x else empty,
+             gh0.view(n, batch, -1) if needs_grad_state else empty,
+             gc0.view(n, batch, -1) if needs_grad_state else empty]
+    d = per_sequence(dpre).flatten(1, 2).transpose(1, 2)  # (N, 4H, T B)
+    if needs_grad_weights:
+        h_prev = _previous(fy, fh0, flengths, reverse)
+        grads += [d @ per_sequence(fx).flatten(1, 2), d @ per_sequence(h_prev).flatten(1, 2),
+                  d.sum(2) if has_bias else empty]
+    else:
+        grads += [empty, empty, empty]
+    grads += [empty, per_sequence(dpre)]
+    return tuple(grads), tuple(None if g is empty else 0 for g in grads)
 
 
 _EagerLayer = eager.autograd_function(
