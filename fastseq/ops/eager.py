@@ -41,8 +41,8 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
     def op_forward(*inputs):
         return op(*inputs)
 
-    # The registered ops inside, so that under vmap the dispatcher's batching fallback gives every
-    # backend plain tensors, one example at a time (the vmap rule is generated).
+    # The registered ops inside, so that under vmap their batching rules (the layers') see the
+    # vmapped tensors whole and every backend plain tensors (the Function's vmap rule is generated).
     for_transforms = type(name + "ForTransforms", (torch.autograd.Function,), {
         "forward": staticmethod(op_forward),
         "setup_context": staticmethod(setup_context),

@@ -288,7 +288,10 @@ def _backward_through(layer_grad):
     return backward
 
 
-layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op), setup_context=_setup)
+layer_norm_lstm_op.register_autograd(_backward_through(layer_norm_lstm_grad_op),
+                                     setup_context=_setup)
+
+
 @layer_norm_lstm_op.register_vmap
 def _vmap_layer(info, in_dims, *args):
     """The layer under vmap (torch.func): one call per vmapped member."""

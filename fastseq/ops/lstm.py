@@ -420,7 +420,7 @@ def _vmap_layer(info, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, rever
     the vmapped dimension folds into the batch, one layer call for all the sequences at once;
     batched weights (an ensemble) take one call per member."""
     n = info.batch_size
-    steps, batch = [size for dim, size in enumerate(x.shape) if dim != in_dims[0]][:2]
+    steps, batch = _steps_and_batch(x, in_dims[0])
     if lengths is not None and in_dims[7] is not None and lengths.numel():
         _check_range(lengths, steps, _value_error)  # what checked_lengths could not read
     if any(dim is not None for dim in in_dims[3:7]):
@@ -431,13 +431,22 @@ def _vmap_layer(info, in_dims, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, rever
               _fold(c0, in_dims[2], n), w_ih, w_hh, bias, w_hr,
               None if lengths is None else _fold(lengths, in_dims[7], n))
     outputs = lstm_layer_op(*folded, reverse, save, backend)
-    # Each sequence's outputs contiguous along the vmapped dimension 0, as the gradient op takes
-    # them one sequence at a time: y and the saved (T, N B, F) ones are copied once to (N, T, B, F).
-    unfolded = [t if t.numel() == 0 and t.dim() == 1  # what save=False leaves empty
-                else t.view(n, batch, -1) if index in (1, 2)  # h_n, c_n: (N B, F)
-                else t.view(steps, n, batch, -1).movedim(1, 0).contiguous()
-                for index, t in enumerate(outputs)]
-    return tuple(unfolded), tuple(None if t.numel() == 0 and t.dim() == 1 else 0 for t in unfolded)
+    # Views, vmapped along dimension 1 for (T, N B, F) and 0 for the final states (N B, F): the
+    # gradient's rule folds them back without a copy.
+    unfolded, dims = [], []
+    for index, t in enumerate(outputs):
+        if t.numel() == 0 and t.dim() == 1:  # what save=False leaves empty
+            unfolded.append(t), dims.append(None)
+        elif index in (1, 2):
+            unfolded.append(t.view(n, batch, -1)), dims.append(0)
+        else:
+            unfolded.append(t.view(steps, n, batch, -1)), dims.append(1)
+    return tuple(unfolded), tuple(dims)
+
+
+def _steps_and_batch(x, dim):
+    """(T, B) of a sequence (T, B, F) vmapped along ``dim`` (None: not vmapped)."""
+    return [size for d, size in enumerate(x.shape) if d != dim][:2]
 
 
 def _value_error(message):
@@ -463,7 +472,7 @@ def _vmap_layer_grad(info, in_dims, *args):
      pre_proj, y, has_bias, needs_grad_x, needs_grad_weights, needs_grad_state, backend) = args
     if w_hr is not None or any(dim is not None for dim in in_dims[6:9]):
         return eager.one_call_per_member(lstm_layer_grad_op, n, in_dims, args)
-    steps, batch = [size for dim, size in enumerate(x.shape) if dim != in_dims[3]][:2]
+    steps, batch = _steps_and_batch(x, in_dims[3])
     seq = [_fold(t, dim, n, sequence=True) for t, dim in
            zip((grad_y, x, gates, cells, y), (in_dims[0], in_dims[3], in_dims[11], in_dims[12],
                                               in_dims[14]), strict=True)]
