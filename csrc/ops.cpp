@@ -4,6 +4,8 @@
 // Kernels register their implementations per backend next to their code: csrc/cpu/*.cpp with
 // TORCH_LIBRARY_IMPL(fastseq, CPU, ...), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(fastseq, CUDA, ...).
 
+#include <tuple>
+
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -81,5 +83,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "True when the extension was compiled with its CUDA kernels");
   m.def("lstm_persistent_units", &fastseq::lstm::plan_units, "Hidden units per block of the persistent "
         "LSTM kernels (hidden, element_size, sms, smem_per_block, smem_per_sm); 0 when they cannot run");
+  m.def(
+      "lstm_tensor_core_tiles",
+      [](int64_t batch, int64_t cols, int64_t depth) {
+        const auto p = fastseq::lstm::plan_tiles(batch, cols, depth);
+        return std::make_tuple(p.rows, p.k_splits, p.shared_bytes());
+      },
+      "How the tensor-core LSTM kernels split a block's (batch x depth) by (depth x cols) product: "
+      "(rows padded to 16, depth splits over warps, shared-memory bytes of the block)");
   m.def("openmp_threads", &at::get_num_threads, "Threads the CPU kernels run on (at::get_num_threads)");
 }

@@ -746,6 +746,11 @@ GPU_CASES = {
     "ragged_hidden": dict(input_size=13, hidden=19, kwargs={}),
     "two_layers_bidirectional": dict(input_size=13, hidden=19, kwargs=dict(num_layers=2, bidirectional=True)),
     "wide_hidden": dict(input_size=64, hidden=700, kwargs={}),
+    # three tiles of rows for the tensor-core kernels, each warp on its own tile's full depth
+    "ragged_batch": dict(input_size=13, hidden=40, kwargs={}, batch=37),
+    # too many rows for the tensor-core kernels' partial sums in shared memory: half and bfloat16
+    # on the CUDA-core kernels
+    "large_batch": dict(input_size=13, hidden=19, kwargs={}, batch=4096),
 }
 
 
@@ -762,10 +767,10 @@ def test_gpu_backends_within_tolerance_rule(backend, dtype, case, with_lengths):
     low, _ = _pair(input_size=spec["input_size"], hidden=spec["hidden"], **spec["kwargs"])
     low.load_state_dict(truth.state_dict())
     ours.to("cuda", dtype), low.to("cuda", dtype)
-    batch, steps = 5, 11
+    batch, steps = spec.get("batch", 5), 11
     x64 = torch.randn(steps, batch, spec["input_size"], dtype=torch.float64, requires_grad=True)
     x = x64.detach().to("cuda", dtype).requires_grad_()
-    lengths = torch.tensor([11, 3, 1, 0, 7]) if with_lengths else None
+    lengths = torch.tensor([11, 3, 1, 0, 7]).repeat(batch)[:batch] if with_lengths else None
 
     def run(module, inp, use=None):
         if lengths is None:
@@ -817,3 +822,31 @@ def test_persistent_kernel_plan():
     assert plan(1024, 2, *h100) == 4  # 256 blocks of 4 units, 32 KiB each
     assert plan(1024, 4, *h100) == 4  # float32: 64 KiB a block, still two per SM
     assert plan(4096, 2, *h100) == 0  # would need 8 units x 4096 x 4 gates: too big
+
+
+def test_tensor_core_tile_plan():
+    """How the tensor-core kernels split a block's (batch x depth) by (depth x cols) product over
+    their 8 warps: rows padded to a tile of 16, each tile's depth split so that every warp has work
+    when tiles are few, and the block's shared memory (its W_hh slice, then float partials)."""
+    tiles = _extension.load().lstm_tensor_core_tiles
+
+    def shared(rows, splits, cols, depth):
+        return cols * depth * 2 + splits * rows * cols * 4
+
+    # Forward at B64 H512, 4 units (16 gate columns) a block: 4 tiles, each split in two.
+    assert tiles(64, 16, 512) == (64, 2, shared(64, 2, 16, 512))
+    # A ragged batch pads to one tile, which all 8 warps share ...
+    assert tiles(5, 16, 704) == (16, 8, shared(16, 8, 16, 704))
+    # ... unless its depth has fewer 16-deep slices than that.
+    assert tiles(5, 16, 32) == (16, 2, shared(16, 2, 16, 32))
+    # Backward at B64 H512: 16 units, depth 4 x 512.
+    assert tiles(64, 16, 2048) == (64, 2, shared(64, 2, 16, 2048))
+    # Eight tiles or more: one warp per tile, no split.
+    assert tiles(128, 16, 512)[:2] == (128, 1)
+    assert tiles(256, 64, 1024)[:2] == (256, 1)
+    for batch in (1, 15, 16, 17, 33, 100):
+        for cols, depth in ((16, 16), (32, 48), (64, 1024)):
+            rows, splits, _ = tiles(batch, cols, depth)
+            assert rows % 16 == 0 and batch <= rows < batch + 16
+            assert 1 <= splits <= depth // 16
+            assert (rows // 16) * (cols // 16) * splits <= max(8, (rows // 16) * (cols // 16))

@@ -15,23 +15,17 @@
 // a butterfly reduction leaves every sum in every lane; lane u then runs the cell of unit j0 + u.
 // A (batch, unit) pair is always handled by the same thread, so the carried state it reads back
 // from global memory (cells, the dh/dc carries) was written by itself: no barrier needed for it.
+// The cell math, the padding rule and the processing order are csrc/cuda/lstm_device.cuh.
 //
-// Numerics follow the Python-driven loop of the other backends: float math, the cell state
-// carried in float32, h and the activated gates stored in the input dtype.
-//
-// Padding (`lengths`): step t is padding for row b when t >= lengths[b]; there the state is carried
-// unchanged, y is zero, d pre is zero and dh / dc pass through. The reverse direction walks
-// t = T-1 .. 0, so a sequence's padding comes first and its state is still (h0, c0) when its last
-// valid step starts.
-//
-// Tensor cores are not used: per step each block does a (B x H) by (H x 4U) product, small enough
-// that the barrier and the reads of h dominate at the sizes this kernel is chosen for.
+// These CUDA-core kernels take float32, and half and bfloat16 where the tensor-core kernels of
+// csrc/cuda/lstm_tensor_cores.cuh (the same plan, the per-step product in warp MMAs) do not fit.
 
 #include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,34 +35,14 @@
 #include <cooperative_groups.h>
 #include <torch/library.h>
 
+#include "cuda/lstm_device.cuh"
 #include "cuda/lstm_plan.h"
+#include "cuda/lstm_tensor_cores.cuh"
 
 namespace fastseq::lstm {
 namespace {
 
 namespace cg = cooperative_groups;
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-struct Recurrence {
-  int64_t steps, batch, hidden;
-  bool reverse;
-  const int64_t* lengths;  // (B,) or nullptr
-};
-
-__device__ __forceinline__ bool is_active(const Recurrence& r, int64_t b, int64_t t) {
-  return r.lengths == nullptr || t < r.lengths[b];
-}
-
-// The t of the i-th step in processing order.
-__device__ __forceinline__ int64_t step_at(const Recurrence& r, int64_t i) {
-  return r.reverse ? r.steps - 1 - i : i;
-}
-
-__device__ __forceinline__ float sigmoidf(float x) {
-  return 1.f / (1.f + __expf(-x));
-}
 
 template <int N>
 __device__ __forceinline__ void warp_sum_all(float (&acc)[N]) {
@@ -87,21 +61,6 @@ __device__ __forceinline__ float pick(const float (&acc)[N], int index) {
   for (int n = 0; n < N; ++n) v = (n == index) ? acc[n] : v;
   return v;
 }
-
-template <typename scalar_t>
-struct ForwardArgs {
-  Recurrence r;
-  const scalar_t* pre_x;  // (T, B, 4H): x W_ih^T + bias
-  const scalar_t* h0;     // (B, H)
-  const scalar_t* c0;     // (B, H)
-  const scalar_t* w_hh;   // (4H, H)
-  scalar_t* y;            // (T, B, H)
-  scalar_t* gates;        // (T, B, 4H), activated
-  float* cells;           // (T, B, H)
-  scalar_t* h_buf;        // (2, B, H): h before / after the current step
-  scalar_t* h_n;          // (B, H): the state after the last step, written by its last step
-  scalar_t* c_n;          // (B, H), in the input dtype
-};
 
 template <typename scalar_t, int U>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t> a) {
@@ -126,7 +85,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
   const int64_t j = j0 + lane;
   const bool owner = lane < U && j < H;
   for (int64_t i = 0; i < r.steps; ++i) {
-    const int64_t t = step_at(r, i), t_prev = step_at(r, i - 1);
     const scalar_t* h_in = a.h_buf + (i % 2) * B * H;
     scalar_t* h_out = a.h_buf + ((i + 1) % 2) * B * H;
     for (int64_t b = warp; b < B; b += kWarps) {
@@ -138,55 +96,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
       }
       warp_sum_all(acc);
       if (!owner) continue;
-      const int64_t row = t * B + b;
-      const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j]) : a.cells[(t_prev * B + b) * H + j];
-      scalar_t* g_out = a.gates + row * 4 * H + j;
-      const bool last = i == r.steps - 1;
-      if (!is_active(r, b, t)) {
-        for (int gate = 0; gate < 4; ++gate) g_out[gate * H] = scalar_t(0);
-        a.cells[row * H + j] = c_prev;
-        h_out[b * H + j] = h_in[b * H + j];
-        a.y[row * H + j] = scalar_t(0);
-        if (last) {
-          a.h_n[b * H + j] = h_in[b * H + j];
-          a.c_n[b * H + j] = static_cast<scalar_t>(c_prev);
-        }
-        continue;
-      }
-      const scalar_t* pre = a.pre_x + row * 4 * H + j;
-      float act[4];
+      float recurrent[4];
 #pragma unroll
-      for (int gate = 0; gate < 4; ++gate) {
-        const float z = pick(acc, gate * U + lane) + static_cast<float>(pre[gate * H]);
-        act[gate] = gate == 2 ? tanhf(z) : sigmoidf(z);
-        g_out[gate * H] = static_cast<scalar_t>(act[gate]);
-      }
-      const float c = act[1] * c_prev + act[0] * act[2];
-      const scalar_t h = static_cast<scalar_t>(act[3] * tanhf(c));
-      a.cells[row * H + j] = c;
-      h_out[b * H + j] = h;
-      a.y[row * H + j] = h;
-      if (last) {
-        a.h_n[b * H + j] = h;
-        a.c_n[b * H + j] = static_cast<scalar_t>(c);
-      }
+      for (int gate = 0; gate < 4; ++gate) recurrent[gate] = pick(acc, gate * U + lane);
+      forward_unit(a, i, b, j, recurrent, h_in + b * H, h_out + b * H);
     }
     grid.sync();
   }
 }
-
-template <typename scalar_t>
-struct BackwardArgs {
-  Recurrence r;
-  const scalar_t* grad_y;  // (T, B, H)
-  const scalar_t* c0;      // (B, H)
-  const scalar_t* w_hh;    // (4H, H)
-  const scalar_t* gates;   // (T, B, 4H), activated
-  const float* cells;      // (T, B, H)
-  scalar_t* grad_pre;      // (T, B, 4H)
-  float* dh;               // (B, H): dh carried into the current step, grad_h_n at first
-  float* dc;               // (B, H): dc carried, grad_c_n at first
-};
 
 // dh_{t}[b, j] = sum_r d pre_{t+1}[b, r] W_hh[r, j] for the step processed just before (s), or the
 // carried dh when s was padding for row b. Writes it to the dh carry.
@@ -226,31 +143,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
   cg::grid_group grid = cg::this_grid();
   // Backward visits the steps in the reverse of the forward's processing order: i = T-1 .. 0.
   for (int64_t i = r.steps - 1; i >= 0; --i) {
-    const int64_t t = step_at(r, i);
     for (int64_t b = warp; b < B; b += kWarps) {
       if (i < r.steps - 1) carry_dh<scalar_t, U>(a, w, step_at(r, i + 1), b, lane, j, owner);
-      if (!owner) continue;
-      const int64_t row = t * B + b;
-      scalar_t* dpre = a.grad_pre + row * 4 * H + j;
-      if (!is_active(r, b, t)) {
-        for (int gate = 0; gate < 4; ++gate) dpre[gate * H] = scalar_t(0);
-        continue;  // dh and dc pass through
-      }
-      const float dh = a.dh[b * H + j] + static_cast<float>(a.grad_y[row * H + j]);
-      const scalar_t* g = a.gates + row * 4 * H + j;
-      const float gi = static_cast<float>(g[0]), gf = static_cast<float>(g[H]);
-      const float gg = static_cast<float>(g[2 * H]), go = static_cast<float>(g[3 * H]);
-      const float c = a.cells[row * H + j];
-      const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
-                                  : a.cells[(step_at(r, i - 1) * B + b) * H + j];
-      const float tanh_c = tanhf(c);
-      const float dc = a.dc[b * H + j] + dh * go * (1.f - tanh_c * tanh_c);
-      dpre[0] = static_cast<scalar_t>(dc * gg * gi * (1.f - gi));
-      dpre[H] = static_cast<scalar_t>(dc * c_prev * gf * (1.f - gf));
-      dpre[2 * H] = static_cast<scalar_t>(dc * gi * (1.f - gg * gg));
-      dpre[3 * H] = static_cast<scalar_t>(dh * tanh_c * go * (1.f - go));
-      a.dc[b * H + j] = dc * gf;
-      a.dh[b * H + j] = dh;  // read back only if the next step is padding (then it passes through)
+      if (owner) backward_unit(a, i, b, j, static_cast<scalar_t*>(nullptr), 0);
     }
     grid.sync();
   }
@@ -279,9 +174,18 @@ int resident_blocks_per_sm(const void* kernel, size_t smem) {
                                     attributes.sharedSizeBytes);  // the dynamic part's limit
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  if (smem <= size_t(most)) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  }
   known.emplace(key, per_sm);
   return per_sm;
+}
+
+// Whether `blocks` blocks of `kernel` with `smem` bytes of dynamic shared memory can all be
+// resident at once, as a cooperative launch needs.
+bool all_resident(const void* kernel, size_t smem, int64_t blocks) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return blocks <= int64_t(resident_blocks_per_sm(kernel, smem)) * sms;
 }
 
 template <typename Args>
@@ -332,6 +236,59 @@ int plan_or_fail(int64_t hidden, const at::Tensor& like) {
   return units;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Half and bfloat16 run on tensor cores (csrc/cuda/lstm_tensor_cores.cuh) wherever their slices
+// and partial products fit on chip with every block resident; float32, and what does not fit,
+// on the CUDA-core kernels above.
+
+template <typename scalar_t>
+constexpr bool has_tensor_core_kernels() {
+  return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+}
+
+// bfloat16 MMAs need sm_80; the tensor-core kernels are compiled empty below it.
+bool device_has_tensor_cores() {
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// The forward on tensor cores with the fewest units per block that fit (4, 8 or 16: one, two or
+// four tiles of gate columns); false when none does. `io.h_buf` is set here (padded).
+template <typename scalar_t>
+bool forward_on_tensor_cores(ForwardArgs<scalar_t> io, const at::TensorOptions& options) {
+  const auto kernel = tensor_cores::forward_kernel<scalar_t>;
+  const Recurrence& r = io.r;
+  for (int units = 4; units <= 16; units *= 2) {
+    const TilePlan plan = plan_tiles(r.batch, 4 * units, round_up(r.hidden, kTile));
+    const int64_t blocks = (r.hidden + units - 1) / units;
+    if (!all_resident(reinterpret_cast<const void*>(kernel), plan.shared_bytes(), blocks)) {
+      continue;
+    }
+    const auto h_buf = at::empty({2, plan.rows, plan.depth}, options);
+    io.h_buf = h_buf.data_ptr<scalar_t>();
+    launch(kernel, tensor_cores::Forward<scalar_t>{io, plan, units}, r.hidden, units,
+           plan.shared_bytes());
+    return true;
+  }
+  return false;
+}
+
+// The backward on tensor cores (16 units per block); false when it does not fit.
+template <typename scalar_t>
+bool backward_on_tensor_cores(const BackwardArgs<scalar_t>& io, const at::TensorOptions& options) {
+  const auto kernel = tensor_cores::backward_kernel<scalar_t>;
+  const Recurrence& r = io.r;
+  const int units = tensor_cores::kBackwardUnits;
+  const TilePlan plan = plan_tiles(r.batch, units, 4 * round_up(r.hidden, kTile));
+  const int64_t blocks = (r.hidden + units - 1) / units;
+  if (!all_resident(reinterpret_cast<const void*>(kernel), plan.shared_bytes(), blocks)) {
+    return false;
+  }
+  const auto dpre_buf = at::empty({2, plan.rows, plan.depth}, options);
+  launch(kernel, tensor_cores::Backward<scalar_t>{io, plan, dpre_buf.data_ptr<scalar_t>()},
+         r.hidden, units, plan.shared_bytes());
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& pre_x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& lengths, bool reverse) {
@@ -342,7 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   auto y = at::empty({T, B, H}, pre_x.options());
   auto gates = at::empty({T, B, 4 * H}, pre_x.options());
   auto cells = at::empty({T, B, H}, pre_x.options().dtype(at::kFloat));
-  auto h_buf = at::empty({2, B, H}, pre_x.options());
   if (T == 0 || B == 0) return {y, h0.clone(), c0.clone(), gates, cells};
   // The kernel's last step writes h_n and c_n: no copies after it (a launch each on the GPU).
   auto h_n = at::empty({B, H}, pre_x.options());
@@ -350,13 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const int units = plan_or_fail(H, pre_x);
   const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   FASTSEQ_DISPATCH_KERNEL_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
-    ForwardArgs<scalar_t> args{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
-                               c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-                               y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                               cells.data_ptr<float>(), h_buf.data_ptr<scalar_t>(),
-                               h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>()};
+    ForwardArgs<scalar_t> io{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
+                             c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                             y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                             cells.data_ptr<float>(), /*h_buf=*/nullptr,
+                             h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>()};
+    if constexpr (has_tensor_core_kernels<scalar_t>()) {
+      if (device_has_tensor_cores() && forward_on_tensor_cores(io, pre_x.options())) return;
+    }
+    const auto h_buf = at::empty({2, B, H}, pre_x.options());
+    io.h_buf = h_buf.data_ptr<scalar_t>();
     const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
-    FASTSEQ_LSTM_UNITS(units, forward_kernel, args, H, units, smem);
+    FASTSEQ_LSTM_UNITS(units, forward_kernel, io, H, units, smem);
   });
   return {y, h_n, c_n, gates, cells};
 }
@@ -366,9 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
     bool reverse, const at::Tensor& gates, const at::Tensor& cells) {
   check_inputs(grad_h_n, c0, w_hh, lengths);
-  TORCH_CHECK(grad_y.is_contiguous() && gates.is_contiguous() && cells.is_contiguous() &&
-                  cells.scalar_type() == at::kFloat,
-              "fastseq lstm_recurrence_backward: grad_y, gates and float32 cells, contiguous");
+  TORCH_CHECK(grad_y.is_contiguous() && grad_c_n.is_contiguous() && gates.is_contiguous() &&
+                  cells.is_contiguous() && cells.scalar_type() == at::kFloat,
+              "fastseq lstm_recurrence_backward: grad_y, grad_c_n, gates and float32 cells, "
+              "contiguous");
   c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t T = grad_y.size(0), B = grad_y.size(1), H = c0.size(1);
   auto grad_pre = at::empty({T, B, 4 * H}, gates.options());
@@ -378,12 +340,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const int units = plan_or_fail(H, gates);
     const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
     FASTSEQ_DISPATCH_KERNEL_TYPES(gates.scalar_type(), "lstm_backward", [&] {
-      BackwardArgs<scalar_t> args{r, grad_y.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                  w_hh.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                                  cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
-                                  dh.data_ptr<float>(), dc.data_ptr<float>()};
+      const BackwardArgs<scalar_t> io{r, grad_y.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                      w_hh.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                      cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
+                                      dh.data_ptr<float>(), dc.data_ptr<float>()};
+      if constexpr (has_tensor_core_kernels<scalar_t>()) {
+        if (device_has_tensor_cores() && backward_on_tensor_cores(io, gates.options())) return;
+      }
       const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
-      FASTSEQ_LSTM_UNITS(units, backward_kernel, args, H, units, smem);
+      FASTSEQ_LSTM_UNITS(units, backward_kernel, io, H, units, smem);
     });
   }
   return {grad_pre, dh.to(grad_h_n.scalar_type()), dc.to(grad_c_n.scalar_type())};
