@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
       float recurrent[4];
 #pragma unroll
       for (int gate = 0; gate < 4; ++gate) recurrent[gate] = pick(acc, gate * U + lane);
-      forward_unit(a, i, b, j, recurrent, h_in + b * H, h_out + b * H);
+      forward_unit(a, i, b, j, load_forward_unit(a, i, b, j), recurrent, h_in + b * H,
+                   h_out + b * H);
     }
     grid.sync();
   }
@@ -145,7 +146,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
   for (int64_t i = r.steps - 1; i >= 0; --i) {
     for (int64_t b = warp; b < B; b += kWarps) {
       if (i < r.steps - 1) carry_dh<scalar_t, U>(a, w, step_at(r, i + 1), b, lane, j, owner);
-      if (owner) backward_unit(a, i, b, j, static_cast<scalar_t*>(nullptr), 0);
+      if (owner) {
+        backward_unit(a, i, b, j, load_backward_unit(a, i, b, j), static_cast<scalar_t*>(nullptr),
+                      0);
+      }
     }
     grid.sync();
   }

@@ -87,28 +87,47 @@ __device__ __forceinline__ float cell_backward(const float (&g)[4], float c, flo
   return dc * g[1];
 }
 
+// What unit j of row b reads in the forward's i-th step besides the recurrent term: its input
+// projection (gate q in pre[q]) and the cell before the step. Loaded apart from the step's math
+// so that a kernel can issue the loads before the step's product and hide their latency.
+struct ForwardUnitInputs {
+  float pre[4];
+  float c_prev;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ ForwardUnitInputs load_forward_unit(const ForwardArgs<scalar_t>& a,
+                                                               int64_t i, int64_t b, int64_t j) {
+  const Recurrence& r = a.r;
+  const int64_t H = r.hidden, row = step_at(r, i) * r.batch + b;
+  ForwardUnitInputs in;
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) in.pre[gate] = static_cast<float>(a.pre_x[row * 4 * H + gate * H + j]);
+  in.c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
+                     : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
+  return in;
+}
+
 // Unit j of row b in the forward's i-th step. recurrent[q]: gate q's term of h_{t-1} W_hh^T;
 // h_prev / h_next: the row's h before and after the step in the recurrence's buffers. Writes the
 // activated gates, the cell, h (y, the next buffer; h_n and c_n at the last step). A padding step
 // carries h and c over and writes zero gates and y.
 template <typename scalar_t>
 __device__ __forceinline__ void forward_unit(const ForwardArgs<scalar_t>& a, int64_t i, int64_t b,
-                                             int64_t j, const float (&recurrent)[4],
-                                             const scalar_t* h_prev, scalar_t* h_next) {
+                                             int64_t j, const ForwardUnitInputs& in,
+                                             const float (&recurrent)[4], const scalar_t* h_prev,
+                                             scalar_t* h_next) {
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, t = step_at(r, i), row = t * r.batch + b;
-  const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
-                              : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
   const bool active = is_active(r, b, t);
   float z[4] = {};
-  float c = c_prev;
+  float c = in.c_prev;
   scalar_t h = h_prev[j];
   if (active) {
-    const scalar_t* pre = a.pre_x + row * 4 * H + j;
 #pragma unroll
-    for (int gate = 0; gate < 4; ++gate) z[gate] = recurrent[gate] + static_cast<float>(pre[gate * H]);
+    for (int gate = 0; gate < 4; ++gate) z[gate] = recurrent[gate] + in.pre[gate];
     float h_value;
-    c = cell_forward(z, c_prev, &h_value);
+    c = cell_forward(z, in.c_prev, &h_value);
     h = static_cast<scalar_t>(h_value);
   }
 #pragma unroll
@@ -122,25 +141,42 @@ __device__ __forceinline__ void forward_unit(const ForwardArgs<scalar_t>& a, int
   }
 }
 
+// What unit j of row b reads in the backward's i-th step besides the carries: its activated gates
+// (gate q in g[q]), its cell and the one before, and grad_y; loaded apart as in the forward.
+struct BackwardUnitInputs {
+  float g[4];
+  float c, c_prev, grad_y;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ BackwardUnitInputs load_backward_unit(const BackwardArgs<scalar_t>& a,
+                                                                 int64_t i, int64_t b, int64_t j) {
+  const Recurrence& r = a.r;
+  const int64_t H = r.hidden, row = step_at(r, i) * r.batch + b;
+  BackwardUnitInputs in;
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) in.g[gate] = static_cast<float>(a.gates[row * 4 * H + gate * H + j]);
+  in.c = a.cells[row * H + j];
+  in.c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
+                     : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
+  in.grad_y = static_cast<float>(a.grad_y[row * H + j]);
+  return in;
+}
+
 // Unit j of row b in the backward's i-th step (in the forward's processing order): d pre (to
-// grad_pre, and gate q at dpre_copy[q copy_stride] when given) from the activated gates, the cells
-// and dh = the carry plus grad_y; then the carries dh and dc for the step before. A padding step
-// writes zero d pre and leaves the carries as they are.
+// grad_pre, and gate q at dpre_copy[q copy_stride] when given) from its inputs and dh = the carry
+// plus grad_y; then the carries dh and dc for the step before. A padding step writes zero d pre
+// and leaves the carries as they are.
 template <typename scalar_t>
 __device__ __forceinline__ void backward_unit(const BackwardArgs<scalar_t>& a, int64_t i,
-                                              int64_t b, int64_t j, scalar_t* dpre_copy,
-                                              int64_t copy_stride) {
+                                              int64_t b, int64_t j, const BackwardUnitInputs& in,
+                                              scalar_t* dpre_copy, int64_t copy_stride) {
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, t = step_at(r, i), row = t * r.batch + b;
   float d[4] = {};
   if (is_active(r, b, t)) {
-    float g[4];
-#pragma unroll
-    for (int gate = 0; gate < 4; ++gate) g[gate] = static_cast<float>(a.gates[row * 4 * H + gate * H + j]);
-    const float c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
-                                : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
-    const float dh = a.dh[b * H + j] + static_cast<float>(a.grad_y[row * H + j]);
-    a.dc[b * H + j] = cell_backward(g, a.cells[row * H + j], c_prev, dh, a.dc[b * H + j], d);
+    const float dh = a.dh[b * H + j] + in.grad_y;
+    a.dc[b * H + j] = cell_backward(in.g, in.c, in.c_prev, dh, a.dc[b * H + j], d);
     a.dh[b * H + j] = dh;  // read back only if the next step is padding (then it passes through)
   }
 #pragma unroll

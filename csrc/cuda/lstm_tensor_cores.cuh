@@ -49,8 +49,7 @@ struct Element<c10::BFloat16> {
 
 // partial[split] (rows x cols, row-major float) = A[:, the split's depth] B[the split's depth, :]
 // for this warp's items. A (rows x depth) row-major with leading dimension lda; B (depth x cols)
-// column-major, column n at b + n ldb. Two accumulators alternate over k, so that consecutive
-// MMAs do not wait on each other.
+// column-major, column n at b + n ldb.
 template <typename T>
 __device__ void warp_products(const TilePlan& p, const T* a, int64_t lda, const T* b, int64_t ldb,
                               float* partial, int warp) {
@@ -65,19 +64,25 @@ __device__ void warp_products(const TilePlan& p, const T* a, int64_t lda, const 
     wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> even, odd;
     wmma::fill_fragment(even, 0.f);
     wmma::fill_fragment(odd, 0.f);
-    auto multiply = [&](auto& acc, int64_t kt) {
-      wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a + m0 * lda + kt * kTile, lda);
-      wmma::load_matrix_sync(fb, b + n0 * ldb + kt * kTile, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
-    };
-    int64_t kt = split * k_tiles / p.k_splits;
-    for (; kt + 1 < k_end; kt += 2) {
-      multiply(even, kt);
-      multiply(odd, kt + 1);
+    // kBatch k-tiles' operands are loaded before any of their MMAs, so that their loads (A from
+    // L2) overlap; the MMAs alternate between two accumulators.
+    constexpr int kBatch = 4;
+    for (int64_t k0 = split * k_tiles / p.k_splits; k0 < k_end; k0 += kBatch) {
+      wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> fa[kBatch];
+      wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::col_major> fb[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (k0 + q < k_end) {
+          wmma::load_matrix_sync(fa[q], a + m0 * lda + (k0 + q) * kTile, lda);
+          wmma::load_matrix_sync(fb[q], b + n0 * ldb + (k0 + q) * kTile, ldb);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        auto& acc = q % 2 == 0 ? even : odd;
+        if (k0 + q < k_end) wmma::mma_sync(acc, fa[q], fb[q], acc);
+      }
     }
-    if (kt < k_end) multiply(even, kt);
 #pragma unroll
     for (int e = 0; e < even.num_elements; ++e) even.x[e] += odd.x[e];
     wmma::store_matrix_sync(partial + (split * p.rows + m0) * p.cols + n0, even, p.cols,
@@ -143,6 +148,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Forward<scalar_t> arg
   for (int64_t i = 0; i < r.steps; ++i) {
     const scalar_t* h_in = a.h_buf + (i % 2) * p.rows * K;
     scalar_t* h_out = a.h_buf + ((i + 1) % 2) * p.rows * K;
+    // This thread's first (row, unit): its loads go out before the product.
+    const int64_t b_first = threadIdx.x / U, j_first = j0 + threadIdx.x % U;
+    ForwardUnitInputs first{};
+    if (b_first < B && j_first < H) first = load_forward_unit(a, i, b_first, j_first);
     warp_products(p, reinterpret_cast<const T*>(h_in), K, reinterpret_cast<const T*>(w), K,
                   partial, warp);
     __syncthreads();
@@ -152,7 +161,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Forward<scalar_t> arg
       float recurrent[4];
 #pragma unroll
       for (int gate = 0; gate < 4; ++gate) recurrent[gate] = sum_partials(p, partial, b, gate * U + u);
-      forward_unit(a, i, b, j, recurrent, h_in + b * K, h_out + b * K);
+      const ForwardUnitInputs in = idx == threadIdx.x ? first : load_forward_unit(a, i, b, j);
+      forward_unit(a, i, b, j, in, recurrent, h_in + b * K, h_out + b * K);
     }
     grid.sync();
   }
@@ -210,13 +220,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Backward<scalar_t> a
   // Backward visits the steps in the reverse of the forward's processing order: i = T-1 .. 0.
   for (int64_t i = r.steps - 1; i >= 0; --i) {
     scalar_t* dpre_out = args.dpre_buf + (i % 2) * p.rows * K;
+    // This thread's first (row, unit): its loads go out before the product.
+    const int64_t b_first = threadIdx.x / kBackwardUnits;
+    const int64_t j_first = j0 + threadIdx.x % kBackwardUnits;
+    BackwardUnitInputs first{};
+    if (b_first < B && j_first < H) first = load_backward_unit(a, i, b_first, j_first);
     if (i < r.steps - 1) {
       carry_dh(args, w, args.dpre_buf + ((i + 1) % 2) * p.rows * K, partial, step_at(r, i + 1), j0);
     }
     for (int64_t idx = threadIdx.x; idx < B * kBackwardUnits; idx += kThreads) {
       const int64_t b = idx / kBackwardUnits, j = j0 + idx % kBackwardUnits;
       if (j >= H) continue;
-      backward_unit(a, i, b, j, dpre_out + b * K + j, Hp);
+      const BackwardUnitInputs in = idx == threadIdx.x ? first : load_backward_unit(a, i, b, j);
+      backward_unit(a, i, b, j, in, dpre_out + b * K + j, Hp);
     }
     grid.sync();
   }
