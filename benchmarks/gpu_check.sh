@@ -70,9 +70,11 @@ slug=$(gpu_slug)
 workers=$(($(nproc) > 8 ? 8 : $(nproc)))
 stage tests_largest_tiles 240 env FASTSEQ_AUTOTUNE=largest \
   $PY -m pytest -q -m cuda -n "$workers" -p no:cacheprovider tests
-# The suites whose GPU results are the oldest come first (the LSTM's predate the persistent kernel
-# as the GPU default); attention autotunes every shape it meets. The smallest tiles' tests come
-# after the suites: a short budget spends itself on results first.
+# The suites whose GPU results are the oldest come first: the LSTM recurrence's kernel kinds and
+# block sizes (tensor cores against CUDA cores), then the LSTM's (they predate the persistent
+# kernel as the GPU default); attention autotunes every shape it meets. The smallest tiles' tests
+# come after the suites: a short budget spends itself on results first.
+stage bench_lstm_recurrence 90 $PY -m fastseq bench lstm_recurrence
 stage bench_lstm 180 $PY -m fastseq bench lstm
 stage trace_dispatch 60 $PY -m fastseq trace dispatch
 stage bench_dispatch 60 $PY -m fastseq bench dispatch

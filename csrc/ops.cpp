@@ -56,14 +56,17 @@ TORCH_LIBRARY(fastseq, m) {
   // The recurrence of one LSTM layer without projection, in one persistent launch (CUDA only; see
   // csrc/cuda/lstm.cu): pre_x (T, B, 4H) = x W_ih^T + bias, h0 and c0 (B, H), w_hh (4H, H).
   // Returns y, h_n, c_n, the activated gates and the float32 cells; the backward returns d pre
-  // (T, B, 4H) for the weight-gradient GEMMs, and the gradients of h0 and c0.
+  // (T, B, 4H) for the weight-gradient GEMMs, and the gradients of h0 and c0. `kernel` picks the
+  // kind ("auto", "tensor_cores", "cuda_cores") and `units` > 0 the hidden units per block, for
+  // benchmarks that compare them; the defaults choose.
   m.def(
       "lstm_recurrence_forward(Tensor pre_x, Tensor h0, Tensor c0, Tensor w_hh, Tensor? lengths, "
-      "bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "bool reverse, str kernel='auto', int units=0) -> (Tensor y, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor cells)");
   m.def(
       "lstm_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor c0, "
-      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells) -> (Tensor grad_pre, "
-      "Tensor grad_h0, Tensor grad_c0)");
+      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells, str kernel='auto', "
+      "int units=0) -> (Tensor grad_pre, Tensor grad_h0, Tensor grad_c0)");
 }
 
 namespace {

@@ -48,7 +48,7 @@ def _suites(names: list[str]) -> list[str]:
 def bench(args: argparse.Namespace) -> int:
     """Run and report the benchmark suites; exit status 1 if an op of ours failed on some case."""
     from fastseq.bench import report
-    from fastseq.bench.runner import run_suite, suite_label
+    from fastseq.bench.runner import load_suite, run_cases, suite_label
 
     device, names = _device(args.device), _suites(args.suites)
     meta = report.environment(device)
@@ -62,7 +62,11 @@ def bench(args: argparse.Namespace) -> int:
     failed = False
     for name in names:
         label = suite_label(name)
-        results = run_suite(name, device, quick=args.quick)
+        cases = load_suite(name).cases(device, args.quick)
+        if not cases:
+            print(f"\n{label}: no cases on {device.type}")
+            continue
+        results = run_cases(cases, device, quick=args.quick, desc=label)
         print(f"\n{label}\n{report.format_table(results)}")
         folder = report.results_dir(device, args.out)
         stem = f"{label}-quick" if args.quick else label
@@ -118,7 +122,11 @@ def trace(args: argparse.Namespace) -> int:
     device, names, meta, folder = _setting(args, args.suites or ["dispatch"])
     for name in names:
         label = suite_label(name)
-        text = trace_cases(load_suite(name).cases(device, quick=True), device)
+        cases = load_suite(name).cases(device, quick=True)
+        if not cases:
+            print(f"\n{label}: no cases on {device.type}")
+            continue
+        text = trace_cases(cases, device)
         path = folder / f"{label}_trace.txt"
         path.write_text(report.describe(meta) + "\n\n" + text)
         print(f"\n{text}wrote {path}")

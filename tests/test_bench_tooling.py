@@ -237,6 +237,16 @@ def test_trace_command_counts_the_ops_of_each_call(tiny_suite, tmp_path):
     assert "ZeroDivisionError" in blocks["sum n1024 | broken"]
 
 
+def test_a_suite_without_cases_on_the_device_writes_nothing(tmp_path, capsys):
+    """The GPU-only suite (the LSTM recurrence's kernel kinds) has no cases on the CPU: bench and
+    trace say so and write no empty report."""
+    out = tmp_path / "results"
+    for command in ("bench", "trace"):
+        assert main([command, "lstm_recurrence", "--device", "cpu", "--out", str(out)]) == 0
+        assert "lstm_recurrence: no cases on cpu" in capsys.readouterr().out
+    assert not any(p.name.startswith("lstm_recurrence") for p in out.iterdir())
+
+
 def test_info_command(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out

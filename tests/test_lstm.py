@@ -850,3 +850,72 @@ def test_tensor_core_tile_plan():
             assert rows % 16 == 0 and batch <= rows < batch + 16
             assert 1 <= splits <= depth // 16
             assert (rows // 16) * (cols // 16) * splits <= max(8, (rows // 16) * (cols // 16))
+
+
+def _recurrence_truth_and_low(dtype, steps, batch, hidden, lengths, reverse):
+    """The recurrence from pre-activations: (inputs in `dtype` on the GPU, their float64 outputs and
+    gradients on the CPU, and the same from the plain-PyTorch loop in `dtype` on the GPU). The loop
+    takes pre_x as x with W_ih = I, exact in every dtype, so that d pre is the gradient of x."""
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(steps, batch, 4 * hidden, generator=gen, dtype=torch.float64)
+    h0, c0 = (torch.randn(batch, hidden, generator=gen, dtype=torch.float64) for _ in range(2))
+    w_hh = torch.randn(4 * hidden, hidden, generator=gen, dtype=torch.float64) / hidden**0.5
+    upstream = [torch.randn(steps, batch, hidden, generator=gen, dtype=torch.float64),
+                torch.randn(batch, hidden, generator=gen, dtype=torch.float64),
+                torch.randn(batch, hidden, generator=gen, dtype=torch.float64)]
+
+    def loop(device, dt):
+        leaves = [t.to(device, dt).requires_grad_() for t in (pre, h0, c0)]
+        eye = torch.eye(4 * hidden, device=device, dtype=dt)
+        lens = None if lengths is None else lengths.to(device)
+        out = ref.lstm_layer(leaves[0], leaves[1], leaves[2], eye, w_hh.to(device, dt),
+                             lengths=lens, reverse=reverse)
+        loss = sum((o * u.to(device, dt)).sum() for o, u in zip(out, upstream, strict=True))
+        return [o.detach().cpu() for o in out], [g.cpu() for g in torch.autograd.grad(loss, leaves)]
+
+    inputs = [t.to("cuda", dtype) for t in (pre, h0, c0, w_hh, *upstream)]
+    return inputs, loop("cpu", torch.float64), loop("cuda", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("kernel", "units"), [("cuda_cores", 0), ("cuda_cores", 2),
+                                                ("tensor_cores", 4), ("tensor_cores", 8),
+                                                ("tensor_cores", 16)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_recurrence_every_kernel_kind_and_block_size(dtype, kernel, units, reverse):
+    """The persistent recurrence forced to each kind and forward block size (the benchmark's
+    variants), forward and backward, against float64 within the tolerance rule, the plain loop in
+    the same dtype as the low-precision reference; ragged batch and hidden size, padded rows."""
+    steps, batch, hidden = 9, 21, 37
+    lengths = torch.tensor([9, 4, 1, 0, 7, 9, 2] * 3)
+    inputs, truth, low = _recurrence_truth_and_low(dtype, steps, batch, hidden, lengths, reverse)
+    pre, h0, c0, w_hh, grad_y, grad_h, grad_c = inputs
+    lens = lengths.cuda()
+    ops = torch.ops.fastseq
+    y, h_n, c_n, gates, cells = ops.lstm_recurrence_forward(pre, h0, c0, w_hh, lens, reverse,
+                                                            kernel, units)
+    backward_units = units if kernel == "cuda_cores" else 0  # the tensor-core backward has one size
+    grads = ops.lstm_recurrence_backward(grad_y, grad_h, grad_c, c0, w_hh, lens, reverse, gates,
+                                         cells, kernel, backward_units)
+    _compare([t.cpu() for t in (y, h_n, c_n)], truth[0], low[0])
+    _compare([t.cpu() for t in grads], truth[1], low[1], factor=3.0)
+
+
+@pytest.mark.cuda
+def test_gpu_recurrence_rejects_kernel_choices_it_cannot_run():
+    """A kind or block size that cannot run raises a clear error before any launch."""
+    pre = torch.zeros(2, 3, 4 * 8, device="cuda", dtype=torch.float16)
+    state = torch.zeros(3, 8, device="cuda", dtype=torch.float16)
+    w_hh = torch.zeros(4 * 8, 8, device="cuda", dtype=torch.float16)
+    run = torch.ops.fastseq.lstm_recurrence_forward
+    with pytest.raises(RuntimeError, match="kernel must be 'auto', 'tensor_cores' or 'cuda_cores'"):
+        run(pre, state, state, w_hh, None, False, "tensor", 0)
+    with pytest.raises(RuntimeError, match="units per block need kernel="):
+        run(pre, state, state, w_hh, None, False, "auto", 4)
+    with pytest.raises(RuntimeError, match="tensor-core forward takes 4, 8 or 16 units"):
+        run(pre, state, state, w_hh, None, False, "tensor_cores", 2)
+    with pytest.raises(RuntimeError, match="CUDA-core kernels take 1, 2, 4 or 8 units"):
+        run(pre, state, state, w_hh, None, False, "cuda_cores", 16)
+    with pytest.raises(RuntimeError, match="takes half or bfloat16"):
+        run(pre.float(), state.float(), state.float(), w_hh.float(), None, False, "tensor_cores", 0)

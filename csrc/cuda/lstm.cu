@@ -255,47 +255,104 @@ bool device_has_tensor_cores() {
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-// The forward on tensor cores with the fewest units per block that fit (4, 8 or 16: one, two or
-// four tiles of gate columns); false when none does. `io.h_buf` is set here (padded).
-template <typename scalar_t>
-bool forward_on_tensor_cores(ForwardArgs<scalar_t> io, const at::TensorOptions& options) {
-  const auto kernel = tensor_cores::forward_kernel<scalar_t>;
-  const Recurrence& r = io.r;
-  for (int units = 4; units <= 16; units *= 2) {
-    const TilePlan plan = plan_tiles(r.batch, 4 * units, round_up(r.hidden, kTile));
-    const int64_t blocks = (r.hidden + units - 1) / units;
-    if (!all_resident(reinterpret_cast<const void*>(kernel), plan.shared_bytes(), blocks)) {
-      continue;
-    }
-    const auto h_buf = at::empty({2, plan.rows, plan.depth}, options);
-    io.h_buf = h_buf.data_ptr<scalar_t>();
-    launch(kernel, tensor_cores::Forward<scalar_t>{io, plan, units}, r.hidden, units,
-           plan.shared_bytes());
-    return true;
+// The kernel kind a call asks for, and the hidden units per block (0: the plan's).
+struct KernelChoice {
+  enum class Kind { kAuto, kTensorCores, kCudaCores } kind;
+  int64_t units;
+};
+
+KernelChoice parse_choice(c10::string_view kernel, int64_t units) {
+  TORCH_CHECK(units >= 0, "fastseq lstm_recurrence: units must be 0 (the plan's) or positive, got ",
+              units);
+  if (kernel == "auto") {
+    TORCH_CHECK(units == 0, "fastseq lstm_recurrence: units per block need kernel='tensor_cores' "
+                "or 'cuda_cores'");
+    return {KernelChoice::Kind::kAuto, 0};
   }
-  return false;
+  if (kernel == "tensor_cores") return {KernelChoice::Kind::kTensorCores, units};
+  if (kernel == "cuda_cores") return {KernelChoice::Kind::kCudaCores, units};
+  TORCH_CHECK(false, "fastseq lstm_recurrence: kernel must be 'auto', 'tensor_cores' or "
+              "'cuda_cores', got '", kernel, "'");
 }
 
-// The backward on tensor cores (16 units per block); false when it does not fit.
+// Whether the call runs on tensor cores: asked for or chosen (half and bfloat16 on sm_80+), and
+// `fits` (the plan can run); a request that cannot be met raises.
 template <typename scalar_t>
-bool backward_on_tensor_cores(const BackwardArgs<scalar_t>& io, const at::TensorOptions& options) {
-  const auto kernel = tensor_cores::backward_kernel<scalar_t>;
+bool takes_tensor_cores(const KernelChoice& choice, bool fits) {
+  const bool possible = has_tensor_core_kernels<scalar_t>() && device_has_tensor_cores();
+  if (choice.kind == KernelChoice::Kind::kTensorCores) {
+    TORCH_CHECK(possible, "fastseq lstm_recurrence: kernel='tensor_cores' takes half or bfloat16 "
+                "on sm_80 or newer");
+    TORCH_CHECK(fits, "fastseq lstm_recurrence: the tensor-core kernel does not fit on chip with ",
+                choice.units == 0 ? "any" : std::to_string(choice.units).c_str(),
+                " units per block for this batch and hidden size");
+  }
+  return possible && fits && choice.kind != KernelChoice::Kind::kCudaCores;
+}
+
+// Units per block of the forward on tensor cores: `asked`, or the fewest of 4, 8, 16 (one, two or
+// four tiles of gate columns) with which every block is resident; 0 when none is.
+template <typename scalar_t>
+int forward_tensor_core_units(const Recurrence& r, int64_t asked) {
+  TORCH_CHECK(asked == 0 || asked == 4 || asked == 8 || asked == 16,
+              "fastseq lstm_recurrence: the tensor-core forward takes 4, 8 or 16 units per block, "
+              "got ", asked);
+  const auto kernel = reinterpret_cast<const void*>(tensor_cores::forward_kernel<scalar_t>);
+  for (int units = 4; units <= 16; units *= 2) {
+    if (asked != 0 && units != asked) continue;
+    const TilePlan plan = plan_tiles(r.batch, 4 * units, round_up(r.hidden, kTile));
+    if (all_resident(kernel, plan.shared_bytes(), (r.hidden + units - 1) / units)) return units;
+  }
+  return 0;
+}
+
+template <typename scalar_t>
+void forward_on_tensor_cores(ForwardArgs<scalar_t> io, const at::TensorOptions& options,
+                             int units) {
+  const Recurrence& r = io.r;
+  const TilePlan plan = plan_tiles(r.batch, 4 * units, round_up(r.hidden, kTile));
+  const auto h_buf = at::empty({2, plan.rows, plan.depth}, options);  // padded
+  io.h_buf = h_buf.data_ptr<scalar_t>();
+  launch(tensor_cores::forward_kernel<scalar_t>, tensor_cores::Forward<scalar_t>{io, plan, units},
+         r.hidden, units, plan.shared_bytes());
+}
+
+// The backward on tensor cores has 16 units per block: whether every block is resident.
+template <typename scalar_t>
+bool backward_fits_tensor_cores(const Recurrence& r, int64_t asked) {
+  constexpr int64_t units = tensor_cores::kBackwardUnits;
+  TORCH_CHECK(asked == 0 || asked == units, "fastseq lstm_recurrence: the tensor-core backward "
+              "takes ", units, " units per block, got ", asked);
+  const TilePlan plan = plan_tiles(r.batch, units, 4 * round_up(r.hidden, kTile));
+  return all_resident(reinterpret_cast<const void*>(tensor_cores::backward_kernel<scalar_t>),
+                      plan.shared_bytes(), (r.hidden + units - 1) / units);
+}
+
+template <typename scalar_t>
+void backward_on_tensor_cores(const BackwardArgs<scalar_t>& io, const at::TensorOptions& options) {
   const Recurrence& r = io.r;
   const int units = tensor_cores::kBackwardUnits;
   const TilePlan plan = plan_tiles(r.batch, units, 4 * round_up(r.hidden, kTile));
-  const int64_t blocks = (r.hidden + units - 1) / units;
-  if (!all_resident(reinterpret_cast<const void*>(kernel), plan.shared_bytes(), blocks)) {
-    return false;
-  }
   const auto dpre_buf = at::empty({2, plan.rows, plan.depth}, options);
-  launch(kernel, tensor_cores::Backward<scalar_t>{io, plan, dpre_buf.data_ptr<scalar_t>()},
-         r.hidden, units, plan.shared_bytes());
-  return true;
+  launch(tensor_cores::backward_kernel<scalar_t>,
+         tensor_cores::Backward<scalar_t>{io, plan, dpre_buf.data_ptr<scalar_t>()}, r.hidden,
+         units, plan.shared_bytes());
+}
+
+// Units per block of the CUDA-core kernels: `asked` (1, 2, 4 or 8), or the plan's.
+int cuda_core_units(int64_t hidden, const at::Tensor& like, int64_t asked) {
+  if (asked == 0) return plan_or_fail(hidden, like);
+  TORCH_CHECK(asked == 1 || asked == 2 || asked == 4 || asked == 8,
+              "fastseq lstm_recurrence: the CUDA-core kernels take 1, 2, 4 or 8 units per block, "
+              "got ", asked);
+  return static_cast<int>(asked);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& pre_x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& lengths, bool reverse, c10::string_view kernel,
+    int64_t units) {
+  const KernelChoice choice = parse_choice(kernel, units);
   check_inputs(h0, c0, w_hh, lengths);
   TORCH_CHECK(pre_x.is_contiguous() && pre_x.dim() == 3, "fastseq lstm_recurrence: pre_x (T, B, 4H)");
   c10::cuda::CUDAGuard guard(pre_x.device());
@@ -307,7 +364,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   // The kernel's last step writes h_n and c_n: no copies after it (a launch each on the GPU).
   auto h_n = at::empty({B, H}, pre_x.options());
   auto c_n = at::empty({B, H}, c0.options());
-  const int units = plan_or_fail(H, pre_x);
   const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   FASTSEQ_DISPATCH_KERNEL_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
     ForwardArgs<scalar_t> io{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
@@ -316,12 +372,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                              cells.data_ptr<float>(), /*h_buf=*/nullptr,
                              h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>()};
     if constexpr (has_tensor_core_kernels<scalar_t>()) {
-      if (device_has_tensor_cores() && forward_on_tensor_cores(io, pre_x.options())) return;
+      const bool skip = choice.kind == KernelChoice::Kind::kCudaCores || !device_has_tensor_cores();
+      const int tc_units = skip ? 0 : forward_tensor_core_units<scalar_t>(r, choice.units);
+      if (takes_tensor_cores<scalar_t>(choice, tc_units > 0)) {
+        return forward_on_tensor_cores(io, pre_x.options(), tc_units);
+      }
+    } else {
+      takes_tensor_cores<scalar_t>(choice, false);  // raises if asked for
     }
+    const int cc_units = cuda_core_units(H, pre_x, choice.units);
     const auto h_buf = at::empty({2, B, H}, pre_x.options());
     io.h_buf = h_buf.data_ptr<scalar_t>();
-    const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
-    FASTSEQ_LSTM_UNITS(units, forward_kernel, io, H, units, smem);
+    const size_t smem = size_t(4) * cc_units * H * sizeof(scalar_t);
+    FASTSEQ_LSTM_UNITS(cc_units, forward_kernel, io, H, cc_units, smem);
   });
   return {y, h_n, c_n, gates, cells};
 }
@@ -329,7 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
-    bool reverse, const at::Tensor& gates, const at::Tensor& cells) {
+    bool reverse, const at::Tensor& gates, const at::Tensor& cells, c10::string_view kernel,
+    int64_t units) {
+  const KernelChoice choice = parse_choice(kernel, units);
   check_inputs(grad_h_n, c0, w_hh, lengths);
   TORCH_CHECK(grad_y.is_contiguous() && grad_c_n.is_contiguous() && gates.is_contiguous() &&
                   cells.is_contiguous() && cells.scalar_type() == at::kFloat,
@@ -341,7 +406,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto dh = grad_h_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   auto dc = grad_c_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   if (T > 0 && B > 0) {
-    const int units = plan_or_fail(H, gates);
     const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
     FASTSEQ_DISPATCH_KERNEL_TYPES(gates.scalar_type(), "lstm_backward", [&] {
       const BackwardArgs<scalar_t> io{r, grad_y.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
@@ -349,10 +413,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                       cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
                                       dh.data_ptr<float>(), dc.data_ptr<float>()};
       if constexpr (has_tensor_core_kernels<scalar_t>()) {
-        if (device_has_tensor_cores() && backward_on_tensor_cores(io, gates.options())) return;
+        const bool fits = choice.kind != KernelChoice::Kind::kCudaCores &&
+                          device_has_tensor_cores() &&
+                          backward_fits_tensor_cores<scalar_t>(r, choice.units);
+        if (takes_tensor_cores<scalar_t>(choice, fits)) {
+          return backward_on_tensor_cores(io, gates.options());
+        }
+      } else {
+        takes_tensor_cores<scalar_t>(choice, false);  // raises if asked for
       }
-      const size_t smem = size_t(4) * units * H * sizeof(scalar_t);
-      FASTSEQ_LSTM_UNITS(units, backward_kernel, io, H, units, smem);
+      const int cc_units = cuda_core_units(H, gates, choice.units);
+      const size_t smem = size_t(4) * cc_units * H * sizeof(scalar_t);
+      FASTSEQ_LSTM_UNITS(cc_units, backward_kernel, io, H, cc_units, smem);
     });
   }
   return {grad_pre, dh.to(grad_h_n.scalar_type()), dc.to(grad_c_n.scalar_type())};
