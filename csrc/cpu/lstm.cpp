@@ -422,8 +422,14 @@ Tensor pack_gate_panels(const Tensor& w_hh, int64_t H, int64_t P, bool k_blocked
         for (int64_t q = 0; q < 4; ++q) {
           float* panel = dst + u * 4 * P * kPanel + (4 * k0 + q * kd) * kPanel;
           const float* rows = src + (q * H + u * kPanel) * P + k0;
+          int64_t k = 0;
+          if (cpu_has_avx512()) {
+            for (; k + kPanel <= kd; k += kPanel) {
+              cpu::avx512::transpose_16x16(rows + k, P, n, panel + k * kPanel);
+            }
+          }
           // Row-major over the destination; the 16 source rows are read in step.
-          for (int64_t k = 0; k < kd; ++k) {
+          for (; k < kd; ++k) {
             for (int64_t col = 0; col < kPanel; ++col) {
               panel[k * kPanel + col] = col < n ? rows[col * P + k] : 0.0f;
             }

@@ -64,6 +64,46 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void fma_step(
   }
 }
 
+// dst[k * 16 + c] = src[c * lds + k] for k, c < 16, and 0 for rows c >= n: a 16 x 16 block of a
+// row-major matrix transposed into 16 rows of a panel (how W_hh's rows become panel columns). In
+// registers: 16 loads, four rounds of shuffles, 16 stores, where an element-wise copy makes 256
+// scalar loads and stores.
+FASTSEQ_AVX512 inline void transpose_16x16(const float* src, int64_t lds, int64_t n, float* dst) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) {
+    r[c] = c < n ? _mm512_loadu_ps(src + c * lds) : _mm512_setzero_ps();
+  }
+  // Pairs of rows interleaved, then pairs of pairs: t[4 i + j] holds, in 128-bit lane L, element
+  // 4 L + j of rows 4 i .. 4 i + 3.
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Then the lanes: output row 4 L + j gathers lane L of r[j], r[4 + j], r[8 + j], r[12 + j].
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);   // lanes 0, 1 of both
+    const __m512 lo23 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);   // lanes 2, 3
+    const __m512 hi01 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_ps(dst + (0 + j) * 16, _mm512_shuffle_f32x4(lo01, hi01, 0x88));
+    _mm512_storeu_ps(dst + (4 + j) * 16, _mm512_shuffle_f32x4(lo01, hi01, 0xDD));
+    _mm512_storeu_ps(dst + (8 + j) * 16, _mm512_shuffle_f32x4(lo23, hi23, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * 16, _mm512_shuffle_f32x4(lo23, hi23, 0xDD));
+  }
+}
+
 // Rows of k the weight stream is prefetched ahead (a cache line per row and panel).
 constexpr int64_t kAhead = 32;
 
