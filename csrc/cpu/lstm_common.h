@@ -83,8 +83,12 @@ inline at::Tensor pack_column_panels(const at::Tensor& w, int64_t K, int64_t N) 
       const int64_t n = std::min(kPanel, N - v * kPanel);
       for (int64_t k = 0; k < K; ++k) {
         float* row = dst + (v * K + k) * kPanel;
-        std::memcpy(row, src + k * N + v * kPanel, n * sizeof(float));
-        std::fill(row + n, row + kPanel, 0.0f);
+        if (n == kPanel) {  // a constant size, which the compiler inlines: no call per row
+          std::memcpy(row, src + k * N + v * kPanel, kPanel * sizeof(float));
+        } else {
+          std::memcpy(row, src + k * N + v * kPanel, n * sizeof(float));
+          std::fill(row + n, row + kPanel, 0.0f);
+        }
       }
     }
   });
