@@ -7,14 +7,16 @@ one launch for the whole sequence; their ``kernel`` and ``units`` arguments forc
 (``tensor_cores``, ``cuda_cores``) and a number of hidden units per thread block.
 
 - ``fwd``: the input-projection GEMM plus the forward recurrence, the work of a layer's forward
-  (which also keeps the activated gates and cells for a backward); baseline ``torch.nn.LSTM``'s
-  forward under ``no_grad`` (cuDNN), and the CUDA-core kernels.
+  in training (it keeps the activated gates and cells for a backward); baselines the CUDA-core
+  kernels and ``torch.nn.LSTM``'s forward (cuDNN; the module in training mode, so that cuDNN
+  keeps what its backward needs too, under ``no_grad`` only to leave autograd out).
 - ``bwd``: the backward recurrence alone (d pre and the initial state's gradients; the weight
   gradients are GEMMs after it). cuDNN's backward cannot be timed apart from its forward, so the
   baseline is the CUDA-core kernels.
 
-Variants named ``tensor_cores_u<U>`` are timed but not compared; a block size that does not fit
-on the GPU reports its error instead of a time.
+``fastseq`` is the default choice ('auto'). Variants named ``tensor_cores_u<U>`` are timed but
+not compared; a block size that does not fit on the GPU reports its error instead of a time. No
+cases where the extension lacks its CUDA kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 
 import torch
 
+from fastseq import _extension
 from fastseq.bench import Case
 
 SUITE = "lstm_recurrence"
@@ -107,8 +110,11 @@ def _params(shape, pass_):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
-    """fwd and bwd over the shapes; none on the CPU, where the recurrence ops do not exist."""
-    if device.type != "cuda":
+    """fwd and bwd over the shapes; none on the CPU or without the CUDA kernels, where the
+    recurrence ops do not exist."""
+    # cuda_built() loads the extension, which registers the ops the bwd cases call to build
+    # their inputs.
+    if device.type != "cuda" or not _extension.cuda_built():
         return []
     return [make(shape, device) for shape in _shapes(quick)
             for make in (_forward_case, _backward_case)]

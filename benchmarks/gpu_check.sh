@@ -74,7 +74,7 @@ stage tests_largest_tiles 240 env FASTSEQ_AUTOTUNE=largest \
 # block sizes (tensor cores against CUDA cores), then the LSTM's (they predate the persistent
 # kernel as the GPU default); attention autotunes every shape it meets. The smallest tiles' tests
 # come after the suites: a short budget spends itself on results first.
-stage bench_lstm_recurrence 90 $PY -m fastseq bench lstm_recurrence
+stage bench_lstm_recurrence 120 $PY -m fastseq bench lstm_recurrence
 stage bench_lstm 180 $PY -m fastseq bench lstm
 stage trace_dispatch 60 $PY -m fastseq trace dispatch
 stage bench_dispatch 60 $PY -m fastseq bench dispatch

@@ -746,10 +746,10 @@ GPU_CASES = {
     "ragged_hidden": dict(input_size=13, hidden=19, kwargs={}),
     "two_layers_bidirectional": dict(input_size=13, hidden=19, kwargs=dict(num_layers=2, bidirectional=True)),
     "wide_hidden": dict(input_size=64, hidden=700, kwargs={}),
-    # three tiles of rows for the tensor-core kernels, each warp on its own tile's full depth
+    # a batch of no block's size: each warp of the CUDA-core kernels takes 4 or 5 of its rows
     "ragged_batch": dict(input_size=13, hidden=40, kwargs={}, batch=37),
-    # too many rows for the tensor-core kernels' partial sums in shared memory: half and bfloat16
-    # on the CUDA-core kernels
+    # 512 rows a warp; also too many rows for the tensor-core kernels' partial sums in shared
+    # memory, so these stay on the CUDA-core kernels however 'auto' chooses
     "large_batch": dict(input_size=13, hidden=19, kwargs={}, batch=4096),
 }
 
@@ -902,20 +902,42 @@ def test_gpu_recurrence_every_kernel_kind_and_block_size(dtype, kernel, units, r
     _compare([t.cpu() for t in grads], truth[1], low[1], factor=3.0)
 
 
+def _recurrence_inputs(steps, batch, hidden, dtype=torch.float16):
+    """Zero pre-activations, state and W_hh for the recurrence ops, on the GPU."""
+    return (torch.zeros(steps, batch, 4 * hidden, device="cuda", dtype=dtype),
+            torch.zeros(batch, hidden, device="cuda", dtype=dtype),
+            torch.zeros(batch, hidden, device="cuda", dtype=dtype),
+            torch.zeros(4 * hidden, hidden, device="cuda", dtype=dtype))
+
+
 @pytest.mark.cuda
 def test_gpu_recurrence_rejects_kernel_choices_it_cannot_run():
-    """A kind or block size that cannot run raises a clear error before any launch."""
-    pre = torch.zeros(2, 3, 4 * 8, device="cuda", dtype=torch.float16)
-    state = torch.zeros(3, 8, device="cuda", dtype=torch.float16)
-    w_hh = torch.zeros(4 * 8, 8, device="cuda", dtype=torch.float16)
-    run = torch.ops.fastseq.lstm_recurrence_forward
+    """A kind or block size that cannot run raises a clear error naming it, before any launch,
+    also on an empty batch (where nothing would launch at all)."""
+    ops = torch.ops.fastseq
+    pre, h0, c0, w_hh = _recurrence_inputs(2, 3, 8)
+
+    def forward(kernel, units, inputs=(pre, h0, c0, w_hh)):
+        return ops.lstm_recurrence_forward(*inputs, None, False, kernel, units)
+
     with pytest.raises(RuntimeError, match="kernel must be 'auto', 'tensor_cores' or 'cuda_cores'"):
-        run(pre, state, state, w_hh, None, False, "tensor", 0)
+        forward("tensor", 0)
     with pytest.raises(RuntimeError, match="units per block need kernel="):
-        run(pre, state, state, w_hh, None, False, "auto", 4)
-    with pytest.raises(RuntimeError, match="tensor-core forward takes 4, 8 or 16 units"):
-        run(pre, state, state, w_hh, None, False, "tensor_cores", 2)
-    with pytest.raises(RuntimeError, match="CUDA-core kernels take 1, 2, 4 or 8 units"):
-        run(pre, state, state, w_hh, None, False, "cuda_cores", 16)
+        forward("auto", 4)
+    with pytest.raises(RuntimeError, match=r"on tensor cores units must be 0 \(the plan's\), 4, 8 or 16"):
+        forward("tensor_cores", 2)
+    with pytest.raises(RuntimeError, match=r"on CUDA cores units must be 0 \(the plan's\), 1, 2, 4 or 8"):
+        forward("cuda_cores", 16)
+    as_float = [t.float() for t in (pre, h0, c0, w_hh)]
     with pytest.raises(RuntimeError, match="takes half or bfloat16"):
-        run(pre.float(), state.float(), state.float(), w_hh.float(), None, False, "tensor_cores", 0)
+        forward("tensor_cores", 0, as_float)
+    with pytest.raises(RuntimeError, match="takes half or bfloat16"):
+        forward("tensor_cores", 0, [t[:, :0] if t.dim() == 3 else t[:0] for t in as_float[:3]]
+                + as_float[3:])
+    wide = _recurrence_inputs(1, 1, 4096)  # one unit a block: 4096 blocks
+    with pytest.raises(RuntimeError, match="units=1 does not keep every block resident"):
+        forward("cuda_cores", 1, wide)
+    y, _, _, gates, cells = forward("cuda_cores", 0)
+    with pytest.raises(RuntimeError, match="on tensor cores units must be 0 or 16"):
+        ops.lstm_recurrence_backward(y, h0, c0, c0, w_hh, None, False, gates, cells,
+                                     "tensor_cores", 4)

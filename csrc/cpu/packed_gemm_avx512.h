@@ -74,8 +74,8 @@ FASTSEQ_AVX512 inline void transpose_16x16(const float* src, int64_t lds, int64_
   for (int c = 0; c < 16; ++c) {
     r[c] = c < n ? _mm512_loadu_ps(src + c * lds) : _mm512_setzero_ps();
   }
-  // Pairs of rows interleaved, then pairs of pairs: t[4 i + j] holds, in 128-bit lane L, element
-  // 4 L + j of rows 4 i .. 4 i + 3.
+  // Pairs of rows interleaved (t), then pairs of pairs: r[4 i + j] then holds, in 128-bit lane L,
+  // element 4 L + j of rows 4 i .. 4 i + 3.
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);

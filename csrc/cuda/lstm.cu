@@ -17,15 +17,18 @@
 // from global memory (cells, the dh/dc carries) was written by itself: no barrier needed for it.
 // The cell math, the padding rule and the processing order are csrc/cuda/lstm_device.cuh.
 //
-// These CUDA-core kernels take float32, and half and bfloat16 where the tensor-core kernels of
-// csrc/cuda/lstm_tensor_cores.cuh (the same plan, the per-step product in warp MMAs) do not fit.
+// The tensor-core kernels of csrc/cuda/lstm_tensor_cores.cuh follow the same plan with the
+// per-step product in warp MMAs, for half and bfloat16; which kind runs a call is chosen at the
+// end of this file (kTensorCoresByDefault).
 
 #include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -241,62 +244,87 @@ int plan_or_fail(int64_t hidden, const at::Tensor& like) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Half and bfloat16 run on tensor cores (csrc/cuda/lstm_tensor_cores.cuh) wherever their slices
-// and partial products fit on chip with every block resident; float32, and what does not fit,
-// on the CUDA-core kernels above.
+// Which kernel runs a call. Half and bfloat16 can run on tensor cores
+// (csrc/cuda/lstm_tensor_cores.cuh) wherever their slices and partial products fit on chip with
+// every block resident; float32 only on the CUDA-core kernels above. A call may force a kind and
+// a block size (`kernel`, `units`: what the lstm_recurrence benchmark compares).
+
+// Whether 'auto' takes the tensor-core kernels where they can run. Off until they have passed the
+// GPU tests and beaten the CUDA-core kernels in the lstm_recurrence suite; until then they run
+// only when asked for.
+constexpr bool kTensorCoresByDefault = false;
 
 template <typename scalar_t>
 constexpr bool has_tensor_core_kernels() {
   return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 }
 
-// bfloat16 MMAs need sm_80; the tensor-core kernels are compiled empty below it.
-bool device_has_tensor_cores() {
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
+enum class Pass { kForward, kBackward };
 
-// The kernel kind a call asks for, and the hidden units per block (0: the plan's).
 struct KernelChoice {
   enum class Kind { kAuto, kTensorCores, kCudaCores } kind;
-  int64_t units;
+  int64_t units;  // 0: the plan's
 };
 
-KernelChoice parse_choice(c10::string_view kernel, int64_t units) {
-  TORCH_CHECK(units >= 0, "fastseq lstm_recurrence: units must be 0 (the plan's) or positive, got ",
-              units);
+// The choice a call asks for, its `units` checked against what that kind and pass take.
+KernelChoice parse_choice(c10::string_view kernel, int64_t units, Pass pass) {
+  using Kind = KernelChoice::Kind;
+  const char* op = pass == Pass::kForward ? "fastseq lstm_recurrence_forward"
+                                          : "fastseq lstm_recurrence_backward";
   if (kernel == "auto") {
-    TORCH_CHECK(units == 0, "fastseq lstm_recurrence: units per block need kernel='tensor_cores' "
-                "or 'cuda_cores'");
-    return {KernelChoice::Kind::kAuto, 0};
+    TORCH_CHECK(units == 0, op, ": units per block need kernel='tensor_cores' or 'cuda_cores', "
+                "got units=", units);
+    return {Kind::kAuto, 0};
   }
-  if (kernel == "tensor_cores") return {KernelChoice::Kind::kTensorCores, units};
-  if (kernel == "cuda_cores") return {KernelChoice::Kind::kCudaCores, units};
-  TORCH_CHECK(false, "fastseq lstm_recurrence: kernel must be 'auto', 'tensor_cores' or "
-              "'cuda_cores', got '", kernel, "'");
+  if (kernel == "tensor_cores") {
+    const bool valid = pass == Pass::kForward
+                           ? units == 0 || units == 4 || units == 8 || units == 16
+                           : units == 0 || units == tensor_cores::kBackwardUnits;
+    TORCH_CHECK(valid, op, ": on tensor cores units must be ",
+                pass == Pass::kForward ? "0 (the plan's), 4, 8 or 16" : "0 or 16", ", got ",
+                units);
+    return {Kind::kTensorCores, units};
+  }
+  if (kernel == "cuda_cores") {
+    TORCH_CHECK(units == 0 || units == 1 || units == 2 || units == 4 || units == 8, op,
+                ": on CUDA cores units must be 0 (the plan's), 1, 2, 4 or 8, got ", units);
+    return {Kind::kCudaCores, units};
+  }
+  TORCH_CHECK(false, op, ": kernel must be 'auto', 'tensor_cores' or 'cuda_cores', got '", kernel,
+              "'");
 }
 
-// Whether the call runs on tensor cores: asked for or chosen (half and bfloat16 on sm_80+), and
-// `fits` (the plan can run); a request that cannot be met raises.
-template <typename scalar_t>
-bool takes_tensor_cores(const KernelChoice& choice, bool fits) {
-  const bool possible = has_tensor_core_kernels<scalar_t>() && device_has_tensor_cores();
-  if (choice.kind == KernelChoice::Kind::kTensorCores) {
-    TORCH_CHECK(possible, "fastseq lstm_recurrence: kernel='tensor_cores' takes half or bfloat16 "
-                "on sm_80 or newer");
-    TORCH_CHECK(fits, "fastseq lstm_recurrence: the tensor-core kernel does not fit on chip with ",
-                choice.units == 0 ? "any" : std::to_string(choice.units).c_str(),
-                " units per block for this batch and hidden size");
-  }
-  return possible && fits && choice.kind != KernelChoice::Kind::kCudaCores;
+// Whether this device runs the tensor-core kernels of `dtype`: half or bfloat16, sm_80 or newer,
+// and the kernel compiled for it with its MMAs (a build whose arch list stops below sm_80 JITs
+// their PTX with the MMAs compiled out). Asked once per kernel and device.
+bool tensor_cores_run(at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const void* kernel =
+      dtype == at::kHalf ? reinterpret_cast<const void*>(tensor_cores::forward_kernel<at::Half>)
+                         : reinterpret_cast<const void*>(tensor_cores::forward_kernel<at::BFloat16>);
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> known;
+  const auto key = std::make_pair(kernel, int(c10::cuda::current_device()));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return known.emplace(key, attributes.ptxVersion >= 80).first->second;
+}
+
+// A forced tensor-core call on a dtype or device that has none raises (before the early return
+// of an empty call too, so that the same call never passes on one input and fails on another).
+void check_choice_runs(const KernelChoice& choice, at::ScalarType dtype) {
+  TORCH_CHECK(choice.kind != KernelChoice::Kind::kTensorCores || tensor_cores_run(dtype),
+              "fastseq lstm_recurrence: kernel='tensor_cores' takes half or bfloat16 on sm_80 or "
+              "newer, in a build with sm_80 or newer in its arch list; got ", dtype);
 }
 
 // Units per block of the forward on tensor cores: `asked`, or the fewest of 4, 8, 16 (one, two or
 // four tiles of gate columns) with which every block is resident; 0 when none is.
 template <typename scalar_t>
 int forward_tensor_core_units(const Recurrence& r, int64_t asked) {
-  TORCH_CHECK(asked == 0 || asked == 4 || asked == 8 || asked == 16,
-              "fastseq lstm_recurrence: the tensor-core forward takes 4, 8 or 16 units per block, "
-              "got ", asked);
   const auto kernel = reinterpret_cast<const void*>(tensor_cores::forward_kernel<scalar_t>);
   for (int units = 4; units <= 16; units *= 2) {
     if (asked != 0 && units != asked) continue;
@@ -304,6 +332,37 @@ int forward_tensor_core_units(const Recurrence& r, int64_t asked) {
     if (all_resident(kernel, plan.shared_bytes(), (r.hidden + units - 1) / units)) return units;
   }
   return 0;
+}
+
+// The backward on tensor cores has 16 units per block: whether every block is resident.
+template <typename scalar_t>
+bool backward_fits_tensor_cores(const Recurrence& r) {
+  constexpr int64_t units = tensor_cores::kBackwardUnits;
+  const TilePlan plan = plan_tiles(r.batch, units, 4 * round_up(r.hidden, kTile));
+  return all_resident(reinterpret_cast<const void*>(tensor_cores::backward_kernel<scalar_t>),
+                      plan.shared_bytes(), (r.hidden + units - 1) / units);
+}
+
+// Whether the tensor-core kernels are a candidate for the call: forced, or 'auto' with
+// kTensorCoresByDefault where they run.
+bool considers_tensor_cores(const KernelChoice& choice, at::ScalarType dtype) {
+  return choice.kind == KernelChoice::Kind::kTensorCores ||
+         (choice.kind == KernelChoice::Kind::kAuto && kTensorCoresByDefault &&
+          tensor_cores_run(dtype));
+}
+
+// Whether a candidate call runs on tensor cores: where `fits`; a forced call that does not fit
+// raises.
+bool takes_tensor_cores(const KernelChoice& choice, at::ScalarType dtype, bool fits) {
+  if (choice.kind == KernelChoice::Kind::kTensorCores) {
+    TORCH_CHECK(fits, "fastseq lstm_recurrence: on tensor cores, ",
+                choice.units == 0 ? std::string("no block size") :
+                                    "units=" + std::to_string(choice.units),
+                " keeps every block resident (shared memory, registers) for this batch and "
+                "hidden size");
+    return true;
+  }
+  return considers_tensor_cores(choice, dtype) && fits;
 }
 
 template <typename scalar_t>
@@ -317,17 +376,6 @@ void forward_on_tensor_cores(ForwardArgs<scalar_t> io, const at::TensorOptions& 
          r.hidden, units, plan.shared_bytes());
 }
 
-// The backward on tensor cores has 16 units per block: whether every block is resident.
-template <typename scalar_t>
-bool backward_fits_tensor_cores(const Recurrence& r, int64_t asked) {
-  constexpr int64_t units = tensor_cores::kBackwardUnits;
-  TORCH_CHECK(asked == 0 || asked == units, "fastseq lstm_recurrence: the tensor-core backward "
-              "takes ", units, " units per block, got ", asked);
-  const TilePlan plan = plan_tiles(r.batch, units, 4 * round_up(r.hidden, kTile));
-  return all_resident(reinterpret_cast<const void*>(tensor_cores::backward_kernel<scalar_t>),
-                      plan.shared_bytes(), (r.hidden + units - 1) / units);
-}
-
 template <typename scalar_t>
 void backward_on_tensor_cores(const BackwardArgs<scalar_t>& io, const at::TensorOptions& options) {
   const Recurrence& r = io.r;
@@ -339,12 +387,15 @@ void backward_on_tensor_cores(const BackwardArgs<scalar_t>& io, const at::Tensor
          units, plan.shared_bytes());
 }
 
-// Units per block of the CUDA-core kernels: `asked` (1, 2, 4 or 8), or the plan's.
+// Units per block of the CUDA-core kernels: `asked`, checked to keep every block resident, or
+// the plan's.
 int cuda_core_units(int64_t hidden, const at::Tensor& like, int64_t asked) {
   if (asked == 0) return plan_or_fail(hidden, like);
-  TORCH_CHECK(asked == 1 || asked == 2 || asked == 4 || asked == 8,
-              "fastseq lstm_recurrence: the CUDA-core kernels take 1, 2, 4 or 8 units per block, "
-              "got ", asked);
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(units_fit(asked, hidden, like.element_size(), prop->multiProcessorCount,
+                        prop->sharedMemPerBlockOptin, prop->sharedMemPerMultiprocessor),
+              "fastseq lstm_recurrence: on CUDA cores, units=", asked, " does not keep every "
+              "block resident (shared memory, blocks per SM) for hidden size ", hidden);
   return static_cast<int>(asked);
 }
 
@@ -352,10 +403,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& pre_x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& lengths, bool reverse, c10::string_view kernel,
     int64_t units) {
-  const KernelChoice choice = parse_choice(kernel, units);
+  const KernelChoice choice = parse_choice(kernel, units, Pass::kForward);
   check_inputs(h0, c0, w_hh, lengths);
   TORCH_CHECK(pre_x.is_contiguous() && pre_x.dim() == 3, "fastseq lstm_recurrence: pre_x (T, B, 4H)");
   c10::cuda::CUDAGuard guard(pre_x.device());
+  check_choice_runs(choice, pre_x.scalar_type());
   const int64_t T = pre_x.size(0), B = pre_x.size(1), H = h0.size(1);
   auto y = at::empty({T, B, H}, pre_x.options());
   auto gates = at::empty({T, B, 4 * H}, pre_x.options());
@@ -372,13 +424,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                              cells.data_ptr<float>(), /*h_buf=*/nullptr,
                              h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>()};
     if constexpr (has_tensor_core_kernels<scalar_t>()) {
-      const bool skip = choice.kind == KernelChoice::Kind::kCudaCores || !device_has_tensor_cores();
-      const int tc_units = skip ? 0 : forward_tensor_core_units<scalar_t>(r, choice.units);
-      if (takes_tensor_cores<scalar_t>(choice, tc_units > 0)) {
+      const int tc_units = considers_tensor_cores(choice, pre_x.scalar_type())
+                               ? forward_tensor_core_units<scalar_t>(r, choice.units)
+                               : 0;
+      if (takes_tensor_cores(choice, pre_x.scalar_type(), tc_units > 0)) {
         return forward_on_tensor_cores(io, pre_x.options(), tc_units);
       }
-    } else {
-      takes_tensor_cores<scalar_t>(choice, false);  // raises if asked for
     }
     const int cc_units = cuda_core_units(H, pre_x, choice.units);
     const auto h_buf = at::empty({2, B, H}, pre_x.options());
@@ -394,13 +445,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
     bool reverse, const at::Tensor& gates, const at::Tensor& cells, c10::string_view kernel,
     int64_t units) {
-  const KernelChoice choice = parse_choice(kernel, units);
+  const KernelChoice choice = parse_choice(kernel, units, Pass::kBackward);
   check_inputs(grad_h_n, c0, w_hh, lengths);
   TORCH_CHECK(grad_y.is_contiguous() && grad_c_n.is_contiguous() && gates.is_contiguous() &&
                   cells.is_contiguous() && cells.scalar_type() == at::kFloat,
               "fastseq lstm_recurrence_backward: grad_y, grad_c_n, gates and float32 cells, "
               "contiguous");
   c10::cuda::CUDAGuard guard(grad_y.device());
+  check_choice_runs(choice, gates.scalar_type());
   const int64_t T = grad_y.size(0), B = grad_y.size(1), H = c0.size(1);
   auto grad_pre = at::empty({T, B, 4 * H}, gates.options());
   auto dh = grad_h_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
@@ -413,14 +465,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                       cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
                                       dh.data_ptr<float>(), dc.data_ptr<float>()};
       if constexpr (has_tensor_core_kernels<scalar_t>()) {
-        const bool fits = choice.kind != KernelChoice::Kind::kCudaCores &&
-                          device_has_tensor_cores() &&
-                          backward_fits_tensor_cores<scalar_t>(r, choice.units);
-        if (takes_tensor_cores<scalar_t>(choice, fits)) {
+        const bool fits = considers_tensor_cores(choice, gates.scalar_type()) &&
+                          backward_fits_tensor_cores<scalar_t>(r);
+        if (takes_tensor_cores(choice, gates.scalar_type(), fits)) {
           return backward_on_tensor_cores(io, gates.options());
         }
-      } else {
-        takes_tensor_cores<scalar_t>(choice, false);  // raises if asked for
       }
       const int cc_units = cuda_core_units(H, gates, choice.units);
       const size_t smem = size_t(4) * cc_units * H * sizeof(scalar_t);

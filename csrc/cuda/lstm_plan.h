@@ -24,16 +24,24 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocksPerSM = 2;
 constexpr int64_t kSharedReservedPerBlock = 1024;  // what the runtime keeps per block
 
+// Whether the CUDA-core kernels' ceil(H / units) blocks, each holding 4 units H elements of W_hh
+// in shared memory, are all resident at once.
+inline bool units_fit(int64_t units, int64_t hidden, int64_t element_size, int64_t sms,
+                      int64_t smem_per_block, int64_t smem_per_sm) {
+  const int64_t smem = 4 * units * hidden * element_size;
+  if (smem > smem_per_block) return false;
+  const int64_t per_sm = std::min(kMaxBlocksPerSM, smem_per_sm / (smem + kSharedReservedPerBlock));
+  return (hidden + units - 1) / units <= per_sm * sms;
+}
+
 // Hidden units per block (1, 2, 4 or 8) for which the block's slice of W_hh (4 U H elements)
 // fits in shared memory and all ceil(H / U) blocks are resident at once; the smallest such U, as
 // more blocks share the per-step work. 0 when none fits.
 inline int plan_units(int64_t hidden, int64_t element_size, int64_t sms, int64_t smem_per_block,
                       int64_t smem_per_sm) {
   for (int units = 1; units <= 8; units *= 2) {
-    const int64_t smem = 4 * units * hidden * element_size;
-    if (smem > smem_per_block) return 0;
-    const int64_t per_sm = std::min(kMaxBlocksPerSM, smem_per_sm / (smem + kSharedReservedPerBlock));
-    if ((hidden + units - 1) / units <= per_sm * sms) return units;
+    if (4 * units * hidden * element_size > smem_per_block) return 0;
+    if (units_fit(units, hidden, element_size, sms, smem_per_block, smem_per_sm)) return units;
   }
   return 0;
 }
