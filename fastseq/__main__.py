@@ -15,6 +15,7 @@ what this installation can run. The device defaults to CUDA when a GPU is presen
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -66,10 +67,14 @@ def bench(args: argparse.Namespace) -> int:
         if not cases:
             print(f"\n{label}: no cases on {device.type}")
             continue
-        results = run_cases(cases, device, quick=args.quick, desc=label)
-        print(f"\n{label}\n{report.format_table(results)}")
         folder = report.results_dir(device, args.out)
         stem = f"{label}-quick" if args.quick else label
+
+        # What each case adds is written at once: a run cut short keeps what it measured.
+        keep = functools.partial(report.write_partial_reports, label, meta=meta, folder=folder,
+                                 stem=stem, total=len(cases), quick=args.quick)
+        results = run_cases(cases, device, quick=args.quick, desc=label, on_result=keep)
+        print(f"\n{label}\n{report.format_table(results)}")
         paths = report.write_reports(label, results, meta, folder, stem, quick=args.quick)
         print("wrote " + ", ".join(str(p) for p in paths))
         failed |= any(r.ours.error for r in results)

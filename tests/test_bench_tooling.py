@@ -237,6 +237,64 @@ def test_trace_command_counts_the_ops_of_each_call(tiny_suite, tmp_path):
     assert "ZeroDivisionError" in blocks["sum n1024 | broken"]
 
 
+CUT_SUITE = '''
+import os
+
+import torch
+from fastseq.bench import Case
+
+
+def _interrupt():
+    raise KeyboardInterrupt  # what a time limit's signal does to a run
+
+
+def cases(device, quick):
+    x = torch.ones(64, device=device)
+    done = [Case(suite="cut", name=f"sum {i}", params={"i": i}, dtype=torch.float32,
+                 variants={"fastseq": lambda: x.sum(), "eager": lambda: (x * 1).sum()})
+            for i in range(2)]
+    if not os.environ.get("CUT_THE_RUN"):
+        return done
+    return done + [Case(suite="cut", name="cut here", params={"i": 2}, dtype=torch.float32,
+                        variants={"fastseq": _interrupt})]
+'''
+
+
+@pytest.fixture
+def cut_suite(tmp_path, monkeypatch):
+    """A suite of two cases, ``cut_suites.bench_cut``; with CUT_THE_RUN set, a third case
+    interrupts the run."""
+    (tmp_path / "cut_suites").mkdir()
+    (tmp_path / "cut_suites" / "__init__.py").write_text("")
+    (tmp_path / "cut_suites" / "bench_cut.py").write_text(textwrap.dedent(CUT_SUITE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "cut_suites.bench_cut"
+
+
+def test_a_run_cut_short_keeps_the_cases_it_measured(cut_suite, tmp_path, monkeypatch):
+    """The suite's reports are written after every case, marked partial until the run completes:
+    a run stopped on its third case leaves the first two in the JSON and Markdown."""
+    monkeypatch.setenv("CUT_THE_RUN", "1")
+    out = tmp_path / "results"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", cut_suite, "--quick", "--device", "cpu", "--out", str(out)])
+    report = json.loads((out / "cut-quick.json").read_text())
+    assert [c["name"] for c in report["cases"]] == ["sum 0", "sum 1"]
+    assert report["partial"] == {"cases": 2, "of": 3}
+    assert "**partial: the first 2 of 3 cases" in (out / "cut-quick.md").read_text()
+    assert not (out / "cut-quick_speedup.png").exists()  # plots come with the complete run
+
+
+def test_a_complete_run_replaces_its_partial_reports(cut_suite, tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", cut_suite, "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "cut-quick.json").read_text())
+    assert [c["name"] for c in report["cases"]] == ["sum 0", "sum 1"]
+    assert "partial" not in report and "partial" not in report["metadata"]
+    assert "partial" not in (out / "cut-quick.md").read_text()
+    assert (out / "cut-quick_speedup.png").exists()
+
+
 def test_a_suite_without_cases_on_the_device_writes_nothing(tmp_path, capsys):
     """The GPU-only suite (the LSTM recurrence's kernel kinds) has no cases on the CPU: bench and
     trace say so and write no empty report."""

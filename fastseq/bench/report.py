@@ -199,6 +199,7 @@ def format_markdown(suite: str, results: Sequence[CaseResult], meta: dict) -> st
         f"Python {meta['python']}, {meta['cpu_count']} CPUs ({meta['torch_threads']} threads)",
         f"- fastseq backends available: {', '.join(meta['fastseq_backends'])}",
         *([f"- {meta['allocator']}"] if meta.get("allocator") else []),
+        *([f"- **{meta['partial']}**"] if meta.get("partial") else []),
         f"- {meta['timestamp']}: `{meta['command']}`",
         "",
         "| " + " | ".join(header) + " |",
@@ -293,14 +294,30 @@ def write_reports(
     suite: str, results: Sequence[CaseResult], meta: dict, folder: Path, stem: str, **extra
 ) -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and the PNG plots into ``folder``; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
     where = f"{suite} on {meta['device_name']}"
-    markdown = folder / f"{stem}.md"
-    markdown.write_text(format_markdown(suite, results, meta))
     paths = [
-        write_json(to_json(suite, results, meta, **extra), folder / f"{stem}.json"),
-        markdown,
+        *_write_tables(suite, results, meta, folder, stem, **extra),
         plot_speedups(results, folder / f"{stem}_speedup.png", f"{where}: speedup over baselines"),
         plot_bandwidth(results, folder / f"{stem}_bandwidth.png", f"{where}: bandwidth vs copy"),
     ]
     return [p for p in paths if p is not None]
+
+
+def write_partial_reports(
+    suite: str, results: Sequence[CaseResult], meta: dict, folder: Path, stem: str, total: int,
+    **extra,
+) -> list[Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` for the first cases of a run still going (no
+    plots), marked partial (JSON: ``"partial": {"cases": done, "of": total}``), so that a run cut
+    short keeps what it measured; the complete run's :func:`write_reports` replaces them."""
+    done = {"cases": len(results), "of": total}
+    note = f"partial: the first {len(results)} of {total} cases (the run stopped or is running)"
+    return _write_tables(suite, results, {**meta, "partial": note}, folder, stem, partial=done,
+                         **extra)
+
+
+def _write_tables(suite, results, meta, folder, stem, **extra) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = folder / f"{stem}.md"
+    markdown.write_text(format_markdown(suite, results, meta))
+    return [write_json(to_json(suite, results, meta, **extra), folder / f"{stem}.json"), markdown]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import torch
@@ -85,13 +85,23 @@ def run_case(case: Case, device: torch.device, *, quick: bool = False, progress=
 
 
 def run_cases(
-    cases: Iterable[Case], device: torch.device, *, quick: bool = False, desc: str = ""
+    cases: Iterable[Case], device: torch.device, *, quick: bool = False, desc: str = "",
+    on_result: Callable[[list[CaseResult]], object] | None = None,
 ) -> list[CaseResult]:
-    """Run ``cases`` in order under one progress bar (on stderr); returns their results."""
+    """Run ``cases`` in order under one progress bar (on stderr); returns their results.
+
+    ``on_result(results so far)`` is called after each case but the last, so that a caller can
+    keep what a run that is cut short (a time limit, a lost machine) has measured.
+    """
     cases = list(cases)
     total = sum(len(c.variants) for c in cases)
+    results = []
     with tqdm(total=total, desc=desc, unit="variant", leave=False, dynamic_ncols=True) as bar:
-        return [run_case(case, device, quick=quick, progress=bar) for case in cases]
+        for case in cases:
+            results.append(run_case(case, device, quick=quick, progress=bar))
+            if on_result is not None and len(results) < len(cases):
+                on_result(list(results))
+    return results
 
 
 def run_suite(name: str, device: torch.device | str, *, quick: bool = False) -> list[CaseResult]:
