@@ -164,24 +164,41 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
 // ---------------------------------------------------------------------------------------------
 // Launch: pick U, check the whole grid can be resident, launch cooperatively.
 
+// The dynamic shared memory a block of a kernel can have: the device's opt-in maximum less the
+// kernel's static shared memory.
+int max_dynamic_shared(const cudaFuncAttributes& attributes) {
+  return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin -
+                          attributes.sharedSizeBytes);
+}
+
+// The attributes of `kernel` on the current device, asked of the driver once per (kernel,
+// device) rather than at every launch (a one-step layer call would otherwise pay driver calls
+// beside its one launch). The first question also lifts the kernel's dynamic shared-memory limit
+// to the device's opt-in maximum, so that it covers every size asked later.
+const cudaFuncAttributes& attributes_of(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;
+  const auto key = std::make_pair(kernel, int(c10::cuda::current_device()));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      max_dynamic_shared(attributes)));
+  return known.emplace(key, attributes).first->second;  // map nodes stay put: the reference holds
+}
+
 // Blocks of `kernel` with `smem` bytes of dynamic shared memory that fit on one SM of the current
-// device. The driver is asked once per (kernel, device, smem) rather than at every launch, as a
-// one-step layer call would otherwise pay two driver calls beside its one launch; the first
-// question also lifts the kernel's dynamic shared-memory limit to the device's opt-in maximum, so
-// that it covers every size asked later.
+// device, asked once per (kernel, device, smem).
 int resident_blocks_per_sm(const void* kernel, size_t smem) {
+  const cudaFuncAttributes& attributes = attributes_of(kernel);
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, size_t>, int> known;
   const auto key = std::make_tuple(kernel, int(c10::cuda::current_device()), smem);
   std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const int most = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin -
-                                    attributes.sharedSizeBytes);  // the dynamic part's limit
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   int per_sm = 0;
-  if (smem <= size_t(most)) {
+  if (smem <= size_t(max_dynamic_shared(attributes))) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   }
   known.emplace(key, per_sm);
@@ -303,14 +320,7 @@ bool tensor_cores_run(at::ScalarType dtype) {
   const void* kernel =
       dtype == at::kHalf ? reinterpret_cast<const void*>(tensor_cores::forward_kernel<at::Half>)
                          : reinterpret_cast<const void*>(tensor_cores::forward_kernel<at::BFloat16>);
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> known;
-  const auto key = std::make_pair(kernel, int(c10::cuda::current_device()));
-  std::lock_guard<std::mutex> lock(mutex);
-  if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return known.emplace(key, attributes.ptxVersion >= 80).first->second;
+  return attributes_of(kernel).ptxVersion >= 80;
 }
 
 // A forced tensor-core call on a dtype or device that has none raises (before the early return

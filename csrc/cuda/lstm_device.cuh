@@ -87,6 +87,24 @@ __device__ __forceinline__ float cell_backward(const float (&g)[4], float c, flo
   return dc * g[1];
 }
 
+// The four gate values (i, f, g, o) of unit j in one row of a (.., 4H) tensor, as float.
+template <typename scalar_t>
+__device__ __forceinline__ void load_gates(const scalar_t* row, int64_t H, int64_t j,
+                                           float (&out)[4]) {
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) out[gate] = static_cast<float>(row[gate * H + j]);
+}
+
+// The cell of row b, unit j before the i-th processed step: c0 at the first, else the previous
+// step's saved cell.
+template <typename scalar_t>
+__device__ __forceinline__ float cell_before(const Recurrence& r, const scalar_t* c0,
+                                             const float* cells, int64_t i, int64_t b, int64_t j) {
+  const int64_t H = r.hidden;
+  return i == 0 ? static_cast<float>(c0[b * H + j])
+                : cells[(step_at(r, i - 1) * r.batch + b) * H + j];
+}
+
 // What unit j of row b reads in the forward's i-th step besides the recurrent term: its input
 // projection (gate q in pre[q]) and the cell before the step. Loaded apart from the step's math
 // so that a kernel can issue the loads before the step's product and hide their latency.
@@ -101,10 +119,8 @@ __device__ __forceinline__ ForwardUnitInputs load_forward_unit(const ForwardArgs
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, row = step_at(r, i) * r.batch + b;
   ForwardUnitInputs in;
-#pragma unroll
-  for (int gate = 0; gate < 4; ++gate) in.pre[gate] = static_cast<float>(a.pre_x[row * 4 * H + gate * H + j]);
-  in.c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
-                     : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
+  load_gates(a.pre_x + row * 4 * H, H, j, in.pre);
+  in.c_prev = cell_before(r, a.c0, a.cells, i, b, j);
   return in;
 }
 
@@ -154,11 +170,9 @@ __device__ __forceinline__ BackwardUnitInputs load_backward_unit(const BackwardA
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, row = step_at(r, i) * r.batch + b;
   BackwardUnitInputs in;
-#pragma unroll
-  for (int gate = 0; gate < 4; ++gate) in.g[gate] = static_cast<float>(a.gates[row * 4 * H + gate * H + j]);
+  load_gates(a.gates + row * 4 * H, H, j, in.g);
   in.c = a.cells[row * H + j];
-  in.c_prev = i == 0 ? static_cast<float>(a.c0[b * H + j])
-                     : a.cells[(step_at(r, i - 1) * r.batch + b) * H + j];
+  in.c_prev = cell_before(r, a.c0, a.cells, i, b, j);
   in.grad_y = static_cast<float>(a.grad_y[row * H + j]);
   return in;
 }
