@@ -1,11 +1,12 @@
-# Every target sets up what it needs. On a fresh machine that means a .venv with torch and the
-# tools, then an editable build of the extension. In an environment that already has torch (e.g. a
-# GPU machine without network), point PY at its interpreter: `make test PY=python3`.
+# Every target sets up what it needs. On a fresh machine that means a .venv with the exact versions
+# of requirements.lock, then an editable build of the extension. In an environment that already has
+# torch (e.g. a GPU machine without network), point PY at its interpreter: `make test PY=python3`.
 
 PY ?= .venv/bin/python
+# What `make lock` resolves afresh into requirements.lock; the other targets install the lock.
 TORCH ?= torch==2.14.1
-TOOLS = numpy ninja setuptools wheel pybind11 pytest pytest-benchmark hypothesis expecttest ruff \
-        matplotlib tqdm transformers diffusers
+TOOLS = pip numpy ninja setuptools wheel pybind11 pytest pytest-benchmark hypothesis expecttest ruff \
+        matplotlib tqdm transformers diffusers timm
 SOURCES = setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 PYTEST_ARGS ?=
 
@@ -13,7 +14,7 @@ ifeq ($(PY),.venv/bin/python)
 ENV_READY = .venv/.ready
 endif
 
-.PHONY: test bench profile lint info clean
+.PHONY: test bench profile lint info lock clean
 
 test: build/.extension
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check . ; fi
@@ -33,11 +34,17 @@ info: build/.extension
 lint: $(ENV_READY)
 	$(PY) -m ruff check .
 
-.venv/.ready:
+.venv/.ready: requirements.lock
 	python3 -m venv .venv
-	.venv/bin/python -m pip install -q --upgrade pip
-	.venv/bin/python -m pip install -q $(TORCH) $(TOOLS)
+	.venv/bin/python -m pip install -q -r requirements.lock
 	touch $@
+
+# The newest releases of TORCH and TOOLS, resolved in a scratch venv, become the new lock.
+lock:
+	rm -rf build/lock-venv && python3 -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install -q --upgrade $(TORCH) $(TOOLS)
+	{ sed -n '/^#/p' requirements.lock; build/lock-venv/bin/python -m pip freeze --all; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf build/lock-venv
 
 build/.extension: $(ENV_READY) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -2,8 +2,13 @@
 
 The C++ CPU sources are always built. The CUDA sources are added when torch has CUDA and an
 ``nvcc`` is found; ``FASTSEQ_CUDA=1`` forces them on (failing loudly if they cannot build) and
-``FASTSEQ_CUDA=0`` forces them off. ``kernels/`` (Triton) is installed as ``fastseq.kernels`` and
-``benchmarks/`` (the benchmark suites) as ``fastseq.benchmarks``.
+``FASTSEQ_CUDA=0`` forces them off.
+
+``kernels/`` (Triton) and ``benchmarks/`` (the benchmark suites) are installed as ``fastseq.kernels``
+and ``fastseq.benchmarks`` through the links ``fastseq/kernels`` and ``fastseq/benchmarks``. Neither
+folder has an ``__init__.py``: a regular package named ``kernels`` at the repository root would
+shadow any installed package of that name (transformers imports one) whenever the root is on
+``sys.path``, while a folder without one never takes precedence over an installed package.
 """
 
 import glob
@@ -89,7 +94,6 @@ setup(
         "fastseq.kernels",
         "fastseq.benchmarks",
     ],
-    package_dir={"fastseq.kernels": "kernels", "fastseq.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

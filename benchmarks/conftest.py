@@ -13,19 +13,14 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
-from fastseq.bench.runner import available_suites, load_suite
-
-
-def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from fastseq.bench.runner import available_suites, default_device, load_suite
 
 
 @functools.cache
 def quick_cases() -> tuple:
     """Every suite's quick cases on the benchmark device, built once per session."""
-    device = bench_device()
+    device = default_device()
     suites = [load_suite(name) for name in available_suites()]
     return tuple(case for suite in suites for case in suite.cases(device, quick=True))
 

@@ -2,12 +2,12 @@
 
 import torch
 
-from benchmarks.conftest import bench_device
+from fastseq.bench.runner import default_device
 
 
 def _synchronized(fn):
     """pytest-benchmark reads a wall clock: wait for the GPU so that the kernel time counts."""
-    if bench_device().type != "cuda":
+    if default_device().type != "cuda":
         return fn
 
     def call():

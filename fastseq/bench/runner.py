@@ -1,9 +1,8 @@
 """Find benchmark suites and run their cases: every variant of a case back to back, in one process.
 
 A suite is a module ``fastseq.benchmarks.bench_<name>`` (the repository's ``benchmarks/`` folder,
-installed under that name) with ``cases(device, quick) -> list[Case]``. From a source checkout
-that is not installed, ``benchmarks.bench_<name>`` is found from the repository root instead. A
-dotted name (``mypackage.bench_mine``) names a suite module anywhere on the path.
+installed under that name) with ``cases(device, quick) -> list[Case]``. A dotted name
+(``mypackage.bench_mine``) names a suite module anywhere on the path.
 
 Variants of one case run one after the other, so they see the same machine state (clocks,
 other load) as far as it stays put. A variant that raises is reported with the error rather than
@@ -26,17 +25,20 @@ from fastseq.bench.result import CaseResult, summarize
 from fastseq.bench.timing import Timing, time_fn
 from fastseq.profiling.memory import peak_memory
 
-SUITE_PACKAGES = ("fastseq.benchmarks", "benchmarks")
+SUITE_PACKAGE = "fastseq.benchmarks"
 SUITE_PREFIX = "bench_"
 
 
 def _suite_package() -> ModuleType | None:
-    for name in SUITE_PACKAGES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
+    try:
+        return importlib.import_module(SUITE_PACKAGE)
+    except ImportError:
+        return None
+
+
+def default_device() -> torch.device:
+    """Where suites run unless told otherwise: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def available_suites() -> list[str]:
