@@ -231,20 +231,47 @@ def test_hf_apply_rotary_pos_emb_drop_in(backend, dtype, unsqueeze_dim, strict_w
         got = fastseq.apply_rotary_pos_emb(q.to(dtype), k.to(dtype), cos, sin, position_ids,
                                            unsqueeze_dim)
     for g, t, lo, name in zip(got, truth, low, "qk", strict=True):
+        assert g.dtype == lo.dtype, name
         assert_within_rule(g, t, lo, name)
 
 
-def test_hf_old_style_cache_with_position_ids():
-    dim = 16
-    rope = fastseq.nn.RotaryEmbedding(dim)
-    cos_half, sin_half = rope.cos_sin(40)
-    cos, sin = torch.cat([cos_half] * 2, -1), torch.cat([sin_half] * 2, -1)
-    q, k = torch.randn(2, 3, 7, dim), torch.randn(2, 1, 7, dim)
-    ids = torch.randint(0, 40, (2, 7))
-    got = fastseq.apply_rotary_pos_emb(q, k, cos, sin, ids)
-    want = ref.apply_rotary_pos_emb(q, k, cos, sin, ids)
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=str)
+def test_hf_promotes_low_precision_q_with_float32_tables(low, strict_warnings):
+    from transformers.models.llama import modeling_llama
+
+    q, k = torch.randn(2, 4, 9, 16, dtype=low), torch.randn(2, 2, 9, 16, dtype=low)
+    cos, sin = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    truth = modeling_llama.apply_rotary_pos_emb(q.double(), k.double(), cos.double(), sin.double())
+    got = fastseq.apply_rotary_pos_emb(q, k, cos, sin)
+    for g, w, t, name in zip(got, want, truth, "qk", strict=True):
+        assert g.dtype == w.dtype == torch.float32, name
+        assert_within_rule(g, t, w, name)
+
+
+def test_hf_2d_tables_broadcast_across_heads():
+    """transformers unsqueezes a 2-D (H, D) table at dim 1: its rows line up with the heads."""
+    from transformers.models.llama import modeling_llama
+
+    heads, dim = 3, 8
+    q, k = torch.randn(2, heads, 5, dim), torch.randn(2, heads, 5, dim)
+    cos, sin = torch.randn(heads, dim), torch.randn(heads, dim)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    with pytest.warns(UserWarning, match="plain-PyTorch path"):
+        got = fastseq.apply_rotary_pos_emb(q, k, cos, sin)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_hf_position_ids_is_unused_and_an_int_is_unsqueeze_dim(strict_warnings):
+    """transformers 4.x takes position_ids and ignores it; 5.x's fifth argument is unsqueeze_dim."""
+    q, k = torch.randn(2, 7, 3, 8), torch.randn(2, 7, 1, 8)
+    cos, sin = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    want = ref.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    for got in (fastseq.apply_rotary_pos_emb(q, k, cos, sin, 2),
+                fastseq.apply_rotary_pos_emb(q, k, cos, sin, torch.arange(7)[None], 2)):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
 
 
 def test_empty_batch_and_zero_heads():
@@ -389,7 +416,8 @@ def test_torch_compile_inductor_forward():
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.zeros(3, dtype=torch.long)),
          r"shape \(2,\)"),
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, layout="nbhd"), "layout"),
-        (lambda q, k, c, s: fastseq.apply_rotary_pos_emb(q, k, c, s, None, 2), "must equal the"),
+        (lambda q, k, c, s: fastseq.apply_rotary_pos_emb(q, k, c, s, None, 2), "do not broadcast"),
+        (lambda q, k, c, s: fastseq.apply_rotary_pos_emb(q, k, c, s, None, 7), "unsqueeze_dim"),
         (lambda q, k, c, s: fastseq.nn.RotaryEmbedding(7), "even"),
     ],
 )

@@ -88,10 +88,21 @@ def test_module_applies_partial_rotary_with_kv_cache_offsets(interleaved):
     assert torch.equal(q_out[..., 16:], q[..., 16:])
 
 
-def test_dynamic_tables_follow_the_sequence_length():
-    rope = fastseq.nn.RotaryEmbedding(8, scaling=RopeScaling("dynamic", factor=2.0,
-                                                             original_max_position_embeddings=16))
-    short, _ = rope.cos_sin(10)
-    long, _ = rope.cos_sin(40)
-    assert short.shape[0] == 10 and long.shape[0] == 40
-    assert not torch.allclose(short, long[:10])  # the base grew with the sequence
+def test_dynamic_tables_follow_transformers_call_by_call():
+    """transformers keeps the frequencies of the longest length seen, and goes back to the
+    original ones only for a sequence shorter than the original context."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    original, dim = 16, 8
+    config = LlamaConfig(hidden_size=dim * 2, num_attention_heads=2, max_position_embeddings=original,
+                         rope_parameters={"rope_theta": BASE, "rope_type": "dynamic", "factor": 2.0})
+    theirs = LlamaRotaryEmbedding(config)
+    ours = fastseq.nn.RotaryEmbedding(dim, base=BASE, scaling={"rope_type": "dynamic", "factor": 2.0,
+                                                               "max_position_embeddings": original})
+    for seq_len in [10, 40, 24, 40, 17, 10, 20, 16, 64]:
+        want, _ = theirs(torch.zeros(1, seq_len, dim), torch.arange(seq_len)[None])
+        cos_half, _ = ours.cos_sin(seq_len)
+        assert cos_half.shape[0] >= seq_len
+        got = torch.cat([cos_half[:seq_len]] * 2, dim=-1)
+        torch.testing.assert_close(got, want[0], rtol=1e-6, atol=1e-6, msg=f"seq_len {seq_len}")

@@ -19,8 +19,9 @@ class RotaryEmbedding(nn.Module):
         scaling: a :class:`RopeScaling`, or a transformers-style ``rope_scaling`` dict.
 
     The tables are float32 ``(S, dim/2)``, cached per device and grown (to the next power of two)
-    when a longer sequence arrives. With dynamic NTK scaling the frequencies depend on the sequence
-    length, so the tables are rebuilt for each new length past the original context.
+    when a longer sequence arrives. Dynamic NTK scaling follows transformers: the frequencies are
+    those of the longest sequence seen, until a sequence within the original context brings back
+    the original frequencies; the tables are rebuilt when that length changes.
     """
 
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling=None):
@@ -31,6 +32,11 @@ class RotaryEmbedding(nn.Module):
             scaling = RopeScaling.from_dict(scaling)
         self.dim, self.base, self.interleaved, self.scaling = dim, float(base), interleaved, scaling
         self._tables: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._dynamic_length = scaling.original_max_position_embeddings if self._dynamic else None
+
+    @property
+    def _dynamic(self) -> bool:
+        return self.scaling is not None and self.scaling.kind == "dynamic"
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}, scaling={self.scaling}"
@@ -50,11 +56,26 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables covering positions ``0 .. seq_len - 1``: ``(cos, sin)``, each ``(>= seq_len, dim/2)``."""
         device = torch.device(device or "cpu")
-        if self.scaling is not None and self.scaling.kind == "dynamic":
-            return self._build(seq_len, seq_len, device)
+        if self._dynamic:
+            return self._dynamic_cos_sin(seq_len, device)
         cached = self._tables.get(device)
         if cached is None or cached[0] < seq_len:
             length = 1 << max(seq_len - 1, 0).bit_length()
+            cos, sin = self._build(length, length, device)
+            self._tables[device] = cached = (length, cos, sin)
+        return cached[1], cached[2]
+
+    def _dynamic_cos_sin(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers' dynamic_rope_update: grow past the longest length seen; reset to the
+        # original context when a sequence fits in it again.
+        original = self.scaling.original_max_position_embeddings
+        if seq_len > self._dynamic_length:
+            self._dynamic_length = seq_len
+        elif seq_len < original and self._dynamic_length > original:
+            self._dynamic_length = original
+        length = self._dynamic_length
+        cached = self._tables.get(device)
+        if cached is None or cached[0] != length:
             cos, sin = self._build(length, length, device)
             self._tables[device] = cached = (length, cos, sin)
         return cached[1], cached[2]

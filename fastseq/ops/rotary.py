@@ -330,39 +330,72 @@ def apply_rotary(
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     """Drop-in for ``apply_rotary_pos_emb`` of Hugging Face transformers' Llama code.
 
-    Computes ``q * cos + rotate_half(q) * sin`` (and the same for k) in one fused pass.
+    Computes what transformers computes, ``q * cos + rotate_half(q) * sin`` with ``cos`` and
+    ``sin`` unsqueezed at ``unsqueeze_dim`` and broadcast against q (and the same for k), in one
+    fused pass where the shapes allow it.
 
     Args:
         q, k: ``(B, H, N, D)`` for ``unsqueeze_dim=1`` or ``(B, N, H, D)`` for ``unsqueeze_dim=2``.
         cos, sin: ``(B, N, D)`` or ``(1, N, D)`` as the transformers rotary modules return them
-            (already at each token's position), or a ``(N, D)`` table; an ``(S, D)`` cache indexed
-            by ``position_ids`` as in older transformers releases.
-        position_ids: only used with a 2-D cache, as in older releases (newer ones ignore it).
+            (already at each token's position): the fused path. Any other shape that broadcasts
+            as transformers broadcasts it (a 2-D ``(H, D)`` table lines up with the heads, not the
+            tokens) takes the plain-PyTorch path with a one-time warning.
+        position_ids: the deprecated argument of transformers 4.x's signature, unused there and
+            here; an ``int`` in its place is transformers 5's ``unsqueeze_dim``.
         unsqueeze_dim: the dim of q/k that cos/sin broadcast over (the heads).
 
     Returns:
-        ``(q_embed, k_embed)`` of q's shape and dtype. Math in float32 (transformers computes in
-        the input dtype, so low-precision results differ by at most its rounding).
+        ``(q_embed, k_embed)`` of q's and k's shapes, in the dtype transformers' arithmetic
+        promotes to: ``promote_types(q.dtype, cos.dtype)`` (float16 q with float32 cos gives
+        float32). Math in float32 or wider; where transformers computes in a low precision the
+        results differ by at most its rounding.
     """
+    if isinstance(position_ids, int) and not isinstance(position_ids, bool):
+        unsqueeze_dim = position_ids
     _check_tensors(q, k, cos, sin)
-    layout = {1: "bhnd", 2: "bnhd"}.get(unsqueeze_dim)
-    if layout is None or _needs_reference(cos, sin) or cos.dim() not in (2, 3):
-        _warn_reference_once(f"unsupported apply_rotary_pos_emb call (unsqueeze_dim={unsqueeze_dim}, "
-                             f"cos {tuple(cos.shape)}, requires_grad={cos.requires_grad})")
-        return reference.apply_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim)
-    to_bnhd = (lambda t: t) if layout == "bnhd" else (lambda t: t.transpose(1, 2))
+    _check_broadcast(q, k, cos, unsqueeze_dim)
+    layout = _fused_layout(q, k, cos, unsqueeze_dim)
+    if layout is None or _needs_reference(cos, sin):
+        _warn_reference_once(f"apply_rotary_pos_emb with cos {tuple(cos.shape)} against q "
+                             f"{tuple(q.shape)} (unsqueeze_dim={unsqueeze_dim}, "
+                             f"requires_grad={cos.requires_grad})")
+        return reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    to_bnhd = (lambda t: t.to(dtype)) if layout == "bnhd" else (lambda t: t.to(dtype).transpose(1, 2))
     qc, kc = to_bnhd(q), to_bnhd(k)
-    _check_same_tokens(qc, kc)
-    batch, seqlen, _, dim = qc.shape
-    if cos.shape[-1] != dim or dim % 2:
-        _fail(f"cos/sin last dim {cos.shape[-1]} must equal the (even) head dim {dim}")
-    if cos.dim() == 2 and position_ids is not None:
-        pos, offset = _check_positions(position_ids, batch, seqlen, cos.shape[0], q.device)
-        cos3, sin3 = cos.unsqueeze(0), sin.unsqueeze(0)
-    else:
-        cos3, sin3 = _table_3d(cos, batch, "cos"), _table_3d(sin, batch, "sin")
-        if cos3.shape[1] != seqlen:
-            _fail(f"cos/sin cover {cos3.shape[1]} positions but q has {seqlen} tokens")
-        pos, offset = None, 0
-    q_out, k_out = _rotate_pair(qc, kc, cos3, sin3, pos, offset, dim, False, False)
-    return to_bnhd(q_out), to_bnhd(k_out)
+    q_out, k_out = _rotate_pair(qc, kc, cos, sin, None, 0, q.shape[-1], False, False)
+    if layout == "bhnd":
+        q_out, k_out = q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return q_out, k_out
+
+
+def _check_broadcast(q, k, cos, unsqueeze_dim):
+    if not isinstance(unsqueeze_dim, int) or not -cos.dim() - 1 <= unsqueeze_dim <= cos.dim():
+        _fail(f"unsqueeze_dim must be an int in [{-cos.dim() - 1}, {cos.dim()}] for cos of "
+              f"{cos.dim()} dims, got {unsqueeze_dim!r}")
+    table = cos.unsqueeze(unsqueeze_dim).shape
+    for name, x in (("q", q), ("k", k)):
+        if x is None:
+            continue
+        try:
+            shape = torch.broadcast_shapes(x.shape, table)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            _fail(f"cos/sin {tuple(cos.shape)} unsqueezed at dim {unsqueeze_dim} do not broadcast "
+                  f"to {name} {tuple(x.shape)}")
+
+
+def _fused_layout(q, k, cos, unsqueeze_dim) -> str | None:
+    """``"bhnd"`` or ``"bnhd"`` when the fused kernel computes exactly this call: 3-D tables of
+    one row per token (per batch row or shared) that broadcast over the heads; else ``None``."""
+    layout = {1: "bhnd", -3: "bhnd", 2: "bnhd", -2: "bnhd"}.get(unsqueeze_dim)
+    if layout is None or cos.dim() != 3 or k is None or k.dtype != q.dtype:
+        return None
+    batch, seqlen, dim = q.shape[0], q.shape[1 if layout == "bnhd" else 2], q.shape[3]
+    tokens_k = k.shape[1 if layout == "bnhd" else 2]
+    if (k.shape[0], tokens_k, k.shape[3]) != (batch, seqlen, dim) or dim % 2:
+        return None
+    if cos.shape[0] not in (1, batch) or cos.shape[1:] != (seqlen, dim):
+        return None
+    return layout

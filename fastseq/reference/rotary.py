@@ -91,10 +91,11 @@ def apply_rotary(q, k, cos, sin, *, positions=None, interleaved=False, inplace=F
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     """Hugging Face Llama's ``apply_rotary_pos_emb``: ``q * cos + rotate_half(q) * sin``.
 
-    ``cos``/``sin`` are ``(B, N, D)`` (already gathered at the positions) or, as in older
-    releases, a ``(S, D)`` cache indexed by ``position_ids``.
+    ``cos``/``sin`` are unsqueezed at ``unsqueeze_dim`` and broadcast against q and k, in
+    transformers' arithmetic and dtype promotion. ``position_ids`` is unused, as in transformers
+    4.x's signature (an ``int`` there is transformers 5's ``unsqueeze_dim``).
     """
-    if cos.dim() == 2 and position_ids is not None:
-        cos, sin = cos[position_ids], sin[position_ids]
+    if isinstance(position_ids, int) and not isinstance(position_ids, bool):
+        unsqueeze_dim = position_ids
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
