@@ -19,6 +19,18 @@ from fastseq.bench import Case
 from fastseq.reference import attention as reference
 
 SUITE = "attention"
+
+# The README's results table: these cases (CPU and GPU), against SDPA's backends.
+HEADLINES = (
+    "fwd+bwd fp32 B2 H4 N512 D64",
+    "fwd+bwd fp32 B2 H4 N512 D64 causal",
+    "decode fp32 B2 H8/2 S2048 D64",
+    "fwd+bwd bf16 B8 H32 N2048 D64",
+    "fwd+bwd bf16 B8 H16 N2048 D128 causal",
+    "fwd+bwd bf16 B16 H16 N1024 D128 mask=padding",
+    "decode bf16 B8 H32/8 S4096 D128",
+)
+HEADLINE_BASELINES = ("sdpa", "sdpa_flash", "sdpa_cudnn")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -18,6 +18,16 @@ from fastseq.bench import Case
 from fastseq.integrations import diffusers as fastseq_diffusers
 
 SUITE = "cross_attention"
+
+# The README's results table: these cases (CPU and GPU).
+HEADLINES = (
+    "kernel fwd+bwd sd15-32x32 fp32 B1",
+    "block fwd+bwd sd15-16x16 fp32 B1",
+    "kernel fwd sd15-64x64 fp16 B2",
+    "kernel fwd+bwd sd15-64x64 fp16 B2",
+)
+HEADLINE_BASELINES = ("sdpa", "diffusers", "sdpa_flash", "sdpa_cudnn")
+SOURCES = ("kernels/attention.py", "fastseq/integrations/diffusers.py", "fastseq/nn/spatial_transformer.py")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (label, tokens, channels, heads, head_dim, context_dim)
 LEVELS = [

@@ -28,6 +28,12 @@ from fastseq.reference import rotary as rotary_reference
 
 SUITE = "dispatch"
 
+# The README's results table: these cases, against the plain-PyTorch and torch baselines.
+HEADLINES = ("rotary decode B8 H8 D64", "attention 1 query x 64 keys B2 H4 D64", "lstm T1 B1 H32")
+HEADLINE_BASELINES = ("reference", "sdpa", "torch")
+# The host-side path of every op family.
+SOURCES = ("fastseq/ops/*.py", "fastseq/nn/*.py", "csrc/ops.cpp")
+
 
 def _case(name, params, dtype, variants):
     return Case(suite=SUITE, name=name, params=params, dtype=dtype, variants=variants)

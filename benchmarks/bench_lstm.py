@@ -23,6 +23,26 @@ from fastseq.bench import Case
 from fastseq.reference import lstm as reference
 
 SUITE = "lstm"
+
+# The README's results table: these cases (CPU and GPU).
+HEADLINES = (
+    "fwd fp32 B16 T128 I128 H256",
+    "fwd+bwd fp32 B16 T128 I128 H256",
+    "fwd+bwd fp32 B8 T64 I128 H1024",
+    "fwd+bwd fp32 B1 T1 I512 H512",
+    "fwd+bwd fp32 B16 T128 I128 H256 padded:lengths",
+    "fwd+bwd fp32 B16 T128 I128 H256 ln",
+    "fwd+bwd LSTMCell fp32 B64 I512 H512",
+    "fwd fp16 B64 T256 I512 H512",
+    "fwd+bwd fp16 B64 T256 I512 H512",
+    "fwd+bwd fp16 B64 T256 I512 H512 ln",
+)
+HEADLINE_BASELINES = ("torch", "torch_packed", "reference", "fastseq_persistent")
+# The LSTM layers share the recurrent GEMMs and the torch.func path with the LayerNorm-LSTM.
+SOURCES = (
+    "csrc/cpu/*gemm*", "csrc/cpu/linear.h", "csrc/cpu/register_tiles.h", "csrc/cpu/layer_norm_lstm*",
+    "fastseq/ops/eager.py", "fastseq/ops/layer_norm_lstm.py", "kernels/layer_norm_lstm.py",
+)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -30,6 +30,10 @@ from fastseq import _extension
 from fastseq.bench import Case
 
 SUITE = "lstm_recurrence"
+
+# The README's results table: none yet (no GPU results of this suite).
+HEADLINES = ()
+SOURCES = ("csrc/cuda/lstm*", "fastseq/ops/lstm.py")
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FORWARD_UNITS = (4, 8, 16)
 

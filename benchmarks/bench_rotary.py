@@ -27,6 +27,15 @@ from fastseq.bench import Case
 from fastseq.reference import rotary as reference
 
 SUITE = "rotary"
+
+# The README's results table: these cases (CPU and GPU), against every baseline.
+HEADLINES = (
+    "fwd+bwd fp32 B4 N2048 H16 D128",
+    "fwd fp32 B4 N2048 H16/4 D128 R64",
+    "fwd bf16 B8 N4096 H32 D128",
+    "fwd+bwd bf16 B8 N4096 H32 D128",
+    "fwd bf16 B64 N1 H32 D128 decode",
+)
 FORWARD, FORWARD_BACKWARD = "fwd", "fwd+bwd"
 MEMORY_SWEEP = "N"  # the parameter memory_cases sweeps: the x axis of the memory plot
 

@@ -1,12 +1,17 @@
-"""Command line: ``python -m fastseq {bench,profile,trace,info}`` (also installed as ``fastseq``).
+"""Command line: ``python -m fastseq {bench,profile,trace,report,info}`` (also installed as ``fastseq``).
 
     python -m fastseq bench [suite ...] [--quick] [--malloc keep|default] [--out DIR] [--device cpu|cuda]
+                            [--compare DIR]
     python -m fastseq profile [suite ...] [--snapshot] [--out DIR] [--device cpu|cuda]
     python -m fastseq trace [suite ...] [--out DIR] [--device cpu|cuda]
+    python -m fastseq report [--check]
     python -m fastseq info
 
 ``bench`` times every case of the suites (all of them when none is named) and writes JSON,
-Markdown and plots to ``benchmarks/results/<device>/`` (or ``--out``). ``profile`` sweeps the
+Markdown and plots to ``benchmarks/results/<device>/`` (or ``--out``); with ``--compare DIR`` it
+also prints each speedup against the one committed in ``DIR`` and exits 1 when one moved by more
+than 20%. ``report`` regenerates the README's results tables from the committed results (``--check``:
+exit 1 when the README is out of date). ``profile`` sweeps the
 suites' memory cases. ``trace`` records with ``torch.profiler`` what one call of each variant
 of the suites' quick cases spends its host time on (default suite: dispatch). ``info`` says
 what this installation can run. The device defaults to CUDA when a GPU is present.
@@ -26,7 +31,9 @@ OUT_HELP = "folder for the reports (default: benchmarks/results/<device-slug>, r
 
 def _device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from fastseq.bench.runner import default_device
+
+        return default_device()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastseq: --device cuda, but torch sees no CUDA GPU")
@@ -48,7 +55,7 @@ def _suites(names: list[str]) -> list[str]:
 
 def bench(args: argparse.Namespace) -> int:
     """Run and report the benchmark suites; exit status 1 if an op of ours failed on some case."""
-    from fastseq.bench import report
+    from fastseq.bench import compare, provenance, report
     from fastseq.bench.runner import load_suite, run_cases, suite_label
 
     device, names = _device(args.device), _suites(args.suites)
@@ -60,25 +67,43 @@ def bench(args: argparse.Namespace) -> int:
         if any(settings):
             meta["allocator"] = "; ".join(s for s in settings if s)
     print(report.describe(meta))
-    failed = False
+    failed = moved = False
     for name in names:
-        label = suite_label(name)
-        cases = load_suite(name).cases(device, args.quick)
+        label, suite = suite_label(name), load_suite(name)
+        cases = suite.cases(device, args.quick)
         if not cases:
             print(f"\n{label}: no cases on {device.type}")
             continue
         folder = report.results_dir(device, args.out)
         stem = f"{label}-quick" if args.quick else label
+        sources = provenance.suite_sources(label, getattr(suite, "SOURCES", ()))
+        suite_meta = {**meta, **provenance.git_state(sources)}
 
         # What each case adds is written at once: a run cut short keeps what it measured.
-        keep = functools.partial(report.write_partial_reports, label, meta=meta, folder=folder,
-                                 stem=stem, total=len(cases), quick=args.quick)
+        if args.compare is not None:  # read before this run's reports may overwrite it
+            committed = compare.committed_speedups(args.compare / f"{stem}.json")
+        keep = functools.partial(report.write_partial_reports, label, meta=suite_meta,
+                                 folder=folder, stem=stem, total=len(cases), quick=args.quick)
         results = run_cases(cases, device, quick=args.quick, desc=label, on_result=keep)
         print(f"\n{label}\n{report.format_table(results)}")
-        paths = report.write_reports(label, results, meta, folder, stem, quick=args.quick)
+        paths = report.write_reports(label, results, suite_meta, folder, stem, quick=args.quick)
         print("wrote " + ", ".join(str(p) for p in paths))
         failed |= any(r.ours.error for r in results)
-    return int(failed)
+        if args.compare is not None:
+            changes = compare.compare(results, committed)
+            print(f"\n{label} against {args.compare}\n{compare.format_changes(changes)}")
+            moved |= any(c.outside for c in changes)
+    return int(failed or moved)
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Regenerate (or check) the README's results tables from the committed results files."""
+    from fastseq.bench import provenance, readme
+
+    root = args.root or provenance.repository_root(Path.cwd())
+    if root is None:
+        raise SystemExit("fastseq report: run it inside the repository or pass --root")
+    return readme.write_or_check(Path(root), args.check)
 
 
 def _setting(args: argparse.Namespace, suites: list[str]):
@@ -195,10 +220,18 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU: keep freed memory in the process (default; see fastseq.bench.allocator) or "
              "leave glibc's malloc as it is"
     )
+    bench_parser.add_argument(
+        "--compare", type=Path, metavar="DIR",
+        help="print each speedup against the results committed in DIR; exit 1 if one moved >20%%"
+    )
     with_common("profile", "peak-memory sweeps of the suites", profile).add_argument(
         "--snapshot", action="store_true", help="CUDA: also dump an allocator history snapshot"
     )
     with_common("trace", "host time of one call of each variant, by op (torch.profiler)", trace)
+    report_parser = commands.add_parser("report", help="regenerate the README's results tables")
+    report_parser.add_argument("--check", action="store_true", help="exit 1 if the README is stale")
+    report_parser.add_argument("--root", type=Path, help="repository root (default: the current one)")
+    report_parser.set_defaults(run=report_command)
     commands.add_parser("info", help="versions, devices, builds, backends").set_defaults(run=info)
     return parser
 
