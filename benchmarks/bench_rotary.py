@@ -36,7 +36,7 @@ HEADLINES = (
     "fwd+bwd bf16 B8 N4096 H32 D128",
     "fwd bf16 B64 N1 H32 D128 decode",
 )
-FORWARD, FORWARD_BACKWARD = "fwd", "fwd+bwd"
+FORWARD, FORWARD_BACKWARD, TRAINING_STEP = "fwd", "fwd+bwd", "train step"
 MEMORY_SWEEP = "N"  # the parameter memory_cases sweeps: the x axis of the memory plot
 
 
@@ -130,10 +130,12 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     if compiled is not None:
         baselines["compiled"] = compiled
     skipped = {} if compiled is not None else {"compiled": why_not}
-    return [
+    timed = [
         _case(shape, pass_, device, baselines, skipped=skipped, with_copy=True)
         for shape, pass_ in _case_list(device, quick)
     ]
+    head = _case_list(device, quick)[0][0]
+    return [*timed, _training_step_case(dataclasses.replace(head, layout="bhnd"), device)]
 
 
 def memory_cases(device: torch.device) -> list[Case]:
@@ -179,6 +181,34 @@ def _case(shape, pass_, device, baselines, skipped=None, with_copy=False) -> Cas
         bytes_moved=copy_bytes * (2 if backward else 1),
         copy_bytes=copy_bytes,
         skipped=dict(skipped or {}),
+    )
+
+
+def _training_step_case(shape: Shape, device) -> Case:
+    """The rotary of a transformers model's training step, as a user's loop runs it: the drop-in
+    ``apply_rotary_pos_emb`` on ``(B, H, N, D)`` q and k with the ``(1, N, D)`` tables a
+    transformers rotary module returns, ``(q_out.sum() + k_out.sum()).backward()`` (an expanded,
+    stride-0 upstream gradient), gradients accumulating into ``.grad``."""
+    q, k = (_random(shape, heads, device, True) for heads in (shape.heads_q, shape.kv_heads))
+    cos_half, sin_half, _ = _angles(shape, device)
+    cos, sin = (torch.cat([t[: shape.seqlen]] * 2, dim=-1)[None] for t in (cos_half, sin_half))
+
+    def step(op):
+        def run():
+            q_out, k_out = op(q, k, cos, sin)
+            (q_out.sum() + k_out.sum()).backward()
+
+        return run
+
+    variants = {"fastseq": fastseq.apply_rotary_pos_emb, "transformers": reference.apply_rotary_pos_emb}
+    return Case(
+        suite=SUITE,
+        name=f"{TRAINING_STEP} {shape.label()}",
+        params={"pass": TRAINING_STEP, **shape.params()},
+        dtype=shape.dtype,
+        variants={name: step(op) for name, op in variants.items()},
+        ours="fastseq",
+        baselines=("transformers",),
     )
 
 

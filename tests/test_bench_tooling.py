@@ -310,3 +310,60 @@ def test_info_command(capsys):
     printed = capsys.readouterr().out
     for field in ("torch", "triton", "C++ CPU kernels", "backends cpu", "Triton interpreter"):
         assert field in printed
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh memory, page faults, and comparison with committed results
+# --------------------------------------------------------------------------------------------
+
+
+def test_summarize_fresh_memory_speedups():
+    timings = {n: Timing(median_ms=m, iqr_ms=0.1, method="test", faults_per_call=0.0)
+               for n, m in (("fastseq", 2.0), ("eager", 6.0), ("copy", 0.5))}
+    fresh = {"fastseq": Timing(median_ms=4.0, iqr_ms=0.1, method="fresh", faults_per_call=512),
+             "eager": Timing(median_ms=6.0, iqr_ms=0.1, method="fresh", faults_per_call=1024)}
+    result = summarize(_synthetic_case(), timings, {}, {}, fresh)
+    assert result.speedups == {"eager": pytest.approx(3.0)}
+    assert result.fresh_speedups == {"eager": pytest.approx(1.5)}
+    assert result.variant("fastseq").fresh_faults_per_call == 512
+    assert result.variant("copy").fresh_median_ms is None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_fresh_memory_calls_fault_their_buffers_in_and_kept_memory_does_not():
+    from fastseq.bench.timing import time_fn, time_fresh_memory
+
+    def fill():  # 8 MiB, written: every page is touched
+        return torch.ones(2 * MIB, dtype=torch.float32)
+
+    warm = time_fn(fill, "cpu", quick=True)
+    fresh = time_fresh_memory(fill, quick=True)
+    assert fresh.faults_per_call >= 4  # at least one fault per 2 MiB huge page
+    assert warm.faults_per_call is not None and warm.faults_per_call < fresh.faults_per_call
+
+
+def test_compare_flags_speedups_that_moved(tmp_path):
+    from fastseq.bench import compare
+
+    committed = tmp_path / "tiny.json"
+    committed.write_text(json.dumps({"cases": [
+        {"name": "case", "speedups": {"eager": 3.0}},
+        {"name": "gone", "speedups": {"eager": 1.0}},
+    ]}))
+    timings = {"fastseq": Timing(2.0, 0.1, "test"), "eager": Timing(4.0, 0.1, "test")}
+    result = summarize(_synthetic_case(), timings, {}, {})  # now 2.0x against 3.0x committed
+    (change,) = compare.compare([result], compare.committed_speedups(committed))
+    assert change.ratio == pytest.approx(2 / 3) and change.outside and change.verdict == "REGRESSION"
+    assert "1 of 1 speedups moved by more than 20%" in compare.format_changes([change])
+    assert compare.compare([result], compare.committed_speedups(tmp_path / "none.json")) == []
+
+
+def test_bench_compare_exits_1_when_a_committed_ratio_is_not_reproduced(tiny_suite, tmp_path, capsys):
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "tiny-quick.json").write_text(json.dumps({"cases": [
+        {"name": "sum n1024", "speedups": {"eager": 1000.0}}]}))
+    status = main(["bench", tiny_suite, "--quick", "--device", "cpu", "--out", str(tmp_path / "new"),
+                   "--compare", str(committed)])
+    printed = capsys.readouterr().out
+    assert status == 1 and "REGRESSION" in printed and "1 of 1 speedups moved" in printed

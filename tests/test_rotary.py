@@ -274,6 +274,28 @@ def test_hf_position_ids_is_unused_and_an_int_is_unsqueeze_dim(strict_warnings):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rotary_dim", [8, 12])
+def test_training_step_with_a_summed_loss(backend, dtype, rotary_dim, strict_warnings):
+    """``loss = out.sum()`` sends an expanded, stride-0 gradient back through the rotation (the
+    CPU kernel gathers such heads first); the gradients accumulate into ``.grad``."""
+    cos, sin = (t.float() for t in _tables(rotary_dim))
+    q = torch.randn(2, 3, 7, 12, dtype=dtype, requires_grad=True)  # (B, H, N, D)
+    k = torch.randn(2, 1, 7, 12, dtype=dtype, requires_grad=True)
+    weights = torch.randn(12, dtype=dtype)
+    with fastseq.use_backend(backend):
+        for _ in range(2):
+            q_out, k_out = fastseq.apply_rotary(q, k, cos, sin, layout="bhnd")
+            (q_out.sum() + (k_out * weights).sum()).backward()
+    qr, kr = (x.detach().double().requires_grad_() for x in (q, k))
+    q_ref, k_ref = ref.apply_rotary(qr, kr, cos.double(), sin.double(), layout="bhnd")
+    (q_ref.sum() + (k_ref * weights.double()).sum()).backward()
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(q.grad.double(), 2 * qr.grad, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(k.grad.double(), 2 * kr.grad, atol=tolerance, rtol=tolerance)
+
+
 def test_empty_batch_and_zero_heads():
     cos, sin = (t.float() for t in _tables(8))
     q = torch.randn(0, 5, 2, 8, requires_grad=True)

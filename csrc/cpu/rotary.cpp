@@ -2,8 +2,8 @@
 //
 // One pass over the (b, n) token rows, parallel across rows. For each token the cos/sin row is
 // turned once into per-pair coefficients (see `sine_coefficients`), which then serve every head of
-// q and of k. Heads whose last dim is contiguous (input and output) take a vectorized path; any
-// other layout takes a scalar strided path. The op is memory bound: every element of q and k is
+// q and of k. Heads whose last dim is contiguous (input and output) take a vectorized path, and so
+// do heads whose output alone is (gathered first); any other layout takes a scalar strided path. The op is memory bound: every element of q and k is
 // read once and written once.
 //
 // The extension is compiled for the baseline ISA (x86-64: SSE2, no F16C), so on x86 the contiguous
@@ -296,22 +296,32 @@ void copy_tail(const Params& p, const scalar_t* x, int64_t x_stride, scalar_t* o
   }
 }
 
-// One head of one token.
+// One head of one token. A head whose output is contiguous but whose input is not (a gradient
+// expanded from a scalar has stride 0) is gathered into `row` (head_dim elements) first: a scalar
+// gather and the vector path cost a fraction of the scalar strided path.
 template <typename scalar_t, typename acc_t>
-void rotate_row(const Params& p, const Operand& op, int64_t t, int64_t h, const Coeffs<acc_t>& co, bool avx2) {
+void rotate_row(const Params& p, const Operand& op, int64_t t, int64_t h, const Coeffs<acc_t>& co, bool avx2,
+                scalar_t* row) {
   const int64_t b = t / p.seqlen;
   const int64_t n = t % p.seqlen;
-  const int64_t* xs = op.x_stride;
   const int64_t* os = op.out_stride;
-  const auto* x = static_cast<const scalar_t*>(op.x) + b * xs[0] + n * xs[1] + h * xs[2];
+  const auto* x = static_cast<const scalar_t*>(op.x) + b * op.x_stride[0] + n * op.x_stride[1] + h * op.x_stride[2];
   auto* out = static_cast<scalar_t*>(op.out) + b * os[0] + n * os[1] + h * os[2];
-  if (xs[3] == 1 && os[3] == 1) {
+  int64_t x_stride = op.x_stride[3];
+  if (x_stride != 1 && os[3] == 1 && !op.inplace) {
+    for (int64_t d = 0; d < p.head_dim; ++d) {
+      row[d] = x[d * x_stride];
+    }
+    x = row;
+    x_stride = 1;
+  }
+  if (x_stride == 1 && os[3] == 1) {
     rotate_contiguous(p, x, out, co, avx2);
   } else {
-    rotate_strided(p, x, xs[3], out, os[3], co, 0);
+    rotate_strided(p, x, x_stride, out, os[3], co, 0);
   }
   if (!op.inplace && p.rotary_dim < p.head_dim) {
-    copy_tail(p, x, xs[3], out, os[3]);
+    copy_tail(p, x, x_stride, out, os[3]);
   }
 }
 
@@ -320,17 +330,17 @@ void rotate_row(const Params& p, const Operand& op, int64_t t, int64_t h, const 
 // consecutive rows, instead of striding across H far-apart rows per token.
 template <typename scalar_t, typename acc_t>
 void rotate_tile(const Params& p, const Operand& op, int64_t first, int64_t count, const CoeffTile<acc_t>& tile,
-                 bool avx2) {
+                 bool avx2, scalar_t* row) {
   if (op.x_stride[2] > op.x_stride[1]) {
     for (int64_t h = 0; h < op.heads; ++h) {
       for (int64_t i = 0; i < count; ++i) {
-        rotate_row<scalar_t>(p, op, first + i, h, tile[i], avx2);
+        rotate_row<scalar_t>(p, op, first + i, h, tile[i], avx2, row);
       }
     }
   } else {
     for (int64_t i = 0; i < count; ++i) {
       for (int64_t h = 0; h < op.heads; ++h) {
-        rotate_row<scalar_t>(p, op, first + i, h, tile[i], avx2);
+        rotate_row<scalar_t>(p, op, first + i, h, tile[i], avx2, row);
       }
     }
   }
@@ -348,13 +358,14 @@ void rotary_cpu(const Params& p) {
   const bool avx2 = use_avx2();
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     CoeffTile<acc_t> tile(p.rotary_dim / 2);
+    std::vector<scalar_t> row(p.head_dim);
     for (int64_t first = begin; first < end; first += kTileTokens) {
       const int64_t count = std::min(kTileTokens, end - first);
       for (int64_t i = 0; i < count; ++i) {
         tile.template load<table_t>(p, (first + i) / p.seqlen, (first + i) % p.seqlen, i);
       }
-      rotate_tile<scalar_t>(p, p.q, first, count, tile, avx2);
-      rotate_tile<scalar_t>(p, p.k, first, count, tile, avx2);
+      rotate_tile<scalar_t>(p, p.q, first, count, tile, avx2, row.data());
+      rotate_tile<scalar_t>(p, p.k, first, count, tile, avx2, row.data());
     }
   });
 }

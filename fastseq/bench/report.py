@@ -118,6 +118,10 @@ def describe(meta: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 SPEEDUP_LEGEND = "speedup: this baseline's median / fastseq's median (above 1: fastseq is faster)"
+FRESH_LEGEND = (
+    "faults: minor page faults per call; fresh ms, fresh speedup: the same calls when each starts "
+    "from memory handed back to the kernel (every buffer faulted in afresh)"
+)
 TEXT_COLUMNS = ("case", "variant", "note")  # left-aligned; the others are numbers
 
 
@@ -125,7 +129,18 @@ def _columns(results: Sequence[CaseResult]) -> list[str]:
     columns = ["case", "variant", "median ms", "IQR ms", "GB/s"]
     if any(r.flops for r in results):
         columns.append("TFLOP/s")
-    return columns + ["of copy", "peak MiB", "speedup", "note"]
+    columns += ["of copy", "peak MiB", "speedup"]
+    if _has_fresh(results):
+        columns += ["faults", "fresh ms", "fresh faults", "fresh speedup"]
+    return columns + ["note"]
+
+
+def _has_fresh(results: Sequence[CaseResult]) -> bool:
+    return any(v.fresh_median_ms is not None for r in results for v in r.variants)
+
+
+def _legend(results: Sequence[CaseResult]) -> str:
+    return SPEEDUP_LEGEND + ("\n" + FRESH_LEGEND if _has_fresh(results) else "")
 
 
 def _fmt(value, spec: str) -> str:
@@ -142,7 +157,7 @@ def _ms(value: float | None) -> str:
 
 
 def _variant_cells(result: CaseResult, v: VariantResult, columns: list[str]) -> list[str]:
-    speedup = result.speedups.get(v.name)
+    speedup, fresh_speedup = result.speedups.get(v.name), result.fresh_speedups.get(v.name)
     cells = {
         "case": "",
         "variant": v.name,
@@ -153,6 +168,10 @@ def _variant_cells(result: CaseResult, v: VariantResult, columns: list[str]) -> 
         "of copy": _fmt(v.fraction_of_copy, ".0%"),
         "peak MiB": _fmt(None if v.peak_bytes is None else v.peak_bytes / MIB, ".1f"),
         "speedup": "" if speedup is None else f"{speedup:.2f}x",
+        "faults": _fmt(v.faults_per_call, ".0f"),
+        "fresh ms": _ms(v.fresh_median_ms),
+        "fresh faults": _fmt(v.fresh_faults_per_call, ".0f"),
+        "fresh speedup": "" if fresh_speedup is None else f"{fresh_speedup:.2f}x",
         "note": (v.error or "")[:90],
     }
     return [cells[c] for c in columns]
@@ -185,7 +204,7 @@ def aligned(header: list[str], rows: list[list[str]], text_columns=TEXT_COLUMNS)
 
 def format_table(results: Sequence[CaseResult]) -> str:
     """The results as an aligned text table, with a legend line."""
-    return aligned(*table_rows(results)) + "\n" + SPEEDUP_LEGEND
+    return aligned(*table_rows(results)) + "\n" + _legend(results)
 
 
 def format_markdown(suite: str, results: Sequence[CaseResult], meta: dict) -> str:
@@ -206,7 +225,7 @@ def format_markdown(suite: str, results: Sequence[CaseResult], meta: dict) -> st
         "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in header) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines + ["", SPEEDUP_LEGEND, ""])
+    return "\n".join(lines + ["", *_legend(results).splitlines(), ""])
 
 
 def to_json(suite: str, results: Sequence[CaseResult], meta: dict, **extra) -> dict:

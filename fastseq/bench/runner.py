@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fastseq.bench.case import Case
 from fastseq.bench.result import CaseResult, summarize
-from fastseq.bench.timing import Timing, time_fn
+from fastseq.bench.timing import Timing, time_fn, time_fresh_memory
 from fastseq.profiling.memory import peak_memory
 
 SUITE_PACKAGE = "fastseq.benchmarks"
@@ -65,25 +65,27 @@ def load_suite(name: str) -> ModuleType:
     return importlib.import_module(f"{package.__name__}.{SUITE_PREFIX}{name}")
 
 
-def measure_variant(fn, device: torch.device, *, quick: bool) -> tuple[Timing, int]:
-    """Time ``fn`` and then take its peak memory (bytes above entry) in one more call."""
+def measure_variant(fn, device: torch.device, *, quick: bool) -> tuple[Timing, Timing | None, int]:
+    """Time ``fn``, then (CPU) its calls from fresh memory, then take its peak memory (bytes
+    above entry) in one more call."""
     timing = time_fn(fn, device, quick=quick)
-    return timing, peak_memory(fn, device=device)
+    fresh = time_fresh_memory(fn, quick=quick) if device.type == "cpu" else None
+    return timing, fresh, peak_memory(fn, device=device)
 
 
 def run_case(case: Case, device: torch.device, *, quick: bool = False, progress=None) -> CaseResult:
     """Measure every variant of ``case``; ``progress`` (a tqdm bar) advances once per variant."""
-    timings, peaks, errors = {}, {}, {}
+    timings, fresh, peaks, errors = {}, {}, {}, {}
     for name, fn in case.variants.items():
         if progress is not None:
             progress.set_postfix_str(f"{case.name} | {name}", refresh=True)
         try:
-            timings[name], peaks[name] = measure_variant(fn, device, quick=quick)
+            timings[name], fresh[name], peaks[name] = measure_variant(fn, device, quick=quick)
         except Exception as error:  # reported per variant; see the module docstring
             errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
         if progress is not None:
             progress.update()
-    return summarize(case, timings, peaks, errors)
+    return summarize(case, timings, peaks, errors, {n: t for n, t in fresh.items() if t})
 
 
 def run_cases(

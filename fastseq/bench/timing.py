@@ -6,28 +6,40 @@ CPU (and on CUDA without Triton) it is ``torch.utils.benchmark.Timer.blocked_aut
 groups calls into blocks long enough for the clock to resolve them and synchronizes CUDA.
 
 Both report the median and the interquartile range: the median is robust to the odd slow call
-(a page fault, another process), and the IQR says how much to trust it.
+(a page fault, another process), and the IQR says how much to trust it. On the CPU a timing also
+counts the pages each call faults in, and :func:`time_fresh_memory` times calls that each start
+from memory handed back to the kernel, as a loop whose allocator returns its memory would run
+(see :mod:`fastseq.bench.allocator`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.utils.benchmark as torch_benchmark
 
+from fastseq.bench import allocator
+
 # Time spent measuring one callable, in seconds: full runs and `--quick` runs.
 BUDGET_S = {False: 1.0, True: 0.1}
+# Calls timed one at a time from fresh memory: at least this many, within the budget above.
+FRESH_CALLS = 5
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Run time of one callable: median and interquartile range in milliseconds, and the tool."""
+    """Run time of one callable: median and interquartile range in milliseconds, the tool, and
+    (CPU) the minor page faults per call."""
 
     median_ms: float
     iqr_ms: float
     method: str
+    faults_per_call: float | None = None
 
 
 def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False) -> Timing:
@@ -40,7 +52,36 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool
     fn()
     if device.type == "cuda" and _triton_available():
         return _do_bench(fn, BUDGET_S[quick])
-    return _blocked_autorange(fn, BUDGET_S[quick])
+    timing = _blocked_autorange(fn, BUDGET_S[quick])
+    if device.type != "cpu":
+        return timing
+    return dataclasses.replace(timing, faults_per_call=_faults_per_call(fn))
+
+
+def time_fresh_memory(fn: Callable[[], object], *, quick: bool = False) -> Timing | None:
+    """Time CPU calls of ``fn`` that each start with the process's freed memory handed back to
+    the kernel, so that every buffer they allocate is faulted in afresh: what a loop pays whose
+    allocator returns memory between calls. ``None`` where memory cannot be handed back."""
+    if not allocator.release_freed_memory():
+        return None
+    fn()
+    times, faults, deadline = [], [], time.perf_counter() + BUDGET_S[quick]
+    while len(times) < FRESH_CALLS or time.perf_counter() < deadline:
+        allocator.release_freed_memory()
+        before, start = allocator.minor_faults(), time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+        faults.append(allocator.minor_faults() - before)
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return Timing(median_ms=statistics.median(times), iqr_ms=q3 - q1, method="fresh memory per call",
+                  faults_per_call=statistics.median(faults))
+
+
+def _faults_per_call(fn, calls: int = 3) -> float:
+    before = allocator.minor_faults()
+    for _ in range(calls):
+        fn()
+    return (allocator.minor_faults() - before) / calls
 
 
 def _triton_available() -> bool:
