@@ -14,7 +14,7 @@ ifeq ($(PY),.venv/bin/python)
 ENV_READY = .venv/.ready
 endif
 
-.PHONY: test bench profile lint info lock clean
+.PHONY: test bench bench-check profile lint info lock clean
 
 test: build/.extension
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check . ; fi
@@ -24,6 +24,12 @@ test: build/.extension
 # 64 MiB buffer costs 32 page faults instead of 16384 (see fastseq/bench/allocator.py).
 bench: build/.extension
 	THP_MEM_ALLOC_ENABLE=1 $(PY) -m fastseq bench $(SUITES)
+
+# A fresh run against the committed results: fails when a speedup moved by more than 20%.
+# Its reports go to build/bench-check, leaving the committed ones alone.
+CHECK_DIR ?= benchmarks/results/cpu
+bench-check: build/.extension
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m fastseq bench --compare $(CHECK_DIR) --out build/bench-check $(SUITES)
 
 profile: build/.extension
 	$(PY) -m fastseq profile $(SUITES)
