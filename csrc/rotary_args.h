@@ -177,21 +177,26 @@ inline Params make_params(const at::Tensor& q_out, const at::Tensor& k_out, cons
                 "rotary_kernel: positions must be (B,) or (B, N) = (", p.batch, ", ", p.seqlen, "), got ",
                 pos.sizes());
     if (pos.device().is_cpu() && pos.numel() > 0 && p.seqlen > 0) {
-      // A position outside the table would read past it.
+      // A position outside the table would read past it. Row b of per-batch offsets covers
+      // offset + pos[b] .. offset + pos[b] + seqlen - 1; ids cover pos[b, n] alone. The bounds are
+      // moved to the constant side, so that no sum involving a caller's value can wrap around.
       const at::Tensor wide = pos.to(at::kLong);
-      const int64_t low = offset + wide.min().item<int64_t>();
-      const int64_t high = offset + wide.max().item<int64_t>() + (pos.dim() == 1 ? p.seqlen - 1 : 0);
-      TORCH_CHECK(low >= 0 && high < cos.size(1), "rotary_kernel: positions span ", low, "..", high,
-                  ", past the cos/sin table of ", cos.size(1), " positions");
+      const int64_t low = wide.min().item<int64_t>();
+      const int64_t high = wide.max().item<int64_t>();
+      const int64_t table = cos.size(1);
+      const int64_t span = pos.dim() == 1 ? p.seqlen : 1;
+      const int64_t base = pos.dim() == 1 ? offset : 0;
+      const bool fits = base <= table - span && low >= -base && high <= table - span - base;
+      TORCH_CHECK(fits, "rotary_kernel: positions span ", low, "..", high, " (offset ", base, ", ", span,
+                  " tokens each), past the cos/sin table of ", table, " positions");
     }
     p.mode = pos.dim() == 1 ? PositionMode::kPerBatch : PositionMode::kIds;
     p.positions = pos.const_data_ptr();
     p.positions_int64 = pos.scalar_type() == at::kLong;
     fill_strides(pos, p.positions_stride);
   } else {
-    TORCH_CHECK(p.batch * p.seqlen == 0 || offset + p.seqlen <= cos.size(1), "rotary_kernel: positions ",
-                offset, "..", offset + p.seqlen - 1, " are past the cos/sin table of ", cos.size(1),
-                " positions");
+    TORCH_CHECK(p.batch * p.seqlen == 0 || offset <= cos.size(1) - p.seqlen, "rotary_kernel: offset ", offset,
+                " and ", p.seqlen, " tokens reach past the cos/sin table of ", cos.size(1), " positions");
   }
   p.interleaved = interleaved;
   p.conjugate = conjugate;

@@ -429,7 +429,7 @@ def test_torch_compile_inductor_forward():
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.tensor([0, 28])),
          "past the cos/sin"),
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.tensor([[-1] * 5] * 2)),
-         r"positions span -1"),
+         r"position ids span -1"),
         (lambda q, k, c, s: fastseq.apply_rotary(q, k, c, s, positions=torch.tensor([0.5, 1.0])),
          "int32/int64"),
         (lambda q, k, c, s: fastseq.apply_rotary(

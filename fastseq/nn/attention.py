@@ -49,9 +49,17 @@ class Attention(nn.Module):
                  causal=True, rotary=None, dropout=0.0, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Attention: {name} must be a positive int, got {value!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"Attention: dim ({dim}) must be a multiple of num_heads ({num_heads}), "
+                             "or head_dim given")
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+            raise ValueError(f"Attention: head_dim must be a positive int, got {head_dim!r}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = head_dim or dim // num_heads
         self.causal, self.dropout = causal, dropout

@@ -90,6 +90,7 @@ class LSTM(nn.Module):
                 _fail(f"input must be 2-D (unbatched) or 3-D, got shape {tuple(input.shape)}")
             x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first
                                                       else input)
+        x, hx = _in_compute_dtype(x, hx, self.weight_ih_l0.dtype)
         h0, c0 = self._initial_state(x, hx, unbatched)
         lengths = self._check_lengths(lengths, x)
         y, h_n, c_n = self._run_layers(x, h0, c0, lengths)
@@ -136,8 +137,8 @@ class LSTM(nn.Module):
 
     def _layer(self, x, h0, c0, layer, suffix, lengths):
         """One layer in one direction (``suffix`` "" or "_reverse"): (y, h_n, c_n)."""
-        return lstm_layer(x, h0, c0, *self._weights(layer, suffix), lengths=lengths,
-                          reverse=bool(suffix))
+        weights = _cast(self._weights(layer, suffix), x.dtype)
+        return lstm_layer(x, h0, c0, *weights, lengths=lengths, reverse=bool(suffix))
 
     def _run_layers(self, x, h0, c0, lengths):
         directions = 2 if self.bidirectional else 1
@@ -189,9 +190,9 @@ class LayerNormLSTM(LSTM):
                 nn.init.constant_(param, 0.0 if "_bias_" in name else 1.0)
 
     def _layer(self, x, h0, c0, layer, suffix, lengths):
-        w_ih, w_hh, bias, _ = self._weights(layer, suffix)
-        norms = [getattr(self, f"layernorm_{n}_l{layer}{suffix}")
-                 for n in ("ih_weight", "hh_weight", "c_weight", "c_bias")]
+        w_ih, w_hh, bias, _ = _cast(self._weights(layer, suffix), x.dtype)
+        norms = _cast([getattr(self, f"layernorm_{n}_l{layer}{suffix}")
+                       for n in ("ih_weight", "hh_weight", "c_weight", "c_bias")], x.dtype)
         # forward() has checked the input, the state and lengths; the parameters are its own.
         return run_layer_norm_lstm_layer(x, h0, c0, w_ih, w_hh, bias, *norms, lengths=lengths,
                                          reverse=bool(suffix), eps=self.eps)
@@ -206,6 +207,7 @@ class LSTMCell(nn.LSTMCell):
         if x.dim() != 2 or x.shape[1] != self.input_size:
             _fail(f"LSTMCell input must be (B, {self.input_size}) or ({self.input_size},), "
                   f"got {tuple(input.shape)}")
+        x, hx = _in_compute_dtype(x, hx, self.weight_ih.dtype)
         state = (x.shape[0], self.hidden_size)
         if hx is None:
             h0 = c0 = torch.zeros(state, dtype=x.dtype, device=x.device)
@@ -218,5 +220,25 @@ class LSTMCell(nn.LSTMCell):
                     _fail(f"LSTMCell {name} is {t.dtype} on {t.device} but input is {x.dtype} on "
                           f"{x.device}")
         bias = self.bias_ih + self.bias_hh if self.bias else None
-        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, bias)
+        w_ih, w_hh, bias = _cast((self.weight_ih, self.weight_hh, bias), x.dtype)
+        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, w_ih, w_hh, bias)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
+
+
+def _in_compute_dtype(x, hx, weight_dtype):
+    """``(x, hx)`` in the dtype the layers compute in, as ``torch.nn.LSTM`` decides it: where
+    autocast is on for x's device, its dtype (weights and state are cast to it as well); else the
+    weights' own, which the input must already have (no silent cast, as torch raises too)."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), (None if hx is None else tuple(t.to(dtype) for t in hx))
+    if x.dtype != weight_dtype:
+        _fail(f"input dtype {x.dtype} must match the weights' dtype {weight_dtype} (cast the "
+              "input, or the module with .to(dtype), or run under torch.autocast)")
+    return x, hx
+
+
+def _cast(tensors, dtype):
+    """``tensors`` in ``dtype`` (a differentiable cast where it changes anything), None kept."""
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]

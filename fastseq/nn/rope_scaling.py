@@ -48,6 +48,12 @@ class RopeScaling:
             raise ValueError(f"RopeScaling.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind != "linear" and self.original_max_position_embeddings is None:
             raise ValueError(f"RopeScaling(kind={self.kind!r}) needs original_max_position_embeddings")
+        if not math.isfinite(self.factor) or self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be a finite number > 0, got {self.factor!r}")
+        original = self.original_max_position_embeddings
+        if original is not None and (not isinstance(original, int) or original < 1):
+            raise ValueError(f"RopeScaling.original_max_position_embeddings must be a positive int, "
+                             f"got {original!r}")
 
     @classmethod
     def from_dict(cls, config: dict) -> RopeScaling:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,20 +19,31 @@ class RotaryEmbedding(nn.Module):
         base: RoPE base (theta).
         interleaved: GPT-J pairs ``(2j, 2j+1)`` instead of NeoX halves.
         scaling: a :class:`RopeScaling`, or a transformers-style ``rope_scaling`` dict.
+        max_cached_positions: the most positions the cached tables may cover. A call reaching
+            past them gets the angles of its own positions only, computed for that call, so no
+            position id makes the module allocate more than ``B * N`` angles.
 
-    The tables are float32 ``(S, dim/2)``, cached per device and grown (to the next power of two)
-    when a longer sequence arrives. Dynamic NTK scaling follows transformers: the frequencies are
-    those of the longest sequence seen, until a sequence within the original context brings back
-    the original frequencies; the tables are rebuilt when that length changes.
+    The tables are float32 ``(S, dim/2)``, cached per device and grown (to the next power of two,
+    up to ``max_cached_positions``) when a longer sequence arrives. Dynamic NTK scaling follows
+    transformers: the frequencies are those of the longest sequence seen, until a sequence within
+    the original context brings back the original frequencies; the tables are rebuilt when that
+    length changes.
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling=None):
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling=None,
+                 max_cached_positions: int = 1 << 16):
         super().__init__()
-        if dim <= 0 or dim % 2:
-            raise ValueError(f"RotaryEmbedding: dim must be a positive even number, got {dim}")
+        if not isinstance(dim, int) or dim <= 0 or dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim must be a positive even int, got {dim!r}")
+        if not math.isfinite(base) or base <= 1:
+            raise ValueError(f"RotaryEmbedding: base must be a finite number > 1, got {base!r}")
+        if not isinstance(max_cached_positions, int) or max_cached_positions < 1:
+            raise ValueError(f"RotaryEmbedding: max_cached_positions must be a positive int, got "
+                             f"{max_cached_positions!r}")
         if isinstance(scaling, dict):
             scaling = RopeScaling.from_dict(scaling)
         self.dim, self.base, self.interleaved, self.scaling = dim, float(base), interleaved, scaling
+        self.max_cached_positions = max_cached_positions
         self._tables: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._dynamic_length = scaling.original_max_position_embeddings if self._dynamic else None
 
@@ -54,13 +67,18 @@ class RotaryEmbedding(nn.Module):
         return (angles.cos() * scale).to(device), (angles.sin() * scale).to(device)
 
     def cos_sin(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables covering positions ``0 .. seq_len - 1``: ``(cos, sin)``, each ``(>= seq_len, dim/2)``."""
+        """Tables covering positions ``0 .. seq_len - 1``: ``(cos, sin)``, each ``(>= seq_len, dim/2)``.
+
+        ``seq_len`` may not exceed ``max_cached_positions``."""
+        if seq_len > self.max_cached_positions:
+            raise ValueError(f"RotaryEmbedding: tables of {seq_len} positions exceed "
+                             f"max_cached_positions={self.max_cached_positions}")
         device = torch.device(device or "cpu")
         if self._dynamic:
             return self._dynamic_cos_sin(seq_len, device)
         cached = self._tables.get(device)
         if cached is None or cached[0] < seq_len:
-            length = 1 << max(seq_len - 1, 0).bit_length()
+            length = min(1 << max(seq_len - 1, 0).bit_length(), self.max_cached_positions)
             cos, sin = self._build(length, length, device)
             self._tables[device] = cached = (length, cos, sin)
         return cached[1], cached[2]
@@ -76,7 +94,7 @@ class RotaryEmbedding(nn.Module):
         length = self._dynamic_length
         cached = self._tables.get(device)
         if cached is None or cached[0] != length:
-            cos, sin = self._build(length, length, device)
+            cos, sin = self._build(min(length, self.max_cached_positions), length, device)
             self._tables[device] = cached = (length, cos, sin)
         return cached[1], cached[2]
 
@@ -87,11 +105,34 @@ class RotaryEmbedding(nn.Module):
         Returns ``(q_out, k_out)``; see :func:`fastseq.apply_rotary`.
         """
         seqlen = q.shape[1] if layout == "bnhd" else q.shape[2]
-        cos, sin = self.cos_sin(_max_position(positions, seqlen) + 1, q.device)
+        length = _max_position(positions, seqlen) + 1
+        if length > self.max_cached_positions:
+            cos, sin = self._angles_at(positions, q.shape[0], seqlen, length, q.device)
+            positions = None
+        else:
+            cos, sin = self.cos_sin(length, q.device)
         return apply_rotary(
             q, k, cos, sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
             layout=layout,
         )
+
+
+    def _angles_at(self, positions, batch: int, seqlen: int, length: int, device):
+        """``(cos, sin)``, each ``(B, N, dim/2)``: the angles of the call's own positions, for a
+        call that reaches past the cached tables (nothing is cached)."""
+        if self._dynamic:
+            self._dynamic_length = max(self._dynamic_length, length)
+            length = self._dynamic_length
+        steps = torch.arange(seqlen, device=device)
+        if positions is None or isinstance(positions, int):
+            tokens = ((positions or 0) + steps).expand(batch, seqlen)
+        elif positions.dim() == 1:
+            tokens = positions.to(torch.int64)[:, None] + steps
+        else:
+            tokens = positions.to(torch.int64).expand(batch, seqlen)
+        inv_freq, scale = self.inverse_frequencies(length)
+        angles = tokens.to(torch.float32)[..., None] * inv_freq.to(device)
+        return angles.cos() * scale, angles.sin() * scale
 
 
 def _max_position(positions, seqlen: int) -> int:

@@ -216,20 +216,24 @@ def _check_positions(positions, batch, seqlen, table_len, device):
     if positions.dim() == 1:
         if positions.shape[0] != batch:
             _fail(f"per-batch positions must have shape ({batch},), got {tuple(positions.shape)}")
-        low, high = positions, positions.long() + seqlen - 1  # int64: no int32 wrap-around
+        # The last token of row b sits at positions[b] + seqlen - 1: bound positions[b] itself,
+        # so that no addition on a user's value can wrap around.
+        highest = table_len - seqlen
     elif positions.dim() == 2:
         if positions.shape[1] != seqlen or positions.shape[0] not in (1, batch):
             _fail(f"position ids must have shape ({batch}, {seqlen}), got {tuple(positions.shape)}")
         positions = positions.expand(batch, seqlen)
-        low, high = positions, positions
+        highest = table_len - 1
     else:
         _fail(f"positions must be 1-D (per-batch offsets) or 2-D (ids), got {positions.dim()}-D")
     if seqlen > 0 and batch > 0 and not torch.compiler.is_compiling():
         # A data-dependent check (one device sync); an out-of-range position would read garbage.
-        if out_of_range(low, high, 0, table_len - 1):
+        if out_of_range(positions, positions, 0, highest):
+            what = "per-batch offsets" if positions.dim() == 1 else "position ids"
             _fail(
-                f"positions span {int(low.min())}..{int(high.max())}, past the cos/sin table of "
-                f"{table_len} positions"
+                f"{what} span {int(positions.min())}..{int(positions.max())}, past the cos/sin "
+                f"table of {table_len} positions for {seqlen} tokens (they must lie in "
+                f"[0, {highest}])"
             )
     return positions, 0
 
@@ -306,6 +310,10 @@ def apply_rotary(
         ``k`` is). Math is float32. Differentiable in q and k.
     """
     _check_tensors(q, k, cos, sin)
+    if (inplace and k is not None and not torch.compiler.is_compiling() and q.numel() and k.numel()
+            and q.data_ptr() == k.data_ptr()):
+        _fail("inplace=True with q and k starting at the same memory would rotate it twice; "
+              "pass k=None")
     if layout not in LAYOUTS:
         _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
     to_bnhd = (lambda t: t) if layout == "bnhd" else (lambda t: t if t is None else t.transpose(1, 2))

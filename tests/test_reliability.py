@@ -1,0 +1,159 @@
+"""Inputs that once gave a wrong answer, or an unbounded allocation, without an error.
+
+One test per instance: range checks that an addition on a caller's value could wrap, silent dtype
+casts, aliased in-place arguments, parameters that make NaN, and caches a position id can grow.
+"""
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.nn import RopeScaling
+from fastseq.reference import rotary as ref
+
+INT64_MAX = 2**63 - 1
+
+
+def _tables(length=4, pairs=4):
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), torch.rand(pairs))
+    return angles.cos(), angles.sin()
+
+
+# --------------------------------------------------------------------------------------------
+# Range checks that cannot overflow
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [INT64_MAX, INT64_MAX - 1, 2**62, 3])
+def test_rotary_per_batch_offset_near_int64_max_is_refused(offset):
+    cos, sin = _tables()
+    with pytest.raises(ValueError, match="per-batch offsets span"):
+        fastseq.apply_rotary(torch.randn(1, 2, 1, 8), None, cos, sin, positions=torch.tensor([offset]))
+
+
+def test_rotary_position_ids_near_int64_max_are_refused():
+    cos, sin = _tables()
+    with pytest.raises(ValueError, match="position ids span"):
+        fastseq.apply_rotary(torch.randn(1, 2, 1, 8), None, cos, sin,
+                             positions=torch.tensor([[0, INT64_MAX]]))
+
+
+@pytest.mark.parametrize("positions,offset", [([INT64_MAX], 0), ([1], INT64_MAX), ([-1], 0)])
+def test_cpu_kernel_range_check_cannot_wrap(positions, offset):
+    """The C++ op checks positions held on the CPU itself, with its bounds on the constant side."""
+    cos, sin = _tables()
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="past the cos/sin table"):
+        torch.ops.fastseq.rotary_kernel(torch.empty_like(q), q[:, :, :0], q, q[:, :, :0], cos[None],
+                                        sin[None], torch.tensor(positions), offset, 8, False, False)
+
+
+def test_cpu_kernel_offset_check_cannot_wrap():
+    cos, sin = _tables()
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="past the cos/sin table"):
+        torch.ops.fastseq.rotary_kernel(torch.empty_like(q), q[:, :, :0], q, q[:, :, :0], cos[None],
+                                        sin[None], None, INT64_MAX, 8, False, False)
+
+
+# --------------------------------------------------------------------------------------------
+# No silent dtype conversion
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bfloat16, torch.float64])
+def test_lstm_refuses_input_of_another_dtype_than_its_weights(dtype):
+    lstm = fastseq.nn.LSTM(6, 8)
+    with pytest.raises(ValueError, match="must match the weights' dtype"):
+        lstm(torch.ones(5, 3, 6, dtype=dtype))
+
+
+def test_lstm_cell_refuses_input_of_another_dtype_than_its_weights():
+    with pytest.raises(ValueError, match="must match the weights' dtype"):
+        fastseq.nn.LSTMCell(6, 8)(torch.ones(3, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("module", ["LSTM", "LayerNormLSTM"])
+def test_lstm_follows_cpu_autocast_as_torch_does(module):
+    torch.manual_seed(0)
+    ours = getattr(fastseq.nn, module)(6, 8)
+    x = torch.randn(5, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, (h, c) = ours(x)
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    y32, _ = ours(x)
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
+    if module == "LSTM":  # what torch.nn.LSTM does under the same autocast
+        theirs = torch.nn.LSTM(6, 8)
+        theirs.load_state_dict(ours.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert theirs(x)[0].dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# Aliasing, and parameters that make NaN
+# --------------------------------------------------------------------------------------------
+
+
+def test_rotary_in_place_with_k_aliasing_q_is_refused():
+    cos, sin = _tables()
+    q = torch.randn(1, 2, 1, 8)
+    before = q.clone()
+    with pytest.raises(ValueError, match="rotate it twice"):
+        fastseq.apply_rotary(q, q, cos, sin, inplace=True)
+    assert torch.equal(q, before)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(base=0), "base"), (dict(base=float("nan")), "base"), (dict(base=1.0), "base"),
+    (dict(scaling={"rope_type": "linear", "factor": 0.0}), "factor"),
+    (dict(scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 0}),
+     "original_max_position_embeddings"),
+    (dict(max_cached_positions=0), "max_cached_positions"),
+])
+def test_rotary_embedding_refuses_parameters_that_make_nan(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastseq.nn.RotaryEmbedding(8, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((30, 4), {}, "multiple of num_heads"), ((32, 0), {}, "num_heads"),
+    ((32, 4), {"head_dim": 0}, "head_dim"), ((32, 4, 3), {}, "multiple of"),
+])
+def test_attention_module_refuses_a_head_split_that_drops_features(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastseq.nn.Attention(*args, **kwargs)
+
+
+def test_attention_module_takes_an_explicit_head_dim():
+    assert fastseq.nn.Attention(30, 4, head_dim=8).q_proj.out_features == 32
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded allocation
+# --------------------------------------------------------------------------------------------
+
+
+DYNAMIC = RopeScaling("dynamic", factor=2.0, original_max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("scaling", [None, DYNAMIC], ids=["plain", "dynamic"])
+def test_rotary_embedding_far_positions_are_computed_not_cached(scaling):
+    rope = fastseq.nn.RotaryEmbedding(8, scaling=scaling, max_cached_positions=64)
+    q = torch.randn(2, 3, 2, 8)
+    far = torch.tensor([[5, 2**40, 7], [2**22, 0, 1]])
+    q_out, _ = rope(q, positions=far)
+    for _, cos, _ in rope._tables.values():
+        assert cos.shape[0] <= 64
+    inv_freq, _ = rope.inverse_frequencies(2**40 + 1)
+    angles = far.float()[..., None] * inv_freq
+    want, _ = ref.apply_rotary(q, None, angles.cos(), angles.sin())
+    torch.testing.assert_close(q_out, want)
+    with pytest.raises(ValueError, match="max_cached_positions"):
+        rope.cos_sin(65)
+
+
+def test_rotary_embedding_cache_stops_at_its_limit():
+    rope = fastseq.nn.RotaryEmbedding(8, max_cached_positions=100)
+    cos, _ = rope.cos_sin(70)  # the next power of two would be 128
+    assert cos.shape[0] == 100
