@@ -6,7 +6,7 @@ programs on axis 0 alone (up to 2^31 - 1) and split the id here, blocks varying 
 order in which programs start is the same as on a ``(blocks, batch heads)`` grid.
 
 ``cdiv`` and ``next_power_of_2`` are plain-Python twins of Triton's, for launchers: Triton's
-are ConstexprFunctions, about 1.4 us a call from Python, and a launch makes several.
+are ConstexprFunctions, slow to call from Python, and a launch makes several.
 """
 
 import triton

@@ -20,29 +20,43 @@ POS_OFFSET, POS_PER_BATCH, POS_IDS = 0, 1, 2
 
 
 @triton.jit
-def _rotate_head(X, O, sxn, sxd, son, sod, n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2,
-                 COPY_TAIL: tl.constexpr):
-    """Rotate one head of a block of tokens: X/O point at (batch, head) of input and output."""
-    x_tok = X + n64[:, None] * sxn
-    o_tok = O + n64[:, None] * son
-    x1 = tl.load(x_tok + col1[None, :] * sxd, mask=mask, other=0.0)
-    x2 = tl.load(x_tok + col2[None, :] * sxd, mask=mask, other=0.0)
+def _rotate_head(
+    x_ptr, out_ptr,
+    # strides
+    stride_x_token, stride_x_dim, stride_out_token, stride_out_dim,
+    # the block: tokens, pair columns, tail columns, masks and the pairs' angles
+    n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2,
+    # meta-parameters
+    COPY_TAIL: tl.constexpr,
+):
+    """Rotate one head of a block of tokens: the pointers are at (batch, head) of input and output."""
+    x_tok = x_ptr + n64[:, None] * stride_x_token
+    o_tok = out_ptr + n64[:, None] * stride_out_token
+    x1 = tl.load(x_tok + col1[None, :] * stride_x_dim, mask=mask, other=0.0)
+    x2 = tl.load(x_tok + col2[None, :] * stride_x_dim, mask=mask, other=0.0)
     o1 = c1 * x1.to(tl.float32) - s1 * x2.to(tl.float32)
     o2 = c2 * x2.to(tl.float32) + s2 * x1.to(tl.float32)
-    tl.store(o_tok + col1[None, :] * sod, o1.to(x1.dtype), mask=mask)
-    tl.store(o_tok + col2[None, :] * sod, o2.to(x1.dtype), mask=mask)
+    tl.store(o_tok + col1[None, :] * stride_out_dim, o1.to(x1.dtype), mask=mask)
+    tl.store(o_tok + col2[None, :] * stride_out_dim, o2.to(x1.dtype), mask=mask)
     if COPY_TAIL:
-        rest = tl.load(x_tok + t[None, :] * sxd, mask=t_mask, other=0.0)
-        tl.store(o_tok + t[None, :] * sod, rest, mask=t_mask)
+        rest = tl.load(x_tok + t[None, :] * stride_x_dim, mask=t_mask, other=0.0)
+        tl.store(o_tok + t[None, :] * stride_out_dim, rest, mask=t_mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, QO, KO, COS, SIN, POS,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
     seqlen, heads_q, heads_total, offset,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd,
-    soqb, soqn, soqh, soqd, sokb, sokn, sokh, sokd,
-    scb, scs, scw, ssb, sss, ssw, spb, spn,
+    # strides: (batch, token, head, dim) of q, k and their outputs
+    stride_q_batch, stride_q_token, stride_q_head, stride_q_dim,
+    stride_k_batch, stride_k_token, stride_k_head, stride_k_dim,
+    stride_qo_batch, stride_qo_token, stride_qo_head, stride_qo_dim,
+    stride_ko_batch, stride_ko_token, stride_ko_head, stride_ko_dim,
+    # strides: (batch, position, column) of the tables, (batch, token) of the positions
+    stride_cos_batch, stride_cos_pos, stride_cos_col,
+    stride_sin_batch, stride_sin_pos, stride_sin_col,
+    stride_pos_batch, stride_pos_token,
+    # meta-parameters
     HALF: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, TAIL: tl.constexpr,
     POS_MODE: tl.constexpr, FULL_TABLE: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -58,9 +72,10 @@ def _rotary_kernel(
     if POS_MODE == 0:
         pos = offset + n64
     elif POS_MODE == 1:
-        pos = offset + tl.load(POS + b * spb).to(tl.int64) + n64
+        pos = offset + tl.load(pos_ptr + b * stride_pos_batch).to(tl.int64) + n64
     else:
-        pos = tl.load(POS + b * spb + n64 * spn, mask=n_mask, other=0).to(tl.int64)
+        pos = tl.load(pos_ptr + b * stride_pos_batch + n64 * stride_pos_token, mask=n_mask,
+                      other=0).to(tl.int64)
 
     j = tl.arange(0, BLOCK_R)
     j_mask = j < HALF
@@ -73,16 +88,16 @@ def _rotary_kernel(
     mask = n_mask[:, None] & j_mask[None, :]
 
     # Angles of every (token, pair), loaded once for all heads of this program.
-    cos_row = COS + b * scb + pos[:, None] * scs
-    sin_row = SIN + b * ssb + pos[:, None] * sss
+    cos_row = cos_ptr + b * stride_cos_batch + pos[:, None] * stride_cos_pos
+    sin_row = sin_ptr + b * stride_sin_batch + pos[:, None] * stride_sin_pos
     if FULL_TABLE:
-        c1 = tl.load(cos_row + col1[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_row + col2[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_row + col1[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_row + col2[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_row + col1[None, :] * stride_cos_col, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + col2[None, :] * stride_cos_col, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + col1[None, :] * stride_sin_col, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + col2[None, :] * stride_sin_col, mask=mask, other=0.0).to(tl.float32)
     else:
-        c1 = tl.load(cos_row + j[None, :] * scw, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_row + j[None, :] * ssw, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_row + j[None, :] * stride_cos_col, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + j[None, :] * stride_sin_col, mask=mask, other=0.0).to(tl.float32)
         c2 = c1
         s2 = s1
     if CONJUGATE:
@@ -94,11 +109,15 @@ def _rotary_kernel(
     for i in range(HEADS_PER_PROG):
         h = first_head + i
         if h < heads_q:
-            _rotate_head(Q + b * sqb + h * sqh, QO + b * soqb + h * soqh, sqn, sqd, soqn, soqd,
+            _rotate_head(q_ptr + b * stride_q_batch + h * stride_q_head,
+                         q_out_ptr + b * stride_qo_batch + h * stride_qo_head,
+                         stride_q_token, stride_q_dim, stride_qo_token, stride_qo_dim,
                          n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2, COPY_TAIL)
         elif h < heads_total:
             kh = h - heads_q
-            _rotate_head(K + b * skb + kh * skh, KO + b * sokb + kh * sokh, skn, skd, sokn, sokd,
+            _rotate_head(k_ptr + b * stride_k_batch + kh * stride_k_head,
+                         k_out_ptr + b * stride_ko_batch + kh * stride_ko_head,
+                         stride_k_token, stride_k_dim, stride_ko_token, stride_ko_dim,
                          n64, col1, col2, t, mask, t_mask, c1, c2, s1, s2, COPY_TAIL)
 
 
@@ -135,19 +154,20 @@ def rotary(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim, interlea
     tail = dim - rotary_dim
     block_n, block_r, heads_per_prog = _launch_shape(batch, seqlen, heads_total, half)
     if positions is None:
-        mode, pos, spb, spn = POS_OFFSET, cos, 0, 0  # POS is never read in this mode
+        mode, pos, stride_pos = POS_OFFSET, cos, (0, 0)  # pos_ptr is never read in this mode
     elif positions.dim() == 1:
-        mode, pos, spb, spn = POS_PER_BATCH, positions, positions.stride(0), 0
+        mode, pos, stride_pos = POS_PER_BATCH, positions, (positions.stride(0), 0)
     else:
-        mode, pos, spb, spn = POS_IDS, positions, positions.stride(0), positions.stride(1)
-    scb = cos.stride(0) if cos.shape[0] > 1 else 0
-    ssb = sin.stride(0) if sin.shape[0] > 1 else 0
+        mode, pos, stride_pos = POS_IDS, positions, positions.stride()
+    # A table shared by every batch row is read at row 0.
+    stride_cos = (cos.stride(0) if cos.shape[0] > 1 else 0, *cos.stride()[1:])
+    stride_sin = (sin.stride(0) if sin.shape[0] > 1 else 0, *sin.stride()[1:])
     grid = flat_grid(cdiv(seqlen, block_n), batch, cdiv(heads_total, heads_per_prog))
     _rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin, pos,
         seqlen, heads_q, heads_total, offset,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        scb, cos.stride(1), cos.stride(2), ssb, sin.stride(1), sin.stride(2), spb, spn,
+        *stride_cos, *stride_sin, *stride_pos,
         HALF=half, HEADS_PER_PROG=heads_per_prog,
         BLOCK_N=block_n, BLOCK_R=block_r,
         BLOCK_T=next_power_of_2(max(tail, 1)), TAIL=tail,

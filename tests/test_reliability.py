@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastseq
+from fastseq import _extension
 from fastseq.nn import RopeScaling
 from fastseq.reference import rotary as ref
 
@@ -43,6 +44,7 @@ def test_cpu_kernel_range_check_cannot_wrap(positions, offset):
     """The C++ op checks positions held on the CPU itself, with its bounds on the constant side."""
     cos, sin = _tables()
     q = torch.randn(1, 2, 1, 8)
+    _extension.load()
     with pytest.raises(RuntimeError, match="past the cos/sin table"):
         torch.ops.fastseq.rotary_kernel(torch.empty_like(q), q[:, :, :0], q, q[:, :, :0], cos[None],
                                         sin[None], torch.tensor(positions), offset, 8, False, False)
@@ -51,6 +53,7 @@ def test_cpu_kernel_range_check_cannot_wrap(positions, offset):
 def test_cpu_kernel_offset_check_cannot_wrap():
     cos, sin = _tables()
     q = torch.randn(1, 2, 1, 8)
+    _extension.load()
     with pytest.raises(RuntimeError, match="past the cos/sin table"):
         torch.ops.fastseq.rotary_kernel(torch.empty_like(q), q[:, :, :0], q, q[:, :, :0], cos[None],
                                         sin[None], None, INT64_MAX, 8, False, False)
@@ -157,3 +160,31 @@ def test_rotary_embedding_cache_stops_at_its_limit():
     rope = fastseq.nn.RotaryEmbedding(8, max_cached_positions=100)
     cos, _ = rope.cos_sin(70)  # the next power of two would be 128
     assert cos.shape[0] == 100
+
+
+# --------------------------------------------------------------------------------------------
+# Errors a user can act on
+# --------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_append_without_cache_lengths_says_so():
+    cache = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="fastseq kv_cache_append: cache_lengths is required"):
+        fastseq.kv_cache_append(cache, cache.clone(), torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4),
+                                None)
+
+
+def test_key_lengths_as_a_list_are_taken_as_a_tensor():
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    want = fastseq.attention(q, k, v, key_lengths=torch.tensor([5, 2]))
+    torch.testing.assert_close(fastseq.attention(q, k, v, key_lengths=[5, 2]), want)
+
+
+def test_cross_attention_errors_name_cross_attention():
+    from fastseq.ops.cross_attention import cross_attention, feature_map_heads
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="fastseq cross_attention: context_lengths must lie"):
+        cross_attention(q, k, k, context_lengths=torch.tensor([9]))
+    with pytest.raises(ValueError, match="fastseq cross_attention: heads must be a positive int"):
+        feature_map_heads(torch.randn(1, 4, 2, 2), 0)

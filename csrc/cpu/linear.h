@@ -3,14 +3,13 @@
 // through ATen.
 //
 // ATen's fp32 `mm` goes to MKL, which on AMD CPUs runs its AVX2 code: about half of what the
-// AVX-512 units give (measured on a Zen 5 EPYC: 200 GFLOP/s for mm, 450 through oneDNN on the
-// same product). torch carries oneDNN and exposes its matmul as the op
+// AVX-512 units give. torch carries oneDNN and exposes its matmul as the op
 // `mkldnn::_linear_pointwise`, the one inductor's CPU fusions call; it takes strided operands,
 // so transposed views cost no copy. Where the op is missing (a torch built without oneDNN) or
 // oneDNN is switched off (`torch.backends.mkldnn.enabled = False`), ATen's GEMM does the work.
-// A oneDNN call costs about 11 us before any arithmetic (finding its primitive), an ATen call
-// about 1, and both run small products slowly (same machine: 8 x 128 by 128 x 512, 17 and
-// 11 us); the unpacked kernels run those with neither cost, up to kSmallUpTo multiply-adds.
+// A oneDNN call has a fixed cost before any arithmetic (finding its primitive), and both run small
+// products slowly; the unpacked kernels run those with neither cost, up to kSmallUpTo
+// multiply-adds.
 #pragma once
 
 #include <optional>
@@ -44,8 +43,7 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
 
 // Depth up to which a product in the broadcast form (W^T's rows contiguous) goes to the unpacked
 // kernels too: an outer product of a few rows (weight gradients of one decoding step) is bound by
-// writing C, which that form writes once (B1 T1 I512 H512 fwd+bwd, interleaved in one process:
-// 0.40 against 0.45 ms with oneDNN taking them in two runs of three, the third the other way).
+// writing C, which that form writes once.
 constexpr int64_t kOuterUpTo = 4;
 
 // Whether a product in the broadcast form goes to the unpacked kernels: the callers that choose

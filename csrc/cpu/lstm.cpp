@@ -481,9 +481,8 @@ Tensor pack_column_panels_bf16(const Tensor& w_hh, int64_t K, int64_t N) {
 // Whether the recurrent GEMMs run on packed W_hh: float32 on AVX2 and bfloat16 on AVX-512 BF16
 // (ATen GEMMs otherwise). Packing reads and writes W_hh once more, which pays back from a few
 // rows of work on: a single row and step (LSTMCell at batch 1) is a matrix-vector product that
-// streams W_hh once either way, and took 0.6-0.7 times as long unpacked (float32, B = 1, T = 1,
-// H = 256 and 512), whereas B = 1, T = 4 or B = 8, T = 1 ran faster packed. bfloat16 takes the
-// same threshold, not measured separately.
+// streams W_hh once either way, so packing it is pure cost; from a few rows and steps on, the
+// packed kernel wins. bfloat16 takes the same threshold.
 template <typename scalar_t>
 bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
@@ -827,7 +826,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 // rows), which times d pre gives [grad_w_ih | grad_w_hh]; its rows run along (t, b), as d pre's
 // columns do, the layout oneDNN's matmul takes without a reorder (backward_impl picks the
 // product). No ones row for grad_bias: an odd row count costs the GEMM more than a column sum of
-// d pre takes (3.7 against 3.4 + 0.2 ms at T B = 2048, 4H = 1024, I + P = 384). h_prev is the
+// d pre takes. h_prev is the
 // previous processed step's y, or h0 at each sequence's first processed step; on padding rows
 // (d pre = 0) any finite value does. `by_rows` gives it untransposed instead, (T B, I + P): the
 // small products' layout (cpu::linear's broadcast form reads a column block of it in place).
@@ -1081,9 +1080,7 @@ Grads backward_impl(const Sizes& s, const BackwardInputs& in, const int64_t* len
   // oneDNN, which reads both operands of its transpose, operand dpre, without a reorder, but that
   // result must then be transposed by copying, 4H (I + P) elements. In the result's own layout
   // the copy is of d pre instead, transposed once (4H T B elements), and each gradient is then its
-  // own product with a row block of operand, no copy after: that costs less while T B < I + P
-  // (float32, oneDNN; H = 256, I + P = 384: 0.54 against 0.59 ms at T B = 256, even at 384, 0.90x
-  // at 768; H = 512, I + P = 1024: even at 1024).
+  // own product with a row block of operand, no copy after: that costs less while T B < I + P.
   const bool small = cpu::small_broadcast_product(4 * s.H, std::max(s.I, s.P), s.T * s.B);
   const Tensor operand =
       weight_grad_operand<scalar_t>(s, in.x, in.y, in.h0, lengths, reverse, small);

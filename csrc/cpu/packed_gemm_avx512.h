@@ -38,9 +38,8 @@ struct Panels {
 };
 
 // Rows of k per pass over the panels: np panels of this many rows make 256 KiB, which stays in L2
-// for the row tiles after the first. Deeper passes write C less often: against 32 KiB blocks kept
-// in L1 (128 rows of four panels), they took one H1024 step's GEMM at batch 16 from 320-330 to
-// 268 us on two cores, 500 GFLOP/s (and never lost, batch 1 to 128, k 256 to 2048).
+// for the row tiles after the first. Deeper passes write C less often than 32 KiB blocks kept in
+// L1 would (128 rows of four panels), which is worth more than L1's latency here.
 constexpr int64_t depth_for(int np) {
   return 4096 / np;
 }

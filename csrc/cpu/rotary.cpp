@@ -89,7 +89,7 @@ class CoeffTile {
 
 // Loads and stores 2 * Vectorized<acc_t>::size() elements of scalar_t as two acc_t vectors.
 // Half/bfloat16 convert through a small buffer in plain loops, which the compiler vectorizes; on a
-// baseline build this measured faster than at::vec's generic load_to_float / convert_from_float.
+// baseline build this is faster than at::vec's generic load_to_float / convert_from_float.
 template <typename scalar_t, typename acc_t>
 struct VecIO {
   using Vec = Vectorized<acc_t>;

@@ -2,10 +2,10 @@
 // C (M x N) = A W^T (+ bias) (+ C) with the operands read where they lie.
 //
 // An LSTMCell step or one decoding step multiplies a few rows by the weights (8 x 128 by
-// 128 x 512: half a million multiply-adds). ATen's GEMM (MKL, which runs its AVX2 code on AMD
-// CPUs) took 11-15 us for it, oneDNN 17 (its fixed cost). Here a product of that size takes a few
-// microseconds: no packing and no call overhead, at the cost of reading W from wherever it is,
-// which at these sizes is L2.
+// 128 x 512: half a million multiply-adds), where a library call's fixed cost (oneDNN's primitive
+// lookup; MKL, which runs its AVX2 code on AMD CPUs) outweighs the arithmetic. Here there is no
+// packing and no call overhead, at the cost of reading W from wherever it is, which at these
+// sizes is L2.
 //
 // Two forms, by which operand runs along n in memory:
 // * broadcast (W(n, k) at w[n + k ldw], unit stride along n: W^T's rows are contiguous, as for

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import torch
 
 from fastseq import _backend
-from fastseq.ops.checks import out_of_range
+from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range, warn_once
 from fastseq.ops.rotary import no_heads  # (importing it registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -168,7 +166,7 @@ def _repeat_heads(t, heads):
     return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _last_dim_dense(t):
+def last_dim_dense(t):
     """``t`` with unit stride in its last dimension, which torch's CPU kernels assume."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -187,7 +185,7 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
         return (q.new_zeros(q.shape[:-1] + v.shape[-1:]),
                 q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32))
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
-    q, k, v = (_last_dim_dense(t) for t in (q, k, v))
+    q, k, v = (last_dim_dense(t) for t in (q, k, v))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads = q.shape[1]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -205,7 +203,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
     if not q.numel() or not k.shape[2]:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
-    q, k, v, out, grad_out = (_last_dim_dense(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (last_dim_dense(t) for t in (q, k, v, out, grad_out))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads, kv_heads = q.shape[1], k.shape[1]
     lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype, torch.float32))
@@ -333,27 +331,28 @@ attention_op.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------------------------------------
 
 
-def _fail(message):
-    raise ValueError(f"fastseq attention: {message}")
+_fail = functools.partial(fail, "attention")
 
 
-def _check_qkv(q, k, v):
+def check_qkv(q, k, v, op: str = "attention"):
+    """q ``(B, Hq, Lq, D)``, k and v ``(B, Hk, Lk, D)`` of one floating dtype and device, with
+    ``Hq`` a multiple of ``Hk``; errors name ``op``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            _fail(f"{name} must be a 4-D tensor (B, H, L, D), got {shape}")
+            fail(op, f"{name} must be a 4-D tensor (B, H, L, D), got {shape}")
         if t.dtype != q.dtype:
-            _fail(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+            fail(op, f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
         if t.device != q.device:
-            _fail(f"{name} is on {t.device} but q is on {q.device}")
+            fail(op, f"{name} is on {t.device} but q is on {q.device}")
     if not q.is_floating_point():
-        _fail(f"q must be floating point, got {q.dtype}")
+        fail(op, f"q must be floating point, got {q.dtype}")
     if k.shape[:3] != v.shape[:3]:
-        _fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads and length")
+        fail(op, f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads and length")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        _fail(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+        fail(op, f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        _fail(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) (GQA)")
+        fail(op, f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) (GQA)")
 
 
 def _canonical_mask(attn_mask, q, k):
@@ -370,23 +369,27 @@ def _canonical_mask(attn_mask, q, k):
         _fail(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = {full}")
 
 
-def _check_key_lengths(key_lengths, q, k):
-    if key_lengths is None:
+def check_key_lengths(lengths, q, k, op: str = "attention", name: str = "key_lengths"):
+    """``lengths`` (``None``, or ``(B,)`` int32/int64 on q's device, each in ``[0, Lk]``), as a
+    tensor; a list or tuple of ints is taken as torch takes one. Errors name ``op`` and ``name``."""
+    if lengths is None:
         return None
-    if key_lengths.dtype not in (torch.int32, torch.int64) or key_lengths.shape != (q.shape[0],):
-        _fail(f"key_lengths must be an int tensor of shape ({q.shape[0]},), got "
-              f"{key_lengths.dtype} {tuple(key_lengths.shape)}")
-    if key_lengths.device != q.device:
-        _fail(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
-    if not torch.compiler.is_compiling() and key_lengths.numel():
-        if out_of_range(key_lengths, key_lengths, 0, k.shape[2]):
-            _fail(f"key_lengths must lie in [0, Lk={k.shape[2]}], got {key_lengths.tolist()}")
-    return key_lengths
+    if isinstance(lengths, (list, tuple)):
+        lengths = torch.tensor(lengths, device=q.device)
+    if not isinstance(lengths, torch.Tensor):
+        fail(op, f"{name} must be a (B,) int tensor or a list of ints, got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (q.shape[0],):
+        fail(op, f"{name} must be an int tensor of shape ({q.shape[0]},), got "
+                 f"{lengths.dtype} {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        fail(op, f"{name} is on {lengths.device} but q is on {q.device}")
+    if not torch.compiler.is_compiling() and lengths.numel():
+        if out_of_range(lengths, lengths, 0, k.shape[2]):
+            fail(op, f"{name} must lie in [0, Lk={k.shape[2]}], got {lengths.tolist()}")
+    return lengths
 
 
-@functools.cache
-def _warn_once(reason):
-    warnings.warn(f"fastseq attention: {reason}; using the plain-PyTorch path", stacklevel=4)
+_warn_once = functools.partial(warn_once, "attention")
 
 
 def _check_rotary(cos, sin, q, k):
@@ -436,13 +439,13 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
         ``out`` ``(B, H, Lq, D)`` in q's dtype (rows that see no key are zeros), and ``lse`` when
         ``return_lse``. Differentiable in q, k, v.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if causal_alignment not in ALIGNMENTS:
         _fail(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
     if not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
     mask = _canonical_mask(attn_mask, q, k)
-    key_lengths = _check_key_lengths(key_lengths, q, k)
+    key_lengths = check_key_lengths(key_lengths, q, k)
     _check_rotary(cos, sin, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if dropout_p > 0 and seed is None:

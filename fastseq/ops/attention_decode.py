@@ -9,22 +9,19 @@ It is an inference op: with inputs that require grad, :func:`attention_decode` r
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import (
-    _check_key_lengths,
-    _check_qkv,
-    _fail,
-    _last_dim_dense,
-    attention,
-    attention_op,
-)
+from fastseq.ops.attention import attention, attention_op, check_key_lengths, check_qkv, last_dim_dense
+from fastseq.ops.checks import fail
 from fastseq.reference import attention as reference
 
 MAX_DECODE_ROWS = 16
+
+_fail = functools.partial(fail, "kv_cache_append")
 
 
 def _decode_unsupported(q) -> dict[str, str]:
@@ -67,7 +64,7 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
         return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     group = heads // kv_heads
     folded = q.reshape(batch, kv_heads, group * rows, dim).contiguous()
-    k_cache, v_cache = _last_dim_dense(k_cache), _last_dim_dense(v_cache)
+    k_cache, v_cache = last_dim_dense(k_cache), last_dim_dense(v_cache)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if rows == 1 and bool((cache_lengths == size).all()):
         out, lse = flash(folded, k_cache, v_cache, 0.0, False, scale=scale)  # sees every key
@@ -108,8 +105,8 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
         ``i`` sees keys ``n <= cache_lengths[b] - Lq + i``. Differentiable inputs take the general
         attention op (same result, with a backward).
     """
-    _check_qkv(q, k_cache, v_cache)
-    _check_key_lengths(cache_lengths, q, k_cache)
+    check_qkv(q, k_cache, v_cache, "attention_decode")
+    cache_lengths = check_key_lengths(cache_lengths, q, k_cache, "attention_decode", "cache_lengths")
     if cache_lengths is None:
         cache_lengths = torch.full((q.shape[0],), k_cache.shape[2], device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -137,7 +134,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
     batch, heads, new, dim = k.shape
     if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (batch, heads, dim):
         _fail(f"k {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    _check_key_lengths(cache_lengths, k, k_cache)
+    if cache_lengths is None:
+        _fail("cache_lengths is required: the number of positions already in each cache, (B,)")
+    cache_lengths = check_key_lengths(cache_lengths, k, k_cache, "kv_cache_append", "cache_lengths")
     if not torch.compiler.is_compiling() and batch:
         if int(cache_lengths.max()) + new > k_cache.shape[2]:
             _fail(f"appending {new} tokens overflows the cache of {k_cache.shape[2]} positions")

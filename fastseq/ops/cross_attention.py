@@ -9,14 +9,18 @@ general attention op.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import _check_key_lengths, _check_qkv, _fail, attention_backend, attention_op
+from fastseq.ops.attention import attention_backend, attention_op, check_key_lengths, check_qkv
+from fastseq.ops.checks import fail
 
 MAX_CONTEXT = 256
+
+_fail = functools.partial(fail, "cross_attention")
 
 
 def _unsupported(q, k) -> dict[str, str]:
@@ -142,7 +146,9 @@ def feature_map_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
     A view, never a copy: the kernels read it through its strides.
     """
-    if x.dim() != 4 or x.shape[1] % heads:
+    if not isinstance(heads, int) or heads < 1:
+        _fail(f"heads must be a positive int, got {heads!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] % heads:
         _fail(f"feature map must be (B, C, H, W) with C divisible by heads={heads}, got {tuple(x.shape)}")
     return x.flatten(2).unflatten(1, (heads, x.shape[1] // heads)).transpose(2, 3)
 
@@ -162,12 +168,12 @@ def cross_attention(q, k, v, *, context_lengths=None, residual=None, scale=None,
         ``out`` of q's shape and dtype (laid out like ``residual`` when given), and the LSE
         ``(B, H, Lq)`` float32 when ``return_lse``. Differentiable in q, k, v and residual.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v, "cross_attention")
     if k.shape[1] != q.shape[1]:
         _fail(f"q has {q.shape[1]} heads but the context has {k.shape[1]}")
     if k.shape[2] == 0:
         _fail("the context is empty (Lk = 0)")
-    _check_key_lengths(context_lengths, q, k)
+    context_lengths = check_key_lengths(context_lengths, q, k, "cross_attention", "context_lengths")
     if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype
                                  or residual.device != q.device):
         _fail(f"residual must match q {tuple(q.shape)} {q.dtype} on {q.device}, got "

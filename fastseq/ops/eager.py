@@ -3,15 +3,15 @@
 A ``torch.library.custom_op`` with ``register_autograd`` is what ``torch.compile``, ``torch.export``
 and ``opcheck`` see, and it is the op users find under ``torch.ops.fastseq``. In eager mode each
 call of it also passes through the dispatcher's Python layers (argument defaults, the generated
-autograd Function, the alias checks, then the same again for the gradient op): about 0.1 ms per
-forward and backward on the CPU, more than a whole ``LSTMCell`` training step of batch 8 and
-hidden 128 costs in ``torch.nn.LSTMCell``. :func:`autograd_function` builds a
-``torch.autograd.Function`` from the op's own body, ``setup_context`` and backward, and
-:func:`call` runs it on plain tensors in plain eager mode, and the registered op wherever
-anything else is at work: a graph being traced, dispatch modes (fake tensors, ``make_fx``),
-tensor subclasses. torch.func's differentiating and batching transforms (``grad``, ``vjp``,
-``jacrev``, ``jvp``, ``vmap``), which refuse the registered op's autograd, get a Function of their
-own (``for_transforms`` of :func:`autograd_function`, its gradient :func:`differentiable_once`).
+autograd Function, the alias checks, then the same again for the gradient op), which costs more than
+a whole small ``LSTMCell`` training step (benchmarks/results/cpu/dispatch.md).
+:func:`autograd_function` builds a ``torch.autograd.Function`` from the op's own body,
+``setup_context`` and backward, and :func:`call` runs it on plain tensors in plain eager mode, and
+the registered op wherever anything else is at work: a graph being traced, dispatch modes (fake
+tensors, ``make_fx``), tensor subclasses. torch.func's differentiating and batching transforms
+(``grad``, ``vjp``, ``jacrev``, ``jvp``, ``vmap``), which refuse the registered op's autograd, get a
+Function of their own (``for_transforms`` of :func:`autograd_function`, its gradient
+:func:`differentiable_once`).
 """
 
 from __future__ import annotations

@@ -25,10 +25,13 @@ in at least float32.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastseq import _backend, _extension
 from fastseq.ops import eager
+from fastseq.ops.checks import fail
 from fastseq.ops.lstm import cell_dtype, checked_lengths, contiguous_in, output_grads
 from fastseq.reference import lstm as reference
 
@@ -55,8 +58,7 @@ def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
     return _backend.choose("layer_norm_lstm", device, reasons)
 
 
-def _fail(message):
-    raise ValueError(f"fastseq.layer_norm_lstm_layer: {message}")
+_fail = functools.partial(fail, "layer_norm_lstm_layer")
 
 
 def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths):

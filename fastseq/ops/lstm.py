@@ -10,8 +10,8 @@ The forward runs the whole recurrence and returns ``(y, h_n, c_n)`` plus what th
 * ``cuda``: the input projection and weight gradients as cuBLAS GEMMs, and the whole recurrence
   in one persistent kernel with W_hh kept in shared memory (``lstm_recurrence_forward`` /
   ``_backward``, csrc/cuda/lstm.cu); no projections, and only where the weights fit on chip.
-  The default on the GPU where it can run: on an H200 it ran 2 to 4.5 times faster than the
-  ``triton`` plan (benchmarks/results/nvidia-h200/lstm.md);
+  The default on the GPU where it can run: faster than the ``triton`` plan
+  (benchmarks/results/nvidia-h200/lstm.md);
 * ``reference``: the same plan with the cell written in PyTorch.
 
 Eager calls run the op's body and autograd directly (:mod:`fastseq.ops.eager`: a tenth of a
@@ -30,10 +30,8 @@ import torch
 
 from fastseq import _backend, _extension
 from fastseq.ops import eager
-from fastseq.ops.checks import out_of_range
+from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range
 from fastseq.reference import lstm as reference
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # torch.compile runs the choice while tracing and keeps its answer (the extension lookup is not
@@ -449,8 +447,7 @@ def _steps_and_batch(x, dim):
     return [size for d, size in enumerate(x.shape) if d != dim][:2]
 
 
-def _value_error(message):
-    raise ValueError(f"fastseq lstm_layer: {message}")
+_value_error = functools.partial(fail, "lstm_layer")
 
 
 def _fold(t, dim, n, sequence=False):

@@ -13,15 +13,13 @@ bring them to the canonical form (views only: no copies), and call the ops.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
 from fastseq import _backend, _extension
-from fastseq.ops.checks import out_of_range
+from fastseq.ops.checks import KERNEL_DTYPES, describe, fail, out_of_range, warn_once
 from fastseq.reference import rotary as reference
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("bnhd", "bhnd")
 
 
@@ -158,37 +156,30 @@ class _RotaryInplace(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _fail(message: str):
-    raise ValueError(f"fastseq rotary: {message}")
+_fail = functools.partial(fail, "rotary")
 
 
 def _check_tensors(q, k, cos, sin):
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        _fail(f"q must be a 4-D tensor, got {_describe(q)}")
+        _fail(f"q must be a 4-D tensor, got {describe(q)}")
     if not q.is_floating_point():
         _fail(f"q must be floating point, got dtype {q.dtype}")
     if k is not None:
         if not isinstance(k, torch.Tensor) or k.dim() != 4:
-            _fail(f"k must be a 4-D tensor or None, got {_describe(k)}")
+            _fail(f"k must be a 4-D tensor or None, got {describe(k)}")
         if k.dtype != q.dtype:
             _fail(f"k dtype {k.dtype} must match q dtype {q.dtype}")
         if k.device != q.device:
             _fail(f"k is on {k.device} but q is on {q.device}")
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            _fail(f"{name} must be a floating-point tensor, got {_describe(t)}")
+            _fail(f"{name} must be a floating-point tensor, got {describe(t)}")
         if t.device != q.device:
             _fail(f"{name} is on {t.device} but q is on {q.device}")
     if cos.shape != sin.shape:
         _fail(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
     if cos.dtype != sin.dtype:
         _fail(f"cos dtype {cos.dtype} and sin dtype {sin.dtype} must match")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dim()}-D tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _check_same_tokens(q, k):
@@ -210,7 +201,7 @@ def _check_positions(positions, batch, seqlen, table_len, device):
             )
         return None, offset
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        _fail(f"positions must be None, an int, or an int32/int64 tensor, got {_describe(positions)}")
+        _fail(f"positions must be None, an int, or an int32/int64 tensor, got {describe(positions)}")
     if positions.device != device:
         _fail(f"positions is on {positions.device} but q is on {device}")
     if positions.dim() == 1:
@@ -256,9 +247,7 @@ def _needs_reference(cos, sin) -> bool:
     return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
 
 
-@functools.cache
-def _warn_reference_once(reason: str):
-    warnings.warn(f"fastseq rotary: {reason}; using the plain-PyTorch path", stacklevel=4)
+_warn_reference_once = functools.partial(warn_once, "rotary")
 
 
 def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inplace):
