@@ -188,3 +188,38 @@ def test_cross_attention_errors_name_cross_attention():
         cross_attention(q, k, k, context_lengths=torch.tensor([9]))
     with pytest.raises(ValueError, match="fastseq cross_attention: heads must be a positive int"):
         feature_map_heads(torch.randn(1, 4, 2, 2), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Derivatives: refused where they would come back wrong
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_calls():
+    from fastseq.ops.cross_attention import cross_attention
+
+    cos, sin = _tables(8, 4)
+    return {
+        "rotary": lambda x: fastseq.apply_rotary(x.view(1, 8, 2, 8), None, cos, sin)[0],
+        "attention": lambda x: fastseq.attention(x, x, x),
+        "cross_attention": lambda x: cross_attention(x, x, x),
+    }
+
+
+@pytest.mark.parametrize("op", ["rotary", "attention", "cross_attention"])
+def test_forward_mode_ad_is_refused_not_zero(op):
+    from torch.autograd import forward_ad
+
+    call = _attention_calls()[op]
+    x, tangent = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=f"fastseq {op}: torch.func.jvp"):
+        torch.func.jvp(call, (x,), (tangent,))
+    with forward_ad.dual_level(), pytest.raises(ValueError, match=f"fastseq {op}: forward-mode AD"):
+        call(forward_ad.make_dual(x, tangent))
+
+
+@pytest.mark.parametrize("op", ["rotary", "attention", "cross_attention"])
+def test_torch_func_grad_is_refused_with_a_clear_error(op):
+    call = _attention_calls()[op]
+    with pytest.raises(ValueError, match=f"fastseq {op}: torch.func.grad"):
+        torch.func.grad(lambda x: call(x).sum())(torch.randn(1, 2, 8, 8))

@@ -21,7 +21,7 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range, warn_once
+from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range, refuse_untransformable, warn_once
 from fastseq.ops.rotary import no_heads  # (importing it registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
@@ -440,6 +440,7 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
         ``return_lse``. Differentiable in q, k, v.
     """
     check_qkv(q, k, v)
+    refuse_untransformable("attention", q, k, v)
     if causal_alignment not in ALIGNMENTS:
         _fail(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
     if not 0.0 <= dropout_p < 1.0:

@@ -16,7 +16,7 @@ import torch
 
 from fastseq import _backend
 from fastseq.ops.attention import attention, attention_op, check_key_lengths, check_qkv, last_dim_dense
-from fastseq.ops.checks import fail
+from fastseq.ops.checks import fail, refuse_untransformable
 from fastseq.reference import attention as reference
 
 MAX_DECODE_ROWS = 16
@@ -106,6 +106,7 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
         attention op (same result, with a backward).
     """
     check_qkv(q, k_cache, v_cache, "attention_decode")
+    refuse_untransformable("attention_decode", q, k_cache, v_cache)
     cache_lengths = check_key_lengths(cache_lengths, q, k_cache, "attention_decode", "cache_lengths")
     if cache_lengths is None:
         cache_lengths = torch.full((q.shape[0],), k_cache.shape[2], device=q.device)

@@ -40,3 +40,30 @@ def out_of_range(low: torch.Tensor, high: torch.Tensor, lowest: int, highest: in
     """True when some value of ``low`` is below ``lowest`` or some value of ``high`` above
     ``highest`` (non-empty integer tensors). One host read: on a GPU, one device sync, not two."""
     return bool((low.min() < lowest) | (high.max() > highest))
+
+
+def refuse_untransformable(op: str, *tensors) -> None:
+    """Raise where ``op``, which has no forward-mode rule and whose autograd torch.func's
+    transforms do not take, would run under one of them: forward-mode AD (``torch.func.jvp``,
+    dual tensors of ``torch.autograd.forward_ad``) would otherwise see a zero tangent, and
+    ``torch.func.grad`` / ``jacrev`` an error of torch's internals."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = torch._C._functorch.TransformType
+        active = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if kinds.Jvp in active:
+            fail(op, "torch.func.jvp (forward-mode AD) is not supported; use reverse mode "
+                     "(loss.backward(), torch.autograd.grad)")
+        if kinds.Grad in active:
+            fail(op, "torch.func.grad / vjp / jacrev are not supported; use loss.backward() or "
+                     "torch.autograd.grad")
+    if torch.autograd.forward_ad._current_level >= 0:
+        from torch.autograd import forward_ad
+
+        if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors):
+            fail(op, "forward-mode AD (dual tensors) is not supported; use reverse mode "
+                     "(loss.backward(), torch.autograd.grad)")

@@ -16,7 +16,7 @@ import torch
 
 from fastseq import _backend
 from fastseq.ops.attention import attention_backend, attention_op, check_key_lengths, check_qkv
-from fastseq.ops.checks import fail
+from fastseq.ops.checks import fail, refuse_untransformable
 
 MAX_CONTEXT = 256
 
@@ -169,6 +169,7 @@ def cross_attention(q, k, v, *, context_lengths=None, residual=None, scale=None,
         ``(B, H, Lq)`` float32 when ``return_lse``. Differentiable in q, k, v and residual.
     """
     check_qkv(q, k, v, "cross_attention")
+    refuse_untransformable("cross_attention", q, k, v)
     if k.shape[1] != q.shape[1]:
         _fail(f"q has {q.shape[1]} heads but the context has {k.shape[1]}")
     if k.shape[2] == 0:

@@ -17,7 +17,14 @@ import functools
 import torch
 
 from fastseq import _backend, _extension
-from fastseq.ops.checks import KERNEL_DTYPES, describe, fail, out_of_range, warn_once
+from fastseq.ops.checks import (
+    KERNEL_DTYPES,
+    describe,
+    fail,
+    out_of_range,
+    refuse_untransformable,
+    warn_once,
+)
 from fastseq.reference import rotary as reference
 
 LAYOUTS = ("bnhd", "bhnd")
@@ -299,6 +306,7 @@ def apply_rotary(
         ``k`` is). Math is float32. Differentiable in q and k.
     """
     _check_tensors(q, k, cos, sin)
+    refuse_untransformable("rotary", q, k, cos, sin)
     if (inplace and k is not None and not torch.compiler.is_compiling() and q.numel() and k.numel()
             and q.data_ptr() == k.data_ptr()):
         _fail("inplace=True with q and k starting at the same memory would rotate it twice; "
@@ -350,6 +358,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     if isinstance(position_ids, int) and not isinstance(position_ids, bool):
         unsqueeze_dim = position_ids
     _check_tensors(q, k, cos, sin)
+    refuse_untransformable("rotary", q, k, cos, sin)
     _check_broadcast(q, k, cos, unsqueeze_dim)
     layout = _fused_layout(q, k, cos, unsqueeze_dim)
     if layout is None or _needs_reference(cos, sin):
