@@ -10,6 +10,7 @@ call faults in.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ class VariantResult:
     faults_per_call: float | None = None
     fresh_median_ms: float | None = None
     fresh_faults_per_call: float | None = None
+    round_medians_ms: list[float] | None = None
     error: str | None = None
 
 
@@ -66,11 +68,14 @@ def summarize(
     peaks: dict[str, int],
     errors: dict[str, str],
     fresh: dict[str, Timing] | None = None,
+    paired: dict[str, list[float]] | None = None,
 ) -> CaseResult:
     """Combine the measurements of ``case``'s variants into a :class:`CaseResult`.
 
-    ``fresh`` holds the timings of calls from fresh memory, where they were taken. Variants in
-    ``case.skipped`` or ``errors`` appear with their reason and no figures.
+    ``fresh`` holds the timings of calls from fresh memory, where they were taken. ``paired``
+    holds each variant's median per round, the variants timed in turn: a speedup is then the
+    median over rounds of the ratio within a round, not the ratio of the overall medians. Variants
+    in ``case.skipped`` or ``errors`` appear with their reason and no figures.
     """
     reasons, fresh = {**case.skipped, **errors}, fresh or {}
     variants = [
@@ -79,6 +84,9 @@ def summarize(
         for name in [*case.variants, *case.skipped]
     ]
     _add_fraction_of_copy(variants)
+    for v in variants:
+        if paired and v.median_ms is not None and v.name in paired:
+            v.round_medians_ms = list(paired[v.name])
     return CaseResult(
         suite=case.suite,
         name=case.name,
@@ -87,7 +95,7 @@ def summarize(
         bytes_moved=case.bytes_moved,
         flops=case.flops,
         variants=variants,
-        speedups=_speedups(variants, "median_ms"),
+        speedups=_paired_speedups(variants, paired) if paired else _speedups(variants, "median_ms"),
         fresh_speedups=_speedups(variants, "fresh_median_ms"),
     )
 
@@ -115,6 +123,18 @@ def _add_fraction_of_copy(variants: list[VariantResult]) -> None:
     for v in variants:
         if v.gb_per_s is not None:
             v.fraction_of_copy = v.gb_per_s / copy.gb_per_s
+
+
+def _paired_speedups(variants: list[VariantResult], paired: dict[str, list[float]]) -> dict[str, float]:
+    """Each baseline's median over rounds of its time over ours in the same round."""
+    ours = next((v for v in variants if v.role == "ours"), None)
+    if ours is None or ours.median_ms is None or ours.name not in paired:
+        return {}
+    return {
+        v.name: statistics.median(b / o for b, o in zip(paired[v.name], paired[ours.name], strict=True))
+        for v in variants
+        if v.role == "baseline" and v.median_ms is not None and v.name in paired
+    }
 
 
 def _speedups(variants: list[VariantResult], time: str) -> dict[str, float]:

@@ -4,10 +4,10 @@ A suite is a module ``fastseq.benchmarks.bench_<name>`` (the repository's ``benc
 installed under that name) with ``cases(device, quick) -> list[Case]``. A dotted name
 (``mypackage.bench_mine``) names a suite module anywhere on the path.
 
-Variants of one case run one after the other, so they see the same machine state (clocks,
-other load) as far as it stays put. A variant that raises is reported with the error rather than
-ending the run: a baseline that cannot run (say ``torch.compile`` without a compiler) should not
-hide the others.
+Variants of one case take turns, several rounds over, so they see the same machine state (clocks,
+other load) as far as it stays put, and a slow spell falls on all of them. A variant that raises is
+reported with the error rather than ending the run: a baseline that cannot run (say
+``torch.compile`` without a compiler) should not hide the others.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from fastseq.bench.case import Case
 from fastseq.bench.result import CaseResult, summarize
-from fastseq.bench.timing import Timing, time_fn, time_fresh_memory
+from fastseq.bench.timing import combine, time_fn, time_fresh_memory
 from fastseq.profiling.memory import peak_memory
 
 SUITE_PACKAGE = "fastseq.benchmarks"
 SUITE_PREFIX = "bench_"
+ROUNDS = 3  # turns each variant of a case takes
 
 
 def _suite_package() -> ModuleType | None:
@@ -65,27 +66,48 @@ def load_suite(name: str) -> ModuleType:
     return importlib.import_module(f"{package.__name__}.{SUITE_PREFIX}{name}")
 
 
-def measure_variant(fn, device: torch.device, *, quick: bool) -> tuple[Timing, Timing | None, int]:
-    """Time ``fn``, then (CPU) its calls from fresh memory, then take its peak memory (bytes
-    above entry) in one more call."""
-    timing = time_fn(fn, device, quick=quick)
-    fresh = time_fresh_memory(fn, quick=quick) if device.type == "cpu" else None
-    return timing, fresh, peak_memory(fn, device=device)
-
-
 def run_case(case: Case, device: torch.device, *, quick: bool = False, progress=None) -> CaseResult:
-    """Measure every variant of ``case``; ``progress`` (a tqdm bar) advances once per variant."""
-    timings, fresh, peaks, errors = {}, {}, {}, {}
+    """Measure every variant of ``case``; ``progress`` (a tqdm bar) advances once per variant.
+
+    The variants take turns, :data:`ROUNDS` times over, each turn a share of the variant's
+    budget: a slow spell of a shared machine then falls on every variant alike, and a speedup is
+    the median over rounds of the ratio within a round. Then (CPU) each variant's calls from fresh
+    memory are timed, and its peak memory (bytes above entry) is taken in one more call.
+    """
+    rounds, errors = {name: [] for name in case.variants}, {}
+    for turn in range(ROUNDS):
+        for name, fn in case.variants.items():
+            if progress is not None:
+                progress.set_postfix_str(f"{case.name} | {name} | round {turn + 1}", refresh=True)
+            if errors.get(name):
+                continue
+            timing, errors[name] = _attempt(time_fn, fn, device, quick=quick, share=1 / ROUNDS,
+                                            warmup=turn == 0)
+            if timing is not None:
+                rounds[name].append(timing)
+    errors = {name: error for name, error in errors.items() if error}
+    timings, fresh, peaks = {}, {}, {}
     for name, fn in case.variants.items():
-        if progress is not None:
-            progress.set_postfix_str(f"{case.name} | {name}", refresh=True)
-        try:
-            timings[name], fresh[name], peaks[name] = measure_variant(fn, device, quick=quick)
-        except Exception as error:  # reported per variant; see the module docstring
-            errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+        if name not in errors:
+            timings[name] = combine(rounds[name])
+            if device.type == "cpu":
+                fresh[name], errors[name] = _attempt(time_fresh_memory, fn, quick=quick)
+            if not errors.get(name):
+                peaks[name], errors[name] = _attempt(peak_memory, fn, device=device)
         if progress is not None:
             progress.update()
-    return summarize(case, timings, peaks, errors, {n: t for n, t in fresh.items() if t})
+    errors = {name: error for name, error in errors.items() if error}
+    paired = {name: [t.median_ms for t in rounds[name]] for name in timings if name not in errors}
+    return summarize(case, timings, peaks, errors, {n: t for n, t in fresh.items() if t}, paired)
+
+
+def _attempt(measure, *args, **kwargs):
+    """``(measure(*args, **kwargs), None)``, or ``(None, the error in a line)``: a variant that
+    raises is reported with its error rather than ending the run (see the module docstring)."""
+    try:
+        return measure(*args, **kwargs), None
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def run_cases(

@@ -42,20 +42,37 @@ class Timing:
     faults_per_call: float | None = None
 
 
-def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False) -> Timing:
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False,
+            share: float = 1.0, warmup: bool = True) -> Timing:
     """Time ``fn()`` on ``device``; returns its median and IQR in milliseconds.
 
-    ``fn`` runs once before timing starts, so one-off work (``torch.compile``, Triton autotuning,
-    lazy allocations) stays out of the measurement. ``quick`` shortens the measurement tenfold.
+    ``fn`` runs once before timing starts (unless ``warmup`` is off: a later round of the same
+    callable), so one-off work (``torch.compile``, Triton autotuning, lazy allocations) stays out
+    of the measurement. ``quick`` shortens the measurement tenfold; ``share`` takes that fraction
+    of the budget (one of several rounds).
     """
     device = torch.device(device)
-    fn()
+    if warmup:
+        fn()
+    budget_s = BUDGET_S[quick] * share
     if device.type == "cuda" and _triton_available():
-        return _do_bench(fn, BUDGET_S[quick])
-    timing = _blocked_autorange(fn, BUDGET_S[quick])
+        return _do_bench(fn, budget_s)
+    timing = _blocked_autorange(fn, budget_s)
     if device.type != "cpu":
         return timing
     return dataclasses.replace(timing, faults_per_call=_faults_per_call(fn))
+
+
+def combine(rounds: list[Timing]) -> Timing:
+    """One timing from rounds of the same callable: the median of their medians and of their
+    IQRs, and the mean faults per call."""
+    faults = [t.faults_per_call for t in rounds if t.faults_per_call is not None]
+    return Timing(
+        median_ms=statistics.median(t.median_ms for t in rounds),
+        iqr_ms=statistics.median(t.iqr_ms for t in rounds),
+        method=f"{rounds[0].method}, median of {len(rounds)} rounds",
+        faults_per_call=statistics.fmean(faults) if faults else None,
+    )
 
 
 def time_fresh_memory(fn: Callable[[], object], *, quick: bool = False) -> Timing | None:
