@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from pathlib import Path
 
@@ -238,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fastseq`` and the ``fastseq`` console script."""
+    # torch.utils.benchmark imports torch.utils.cpp_extension, which on a machine without a GPU
+    # warns that no CUDA runtime is found: about building extensions, which no command here does.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     return args.run(args)
 
