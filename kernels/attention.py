@@ -145,7 +145,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < Lk
+        n_valid = offs_n < klen  # padding is never read: it may hold anything, NaN included
         k = _load_tile(k_base, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN, offs_n,
                        scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
@@ -224,16 +224,18 @@ def _attn_bwd_dkdv(
     d_valid = offs_d < D
     kv_mask = n_valid[:, None] & d_valid[None, :]
     b64 = b.to(tl.int64)
-    k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN,
+    klen, _, shift = _visible_keys(b, 0, Lq, Lk, KLEN, False, BOTTOM_RIGHT, HAS_KLEN, BLOCK_M)
+    # Padded keys and values are read as zeros (whatever they hold) and get zero gradients.
+    n_read = offs_n < klen
+    k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_read, D, COS, SIN,
                    offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
     v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
+                mask=n_read[:, None] & d_valid[None, :], other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    klen, _, shift = _visible_keys(b, 0, Lq, Lk, KLEN, False, BOTTOM_RIGHT, HAS_KLEN, BLOCK_M)
     # Under a causal mask, query rows above this key block's diagonal see none of its keys.
     m_lo = pid_n * BLOCK_N
     if CAUSAL:
@@ -309,7 +311,7 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < Lk
+        n_valid = offs_n < klen
         kvm = n_valid[:, None] & d_valid[None, :]
         k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN,
                        offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)

@@ -44,7 +44,10 @@ def _cross_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kv_valid = (offs_n < Lk)[:, None] & d_valid[None, :]
+    ctx_len = Lk
+    if HAS_CTX:
+        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
+    kv_valid = (offs_n < ctx_len)[:, None] & d_valid[None, :]  # padding is never read
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                 mask=kv_valid, other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
@@ -52,9 +55,6 @@ def _cross_fwd(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    ctx_len = Lk
-    if HAS_CTX:
-        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
     for r in range(ROW_BLOCKS):
         offs_m = (chunk * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Lq
@@ -96,7 +96,10 @@ def _cross_bwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    kv_valid = (offs_n < Lk)[:, None] & d_valid[None, :]
+    ctx_len = Lk
+    if HAS_CTX:
+        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
+    kv_valid = (offs_n < ctx_len)[:, None] & d_valid[None, :]  # padding is never read
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                 mask=kv_valid, other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
@@ -104,9 +107,6 @@ def _cross_bwd(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    ctx_len = Lk
-    if HAS_CTX:
-        ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for r in range(ROW_BLOCKS):

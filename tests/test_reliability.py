@@ -223,3 +223,135 @@ def test_torch_func_grad_is_refused_with_a_clear_error(op):
     call = _attention_calls()[op]
     with pytest.raises(ValueError, match=f"fastseq {op}: torch.func.grad"):
         torch.func.grad(lambda x: call(x).sum())(torch.randn(1, 2, 8, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# Padding is never read: NaN past the lengths stays out of every output and gradient
+# --------------------------------------------------------------------------------------------
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _poisoned(t, lengths):
+    """A copy of k or v ``(B, H, L, D)`` with NaN at every position at or past ``lengths[b]``."""
+    t = t.clone()
+    for b, n in enumerate(lengths):
+        t[b, :, n:] = float("nan")
+    return t
+
+
+def _nan_padding_case(lq=5, lk=9, heads=4, kv_heads=2):
+    q = torch.randn(2, heads, lq, 8)
+    k, v = torch.randn(2, kv_heads, lk, 8), torch.randn(2, kv_heads, lk, 8)
+    lengths = [6, 3]
+    return q, k, v, lengths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_never_reads_padded_keys_or_values(backend, causal):
+    q, k, v, lengths = _nan_padding_case()
+    kwargs = dict(key_lengths=torch.tensor(lengths), causal=causal, causal_alignment="bottom_right")
+    want = fastseq.attention(q, k, v, **kwargs)
+    with fastseq.use_backend(backend):
+        q_, k_, v_ = q.clone().requires_grad_(), _poisoned(k, lengths), _poisoned(v, lengths)
+        k_.requires_grad_(), v_.requires_grad_()
+        out = fastseq.attention(q_, k_, v_, **kwargs)
+        out.sum().backward()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(q_.grad).all() and torch.isfinite(k_.grad).all()
+    for grad in (k_.grad, v_.grad):
+        assert (grad[0, :, 6:] == 0).all() and (grad[1, :, 3:] == 0).all()
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_attention_decode_never_reads_unwritten_cache_slots(backend, rows):
+    from fastseq.ops.attention_decode import attention_decode
+
+    q, k, v, lengths = _nan_padding_case(lq=rows, lk=12)
+    want = fastseq.attention(q, k, v, causal=True, causal_alignment="bottom_right",
+                             key_lengths=torch.tensor(lengths))
+    with fastseq.use_backend(backend):
+        out = attention_decode(q, _poisoned(k, lengths), _poisoned(v, lengths),
+                               torch.tensor(lengths))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_cross_attention_never_reads_padded_context(backend):
+    from fastseq.ops.cross_attention import cross_attention
+
+    q, k, v, lengths = _nan_padding_case(heads=2)
+    want = cross_attention(q, k, v, context_lengths=torch.tensor(lengths))
+    with fastseq.use_backend(backend):
+        k_, v_ = _poisoned(k, lengths).requires_grad_(), _poisoned(v, lengths).requires_grad_()
+        q_ = q.clone().requires_grad_()
+        out = cross_attention(q_, k_, v_, context_lengths=torch.tensor(lengths))
+        out.sum().backward()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for grad in (q_.grad, k_.grad, v_.grad):
+        assert torch.isfinite(grad).all()
+
+
+def test_attention_module_cache_with_uninitialised_slots():
+    """A KVCache whose unwritten slots hold NaN (torch.empty memory) decodes as a zeroed one."""
+    from fastseq.nn import Attention
+    from fastseq.nn.attention import KVCache
+
+    layer = Attention(16, 4, 2, rotary=True).eval()
+    x = torch.randn(2, 5, 16)
+    clean, dirty = layer.new_cache(2, 12), layer.new_cache(2, 12)
+    dirty = KVCache(dirty.k.fill_(float("nan")), dirty.v.fill_(float("nan")), dirty.lengths)
+    with torch.no_grad():
+        for cache in (clean, dirty):
+            layer(x[:, :3], cache=cache)
+        want, got = layer(x[:, 3:], cache=clean), layer(x[:, 3:], cache=dirty)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: float64 stays float64-accurate, gradients included
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("lengths", [None, [5, 3]])
+def test_float64_attention_gradients_are_float64_accurate(backend, lengths):
+    from fastseq.reference import attention as reference
+
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    key_lengths = None if lengths is None else torch.tensor(lengths)
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention(q, k, v, causal=True, key_lengths=key_lengths, return_lse=True)
+    assert lse.dtype == torch.float64
+    want, _ = reference.attention(q, k, v, causal=True, key_lengths=key_lengths)
+    for got, exact in zip(torch.autograd.grad(out.sum(), (q, k, v)),
+                          torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, exact, atol=1e-12, rtol=1e-12)
+
+
+def test_float64_decode_and_cross_attention_keep_a_float64_lse():
+    from fastseq.ops.attention_decode import attention_decode
+    from fastseq.ops.cross_attention import cross_attention
+
+    q, k, v = (torch.randn(1, 2, 3, 8, dtype=torch.float64) for _ in range(3))
+    for op in (lambda: attention_decode(q, k, v, None, return_lse=True),
+               lambda: cross_attention(q, k, v, return_lse=True)):
+        assert op()[1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("w_hh", lambda w: w.double()), ("bias", lambda b: b.half()), ("h0", lambda h: h.double()),
+    ("w_ih", lambda w: w[:, :-1]), ("c0", lambda c: c[:1]),
+])
+def test_lstm_layer_op_refuses_inputs_it_would_cast_or_misread(name, bad):
+    from fastseq.ops.lstm import lstm_layer
+
+    args = dict(x=torch.randn(5, 3, 6), h0=torch.zeros(3, 8), c0=torch.zeros(3, 8),
+                w_ih=torch.randn(32, 6), w_hh=torch.randn(32, 8), bias=torch.randn(32))
+    args[name] = bad(args[name])
+    with pytest.raises(ValueError, match=f"fastseq lstm_layer: {name} must"):
+        lstm_layer(**args)

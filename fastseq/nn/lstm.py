@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastseq.ops.layer_norm_lstm import run_layer_norm_lstm_layer
-from fastseq.ops.lstm import checked_lengths, lstm_layer
+from fastseq.ops.lstm import checked_lengths, run_lstm_layer
 
 
 def _fail(message):
@@ -138,7 +138,7 @@ class LSTM(nn.Module):
     def _layer(self, x, h0, c0, layer, suffix, lengths):
         """One layer in one direction (``suffix`` "" or "_reverse"): (y, h_n, c_n)."""
         weights = _cast(self._weights(layer, suffix), x.dtype)
-        return lstm_layer(x, h0, c0, *weights, lengths=lengths, reverse=bool(suffix))
+        return run_lstm_layer(x, h0, c0, *weights, lengths=lengths, reverse=bool(suffix))
 
     def _run_layers(self, x, h0, c0, lengths):
         directions = 2 if self.bidirectional else 1
@@ -221,7 +221,7 @@ class LSTMCell(nn.LSTMCell):
                           f"{x.device}")
         bias = self.bias_ih + self.bias_hh if self.bias else None
         w_ih, w_hh, bias = _cast((self.weight_ih, self.weight_hh, bias), x.dtype)
-        _, h, c = lstm_layer(x.unsqueeze(0), h0, c0, w_ih, w_hh, bias)
+        _, h, c = run_lstm_layer(x.unsqueeze(0), h0, c0, w_ih, w_hh, bias)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
 

@@ -30,6 +30,12 @@ MAX_HEAD_DIM = 256
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-sum-exp the attention ops return for inputs of ``dtype``: float32,
+    float64 for float64 inputs (whose gradients need it to stay float64-accurate)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _unsupported(q, v) -> dict[str, str]:
     reason = None
     if q.dtype not in KERNEL_DTYPES:
@@ -65,7 +71,9 @@ def attention_op(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (B, H, Lq, D) over k, v (B, Hk, Lk, D); returns (out, lse (B, H, Lq) fp32).
+    """Attention of q (B, H, Lq, D) over k, v (B, Hk, Lk, D); returns (out, lse (B, H, Lq)).
+
+    ``lse`` is float32, float64 for float64 inputs (:func:`lse_dtype`).
 
     ``attn_mask`` is None or already expanded to (B, H, Lq, Lk) (stride-0 views are fine);
     ``cos``/``sin`` are None or (S, R/2) rotary tables applied to q and k inside the kernel.
@@ -89,7 +97,7 @@ def attention_op(
         return out, lse
     out, lse = _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                           bottom_right, scale, dropout_p, seed)
-    return out, lse.float()
+    return out, lse.to(lse_dtype(q.dtype))
 
 
 def query_positions(batch, lq, lk, key_lengths, bottom_right, device):
@@ -183,8 +191,9 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
                  bottom_right, scale):
     if not q.numel() or not k.shape[2]:  # no rows, or no keys to see
         return (q.new_zeros(q.shape[:-1] + v.shape[-1:]),
-                q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32))
+                q.new_full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype)))
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
+    k, v = reference.without_padding(k, key_lengths), reference.without_padding(v, key_lengths)
     q, k, v = (last_dim_dense(t) for t in (q, k, v))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads = q.shape[1]
@@ -194,7 +203,7 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
     if mask is not None:  # rows that see no key: torch's kernel leaves lse 0, ours says -inf
         lse = lse.masked_fill((_unbroadcast(mask) == float("-inf")).all(-1), float("-inf"))
     # The kernel's outputs are (B, L, H) in memory; the op promises dense (B, H, L) tensors.
-    return out.contiguous(), lse.float().contiguous()
+    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
 def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved,
@@ -203,6 +212,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
     if not q.numel() or not k.shape[2]:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
+    k, v = reference.without_padding(k, key_lengths), reference.without_padding(v, key_lengths)
     q, k, v, out, grad_out = (last_dim_dense(t) for t in (q, k, v, out, grad_out))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads, kv_heads = q.shape[1], k.shape[1]
@@ -224,7 +234,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
 def _(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal, bottom_right, scale,
       dropout_p, seed):
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastseq::attention_backward", mutates_args=())
@@ -428,7 +438,8 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
         dropout_p: dropout on the attention probabilities; ``seed`` makes it reproducible (drawn
             from torch's generator when None).
         scale: softmax scale, default ``1/sqrt(D)``.
-        return_lse: also return the log-sum-exp of each row's scores, ``(B, H, Lq)`` float32.
+        return_lse: also return the log-sum-exp of each row's scores, ``(B, H, Lq)`` float32
+            (float64 for float64 inputs).
         cos, sin: optional ``(S, R/2)`` rotary tables (e.g. ``RotaryEmbedding.cos_sin``): q and k
             are rotated inside the kernel as they are loaded, exactly as
             :func:`fastseq.apply_rotary` would rotate them (``rotary_interleaved`` picks GPT-J

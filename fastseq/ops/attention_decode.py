@@ -15,7 +15,14 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import attention, attention_op, check_key_lengths, check_qkv, last_dim_dense
+from fastseq.ops.attention import (
+    attention,
+    attention_op,
+    check_key_lengths,
+    check_qkv,
+    last_dim_dense,
+    lse_dtype,
+)
 from fastseq.ops.checks import fail, refuse_untransformable
 from fastseq.reference import attention as reference
 
@@ -44,7 +51,7 @@ def attention_decode_op(
     if backend != "triton" or q.shape[2] > MAX_DECODE_ROWS:
         out, lse = reference.attention(q, k_cache, v_cache, causal=True, bottom_right=True,
                                        key_lengths=cache_lengths, scale=scale)
-        return out, lse.float()
+        return out, lse.to(lse_dtype(q.dtype))
     from fastseq.kernels import attention_decode as kernels
 
     out = torch.empty_like(q)
@@ -59,14 +66,22 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
     """Decoding through torch's fused CPU kernel, with each GQA group's query heads folded into the
     query rows, (B, Hk, G Lq, D), so that the caches are read as they are rather than repeated."""
     batch, heads, rows, dim = q.shape
-    kv_heads, size = k_cache.shape[1], k_cache.shape[2]
-    if not q.numel() or not size:  # no rows, or no keys to see
-        return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+    kv_heads = k_cache.shape[1]
+    size = int(cache_lengths.max()) if q.numel() else 0
+    if not size:  # no rows, or no keys to see
+        return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype))
     group = heads // kv_heads
     folded = q.reshape(batch, kv_heads, group * rows, dim).contiguous()
+    # Slots past every sequence's length are cut off (a view); those past a shorter sequence's
+    # length are zeroed in a copy: the kernel would read them, and uninitialised slots may be NaN.
+    k_cache, v_cache = k_cache[:, :, :size], v_cache[:, :, :size]
+    uniform = bool((cache_lengths == size).all())
+    if not uniform:
+        k_cache = reference.without_padding(k_cache, cache_lengths)
+        v_cache = reference.without_padding(v_cache, cache_lengths)
     k_cache, v_cache = last_dim_dense(k_cache), last_dim_dense(v_cache)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if rows == 1 and bool((cache_lengths == size).all()):
+    if rows == 1 and uniform:
         out, lse = flash(folded, k_cache, v_cache, 0.0, False, scale=scale)  # sees every key
     else:
         seen = reference.visibility(batch, rows, size, causal=True, bottom_right=True,
@@ -79,12 +94,12 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
                          attn_mask=mask.expand(batch, kv_heads, group * rows, size), scale=scale)
         lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # rows that see no key, as elsewhere
     return (out.reshape(batch, heads, rows, dim).contiguous(),
-            lse.float().reshape(batch, heads, rows).contiguous())
+            lse.to(lse_dtype(q.dtype)).reshape(batch, heads, rows).contiguous())
 
 
 @attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_lengths, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_lse=False):
@@ -101,9 +116,9 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
         scale: softmax scale, default ``1/sqrt(D)``.
 
     Returns:
-        ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 when ``return_lse``); query
-        ``i`` sees keys ``n <= cache_lengths[b] - Lq + i``. Differentiable inputs take the general
-        attention op (same result, with a backward).
+        ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32, float64 for float64
+        inputs, when ``return_lse``); query ``i`` sees keys ``n <= cache_lengths[b] - Lq + i``.
+        Differentiable inputs take the general attention op (same result, with a backward).
     """
     check_qkv(q, k_cache, v_cache, "attention_decode")
     refuse_untransformable("attention_decode", q, k_cache, v_cache)

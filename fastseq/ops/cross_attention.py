@@ -15,7 +15,7 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import attention_backend, attention_op, check_key_lengths, check_qkv
+from fastseq.ops.attention import attention_backend, attention_op, check_key_lengths, check_qkv, lse_dtype
 from fastseq.ops.checks import fail, refuse_untransformable
 
 MAX_CONTEXT = 256
@@ -87,7 +87,7 @@ def cross_attention_op(
 @cross_attention_op.register_fake
 def _(q, k, v, context_lengths, residual, scale):
     out = torch.empty_like(residual if residual is not None else q)
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastseq::cross_attention_backward", mutates_args=())
@@ -166,7 +166,8 @@ def cross_attention(q, k, v, *, context_lengths=None, residual=None, scale=None,
 
     Returns:
         ``out`` of q's shape and dtype (laid out like ``residual`` when given), and the LSE
-        ``(B, H, Lq)`` float32 when ``return_lse``. Differentiable in q, k, v and residual.
+        ``(B, H, Lq)`` float32 (float64 for float64 inputs)
+        when ``return_lse``. Differentiable in q, k, v and residual.
     """
     check_qkv(q, k, v, "cross_attention")
     refuse_untransformable("cross_attention", q, k, v)

@@ -32,7 +32,14 @@ import torch
 from fastseq import _backend, _extension
 from fastseq.ops import eager
 from fastseq.ops.checks import fail
-from fastseq.ops.lstm import cell_dtype, checked_lengths, contiguous_in, output_grads
+from fastseq.ops.lstm import (
+    cell_dtype,
+    check_like_x,
+    checked_lengths,
+    contiguous_in,
+    layer_sizes,
+    output_grads,
+)
 from fastseq.reference import lstm as reference
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: computed in float32
@@ -64,25 +71,12 @@ _fail = functools.partial(fail, "layer_norm_lstm_layer")
 def _check_inputs(x, h0, c0, w_ih, w_hh, bias, ln_ih, ln_hh, ln_c_weight, ln_c_bias, lengths):
     """Shapes, dtypes and devices of a layer's inputs, before any kernel runs; returns lengths as
     int64 on x's device (or None)."""
-    if x.dim() != 3:
-        _fail(f"x must be (T, B, I), got shape {tuple(x.shape)}")
-    steps, batch, input_size = x.shape
-    if w_ih.dim() != 2 or w_ih.shape[0] % 4:
-        _fail(f"w_ih must be (4H, I), got shape {tuple(w_ih.shape)}")
-    hidden = w_ih.shape[0] // 4
-    expected = {"h0": (h0, (batch, hidden)), "c0": (c0, (batch, hidden)),
-                "w_ih": (w_ih, (4 * hidden, input_size)), "w_hh": (w_hh, (4 * hidden, hidden)),
-                "bias": (bias, (4 * hidden,)), "ln_ih": (ln_ih, (4 * hidden,)),
-                "ln_hh": (ln_hh, (4 * hidden,)), "ln_c_weight": (ln_c_weight, (hidden,)),
-                "ln_c_bias": (ln_c_bias, (hidden,))}
-    for name, (tensor, shape) in expected.items():
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != shape:
-            _fail(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-        if tensor.dtype != x.dtype or tensor.device != x.device:
-            _fail(f"{name} must be {x.dtype} on {x.device} (as x), got {tensor.dtype} on "
-                  f"{tensor.device}")
+    steps, batch, input_size, hidden = layer_sizes(x, w_ih, _fail)
+    check_like_x(x, {"h0": (h0, (batch, hidden)), "c0": (c0, (batch, hidden)),
+                     "w_ih": (w_ih, (4 * hidden, input_size)), "w_hh": (w_hh, (4 * hidden, hidden)),
+                     "bias": (bias, (4 * hidden,)), "ln_ih": (ln_ih, (4 * hidden,)),
+                     "ln_hh": (ln_hh, (4 * hidden,)), "ln_c_weight": (ln_c_weight, (hidden,)),
+                     "ln_c_bias": (ln_c_bias, (hidden,))}, _fail)
     return None if lengths is None else checked_lengths(lengths, steps, batch, x.device, _fail)
 
 

@@ -33,6 +33,8 @@ from fastseq.ops import eager
 from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range
 from fastseq.reference import lstm as reference
 
+_fail = functools.partial(fail, "lstm_layer")
+
 
 # torch.compile runs the choice while tracing and keeps its answer (the extension lookup is not
 # traceable; its arguments are constants there), as layer_norm_lstm's: a compiled module keeps
@@ -82,6 +84,45 @@ def checked_lengths(lengths, steps, batch, device, fail):
     if not torch.compiler.is_compiling() and lengths.numel() and not _vmapped(lengths):
         _check_range(lengths, steps, fail)
     return lengths.contiguous()
+
+
+def layer_sizes(x, w_ih, fail):
+    """``(steps, batch, input_size, hidden)`` of a layer's ``x`` (T, B, I) and ``w_ih`` (4H, I),
+    after checking that both are tensors of those ranks and x is floating point."""
+    for name, t in (("x", x), ("w_ih", w_ih)):
+        if not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dim() != 3 or not x.is_floating_point():
+        fail(f"x must be a floating (T, B, I) tensor, got {x.dtype} {tuple(x.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4:
+        fail(f"w_ih must be (4H, I), got shape {tuple(w_ih.shape)}")
+    return (*x.shape, w_ih.shape[0] // 4)
+
+
+def check_like_x(x, expected, fail):
+    """Each ``name: (tensor or None, shape)`` of ``expected`` has that shape, x's dtype and x's
+    device: a layer never casts its inputs behind the caller's back."""
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            fail(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape:
+            fail(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            fail(f"{name} must be {x.dtype} on {x.device} (as x), got {tensor.dtype} on "
+                 f"{tensor.device}")
+
+
+def _check_inputs(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths):
+    """Shapes, dtypes and devices of :func:`lstm_layer`'s inputs, before any kernel runs; returns
+    lengths as int64 on x's device (or None)."""
+    steps, batch, input_size, hidden = layer_sizes(x, w_ih, _fail)
+    out = hidden if w_hr is None or not isinstance(w_hr, torch.Tensor) else w_hr.shape[0]
+    check_like_x(x, {"h0": (h0, (batch, out)), "c0": (c0, (batch, hidden)),
+                     "w_ih": (w_ih, (4 * hidden, input_size)), "w_hh": (w_hh, (4 * hidden, out)),
+                     "bias": (bias, (4 * hidden,)), "w_hr": (w_hr, (out, hidden))}, _fail)
+    return None if lengths is None else checked_lengths(lengths, steps, batch, x.device, _fail)
 
 
 def _vmapped(t):
@@ -509,10 +550,19 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     """Run one LSTM layer; returns ``(y (T, B, P), h_n (B, P), c_n (B, H))``. Differentiable.
 
     ``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``w_ih`` (4H, I), ``w_hh`` (4H, P), ``bias``
-    (4H) = ``b_ih + b_hh``, ``w_hr`` (P, H) for projections, ``lengths`` (B,) int64 on x's device.
-    Inputs are made contiguous here (the kernels take dense rows). float16 on the CPU runs the
-    C++ layer in float32 between two differentiable casts.
+    (4H) = ``b_ih + b_hh``, ``w_hr`` (P, H) for projections (else P = H), all of x's dtype and
+    device; ``lengths`` (B,) integers. Raises ValueError, naming the argument, on inputs of the
+    wrong shape, dtype or device. float16 on the CPU runs the C++ layer in float32 between two
+    differentiable casts.
     """
+    lengths = _check_inputs(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths)
+    return run_lstm_layer(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse)
+
+
+def run_lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, reverse=False):
+    """:func:`lstm_layer` without its input checks, for callers that made them (the modules of
+    ``fastseq.nn`` check once per call, not once per layer or step); ``lengths`` int64 on x's
+    device. Inputs are made contiguous here (the kernels take dense rows)."""
     dtype = x.dtype
     backend = _backend_for(x.device, dtype, w_hh.shape[1], w_hr is not None)
     compute = torch.float32 if backend == "cpu" and dtype == torch.float16 else dtype

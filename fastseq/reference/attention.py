@@ -25,6 +25,15 @@ def visibility(batch, lq, lk, *, causal=False, bottom_right=False, key_lengths=N
     return seen
 
 
+def without_padding(t, key_lengths):
+    """k or v ``(B, H, L, D)`` with every position at or past ``key_lengths[b]`` zeroed (``t``
+    itself when there are no lengths): padding is never read, whatever it holds (NaN, Inf)."""
+    if key_lengths is None:
+        return t
+    padded = torch.arange(t.shape[2], device=t.device) >= key_lengths.to(torch.int64)[:, None]
+    return t.masked_fill(padded[:, None, :, None], 0)
+
+
 def dropout_keep_mask(shape, p, seed, device):
     """The keep mask this reference uses for dropout: a function of ``seed`` alone."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -44,6 +53,7 @@ def attention(q, k, v, *, causal=False, bottom_right=False, attn_mask=None, key_
     lk = k.shape[2]
     compute = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     group = heads // k.shape[1]
+    k, v = without_padding(k, key_lengths), without_padding(v, key_lengths)
     k = k.to(compute).repeat_interleave(group, dim=1)
     v = v.to(compute).repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
