@@ -355,3 +355,83 @@ def test_lstm_layer_op_refuses_inputs_it_would_cast_or_misread(name, bad):
     args[name] = bad(args[name])
     with pytest.raises(ValueError, match=f"fastseq lstm_layer: {name} must"):
         lstm_layer(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors a user can act on: every entry point names the argument, the expected and the received
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["LSTM", "LayerNormLSTM"])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_layers=0), "num_layers must be an int >= 1, got 0"),
+    (dict(hidden_size=0), "hidden_size must be an int >= 1, got 0"),
+    (dict(num_layers=1.5), "num_layers must be an int >= 1, got 1.5"),
+])
+def test_lstm_constructor_refuses_sizes_that_build_nothing(module, kwargs, match):
+    args = dict(input_size=4, hidden_size=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        getattr(fastseq.nn, module)(**args)
+
+
+def test_cross_attention_and_spatial_transformer_name_a_context_of_the_wrong_width():
+    cross = fastseq.nn.CrossAttention(16, 12, heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=r"fastseq CrossAttention: context must be \(B, L, 12\)"):
+        cross(torch.randn(2, 5, 16), torch.randn(2, 3, 10))
+    block = fastseq.nn.SpatialTransformer(32, 2, 8, context_dim=12, num_groups=8)
+    with pytest.raises(ValueError, match=r"fastseq SpatialTransformer: context must be \(B, L, 12\)"):
+        block(torch.randn(2, 32, 4, 4), torch.randn(2, 3, 10))
+    with pytest.raises(ValueError, match=r"x must be a \(B, 32, H, W\) feature map"):
+        block(torch.randn(2, 16, 4, 4), torch.randn(2, 3, 12))
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((2, 5, 16), (2, 5, 12), (2, 5, 12)), "key must be 3-D with 16 features"),
+    (((2, 5, 16), (3, 5, 16), (3, 5, 16)), "must agree in batch"),
+    (((2, 5, 16), (2, 5, 16), (2, 4, 16)), "key and value must have the same length"),
+])
+def test_multihead_attention_fused_path_checks_shapes(shapes, match):
+    mha = fastseq.nn.MultiheadAttention(16, 2, batch_first=True)
+    with pytest.raises(ValueError, match=match):
+        mha(*(torch.randn(s) for s in shapes), need_weights=False)
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,gqa", [
+    ((2, 4, 3, 8), (1, 4, 5, 8), False), ((1, 4, 3, 8), (2, 1, 5, 8), False),
+    ((2, 1, 3, 8), (2, 4, 5, 8), False), ((1, 4, 3, 8), (3, 2, 5, 8), True),
+])
+def test_sdpa_drop_in_broadcasts_batch_and_heads_as_torch_does(q_shape, kv_shape, gqa):
+    import torch.nn.functional as F
+
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    got = fastseq.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_drop_in_names_heads_that_do_not_broadcast():
+    q, kv = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        fastseq.nn.functional.scaled_dot_product_attention(q, kv, kv)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 1.5, True])
+def test_attention_seed_out_of_range_is_named(seed):
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+        fastseq.attention(x, x, x, dropout_p=0.1, seed=seed)
+
+
+def test_meta_tensors_give_shapes_without_reading_values():
+    """Value checks (lengths, positions, aliasing) are skipped where there are no values."""
+    m = torch.empty(2, 2, 5, 8, device="meta")
+    lengths = torch.tensor([3, 4], device="meta")
+    assert fastseq.attention(m, m, m, key_lengths=lengths).shape == m.shape
+    assert fastseq.attention_decode(m, m, m, lengths).shape == m.shape
+    table = torch.empty(8, 4, device="meta")
+    assert fastseq.apply_rotary(m, m, table, table, positions=lengths)[0].shape == m.shape
+    lstm = fastseq.nn.LSTM(8, 8, device="meta")
+    assert lstm(torch.empty(5, 2, 8, device="meta"), lengths=lengths)[0].shape == (5, 2, 8)
+    with pytest.raises(ValueError, match="meta device"):
+        fastseq.nn.RotaryEmbedding(8)(m, positions=lengths)

@@ -77,6 +77,21 @@ class Attention(nn.Module):
                              dtype=dtype or self.q_proj.weight.dtype)
 
     def forward(self, x, *, positions=None, cache: KVCache | None = None, key_lengths=None):
+        """Attend over ``x`` ``(B, L, dim)``; returns ``(B, L, dim)`` in x's dtype.
+
+        Args:
+            positions: rotary positions as :meth:`RotaryEmbedding.forward` takes them (an int
+                offset, ``(B,)`` per-sequence offsets or ``(B, L)`` ids); default ``0 .. L-1``,
+                or each sequence's cache length onward with a cache.
+            cache: a :class:`KVCache` (see :meth:`new_cache`): the new keys and values are
+                appended to it in place, and the queries attend to every cached key of their
+                sequence (causally among the new ones when the layer is causal).
+            key_lengths: ``(B,)`` ints, without a cache: keys at or past ``key_lengths[b]`` are
+                padding and never read.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            raise ValueError(f"fastseq Attention: x must be (B, L, {self.q_proj.in_features}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)

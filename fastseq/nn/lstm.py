@@ -36,6 +36,10 @@ class LSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__()
+        for name, value, least in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1),
+                                   ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                _fail(f"{name} must be an int >= {least}, got {value!r}")
         if proj_size < 0 or proj_size >= hidden_size:
             _fail(f"proj_size must be in [0, hidden_size={hidden_size}), got {proj_size}")
         if not 0 <= dropout <= 1:
@@ -78,6 +82,21 @@ class LSTM(nn.Module):
         return s
 
     def forward(self, input, hx=None, lengths=None):
+        """Run every layer and direction over ``input``.
+
+        Args:
+            input: ``(T, B, I)`` (``(B, T, I)`` with ``batch_first``), unbatched ``(T, I)``, or a
+                ``PackedSequence``; the parameters' dtype (or autocast's, where it is on).
+            hx: optional ``(h0, c0)``, each ``(L * D, B, P)`` and ``(L * D, B, H)`` (no batch
+                dimension for unbatched input); zeros when None. ``P`` is ``proj_size or H``.
+            lengths: optional ``(B,)`` integers (tensor or list) in ``[0, T]``: sequence ``b`` runs
+                for ``lengths[b]`` steps; its outputs past that are zeros and its final states are
+                those at its last step. Not with a ``PackedSequence``.
+
+        Returns:
+            ``(output, (h_n, c_n))`` as ``torch.nn.LSTM``: ``output`` ``(T, B, D * P)`` (or packed,
+            or batch-first), ``h_n`` ``(L * D, B, P)``, ``c_n`` ``(L * D, B, H)``.
+        """
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -202,6 +221,8 @@ class LSTMCell(nn.LSTMCell):
     """``torch.nn.LSTMCell`` on fastseq's fused cell: same parameters, signature and outputs."""
 
     def forward(self, input, hx=None):
+        """One step: ``input`` ``(B, I)`` or unbatched ``(I,)``, ``hx`` an optional ``(h, c)`` of
+        ``(B, H)`` each (zeros when None); returns the next ``(h, c)``, as ``torch.nn.LSTMCell``."""
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         if x.dim() != 2 or x.shape[1] != self.input_size:
@@ -230,7 +251,8 @@ def _in_compute_dtype(x, hx, weight_dtype):
     autocast is on for x's device, its dtype (weights and state are cast to it as well); else the
     weights' own, which the input must already have (no silent cast, as torch raises too)."""
     device_type = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+    if (x.is_floating_point() and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         dtype = torch.get_autocast_dtype(device_type)
         return x.to(dtype), (None if hx is None else tuple(t.to(dtype) for t in hx))
     if x.dtype != weight_dtype:

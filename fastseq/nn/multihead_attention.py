@@ -44,8 +44,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     Same constructor, parameters (state dicts load both ways) and forward signature. Calls that
     request attention weights (``need_weights=True``, torch's default) or use ``bias_k``/``bias_v``
     or ``add_zero_attn`` run torch's own implementation, so the weights are exact; pass
-    ``need_weights=False`` for the fused path. A query whose keys are all masked gives zeros where
-    torch gives NaN.
+    ``need_weights=False`` for the fused path. A query whose keys are all masked attends to
+    nothing (zeros before the output projection), as torch's does in training mode; torch's
+    inference fast path gives NaN there.
     """
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -57,6 +58,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask (the causal "
                                "mask), as in torch.nn.MultiheadAttention")
+        self._check_shapes(query, key, value)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query[:, None], key[:, None], value[:, None]
@@ -70,6 +72,23 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+    def _check_shapes(self, query, key, value):
+        """query (L, B, E), key (S, B, kdim), value (S, B, vdim), batch first or unbatched."""
+        rank = query.dim()
+        batch_dim = 0 if self.batch_first else 1
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                               ("value", value, self.vdim)):
+            if t.dim() != rank or rank not in (2, 3) or t.shape[-1] != width:
+                raise ValueError(f"fastseq MultiheadAttention: {name} must be {rank}-D with "
+                                 f"{width} features (as query is {rank}-D), got {tuple(t.shape)}")
+        if rank == 3 and not query.shape[batch_dim] == key.shape[batch_dim] == value.shape[batch_dim]:
+            raise ValueError(f"fastseq MultiheadAttention: query, key and value must agree in batch, "
+                             f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        length_dim = 1 if self.batch_first and rank == 3 else 0
+        if key.shape[length_dim] != value.shape[length_dim]:
+            raise ValueError(f"fastseq MultiheadAttention: key and value must have the same "
+                             f"length, got {tuple(key.shape)} and {tuple(value.shape)}")
 
     def _projection_weights(self):
         if self._qkv_same_embed_dim:

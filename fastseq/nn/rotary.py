@@ -141,6 +141,9 @@ def _max_position(positions, seqlen: int) -> int:
         return (positions or 0) + seqlen - 1
     if positions.numel() == 0:
         return seqlen - 1
+    if positions.device.type == "meta":
+        raise ValueError("fastseq RotaryEmbedding: positions on the meta device have no values to "
+                         "size the cos/sin table by; pass them on a real device, or an int offset")
     if positions.dim() == 1:
         return int(positions.max()) + seqlen - 1
     return int(positions.max())

@@ -8,11 +8,23 @@ cross-attention to a short text context runs the short-context kernel.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastseq.ops.attention import attention
 from fastseq.ops.cross_attention import MAX_CONTEXT, cross_attention
+
+
+def _fail(module, message):
+    raise ValueError(f"fastseq {module}: {message}")
+
+
+def _check_tokens(module, name, t, width):
+    """``t`` is a (B, L, width) tensor of tokens; errors name ``module``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != width:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        _fail(module, f"{name} must be (B, L, {width}) tokens, got {shape}")
 
 
 class CrossAttention(nn.Module):
@@ -37,6 +49,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None, context_lengths=None):
         """Returns (B, N, query_dim). ``context_lengths`` (B,) marks padded context tokens."""
+        _check_tokens("CrossAttention", "x", x, self.to_q.in_features)
+        if context is not None:
+            _check_tokens("CrossAttention", "context", context, self.to_k.in_features)
+            if context.shape[0] != x.shape[0]:
+                _fail("CrossAttention", f"context batch {context.shape[0]} must match x batch "
+                                        f"{x.shape[0]}")
         q = self._heads(self.to_q(x))
         source = x if context is None else context
         k, v = self._heads(self.to_k(source)), self._heads(self.to_v(source))
@@ -90,7 +108,7 @@ class SpatialTransformer(nn.Module):
                  dropout=0.0, use_linear=False):
         super().__init__()
         inner = heads * head_dim
-        self.use_linear = use_linear
+        self.use_linear, self.context_dim = use_linear, context_dim
         self.norm = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in, self.proj_out = nn.Linear(in_channels, inner), nn.Linear(inner, in_channels)
@@ -102,6 +120,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context, context_lengths=None):
         """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.norm.num_channels:
+            _fail("SpatialTransformer", f"x must be a (B, {self.norm.num_channels}, H, W) feature "
+                  f"map, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_tokens("SpatialTransformer", "context", context, self.context_dim)
         batch, _, height, width = x.shape
         h = self.norm(x)
         if self.use_linear:

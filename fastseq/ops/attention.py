@@ -21,7 +21,14 @@ import math
 import torch
 
 from fastseq import _backend
-from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range, refuse_untransformable, warn_once
+from fastseq.ops.checks import (
+    KERNEL_DTYPES,
+    fail,
+    out_of_range,
+    refuse_untransformable,
+    values_known,
+    warn_once,
+)
 from fastseq.ops.rotary import no_heads  # (importing it registers torch.ops.fastseq.rotary_)
 from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
@@ -393,7 +400,7 @@ def check_key_lengths(lengths, q, k, op: str = "attention", name: str = "key_len
                  f"{lengths.dtype} {tuple(lengths.shape)}")
     if lengths.device != q.device:
         fail(op, f"{name} is on {lengths.device} but q is on {q.device}")
-    if not torch.compiler.is_compiling() and lengths.numel():
+    if values_known(lengths) and lengths.numel():
         if out_of_range(lengths, lengths, 0, k.shape[2]):
             fail(op, f"{name} must lie in [0, Lk={k.shape[2]}], got {lengths.tolist()}")
     return lengths
@@ -462,6 +469,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        _fail(f"seed must be an int in [0, 2**63), got {seed!r}")
     args = (cos, sin, rotary_interleaved, causal, causal_alignment == "bottom_right", scale,
             float(dropout_p), int(seed or 0))
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():

@@ -23,7 +23,7 @@ from fastseq.ops.attention import (
     last_dim_dense,
     lse_dtype,
 )
-from fastseq.ops.checks import fail, refuse_untransformable
+from fastseq.ops.checks import fail, refuse_untransformable, values_known
 from fastseq.reference import attention as reference
 
 MAX_DECODE_ROWS = 16
@@ -153,7 +153,7 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
     if cache_lengths is None:
         _fail("cache_lengths is required: the number of positions already in each cache, (B,)")
     cache_lengths = check_key_lengths(cache_lengths, k, k_cache, "kv_cache_append", "cache_lengths")
-    if not torch.compiler.is_compiling() and batch:
+    if values_known(cache_lengths) and batch:
         if int(cache_lengths.max()) + new > k_cache.shape[2]:
             _fail(f"appending {new} tokens overflows the cache of {k_cache.shape[2]} positions")
     index = cache_lengths.to(torch.int64)[:, None] + torch.arange(new, device=k.device)

@@ -36,6 +36,12 @@ def describe(x) -> str:
     return type(x).__name__
 
 
+def values_known(*tensors: torch.Tensor) -> bool:
+    """Whether a check may read the values of ``tensors``: not while ``torch.compile`` traces
+    (they are symbolic there) and not on the meta device (shapes without data)."""
+    return not torch.compiler.is_compiling() and all(t.device.type != "meta" for t in tensors)
+
+
 def out_of_range(low: torch.Tensor, high: torch.Tensor, lowest: int, highest: int) -> bool:
     """True when some value of ``low`` is below ``lowest`` or some value of ``high`` above
     ``highest`` (non-empty integer tensors). One host read: on a GPU, one device sync, not two."""

@@ -30,7 +30,7 @@ import torch
 
 from fastseq import _backend, _extension
 from fastseq.ops import eager
-from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range
+from fastseq.ops.checks import KERNEL_DTYPES, fail, out_of_range, values_known
 from fastseq.reference import lstm as reference
 
 _fail = functools.partial(fail, "lstm_layer")
@@ -81,7 +81,7 @@ def checked_lengths(lengths, steps, batch, device, fail):
             or lengths.dtype == torch.bool:
         fail(f"lengths must be {batch} integers, got {tuple(lengths.shape)} {lengths.dtype}")
     lengths = lengths.to(device=device, dtype=torch.int64)
-    if not torch.compiler.is_compiling() and lengths.numel() and not _vmapped(lengths):
+    if values_known(lengths) and lengths.numel() and not _vmapped(lengths):
         _check_range(lengths, steps, fail)
     return lengths.contiguous()
 

@@ -23,6 +23,7 @@ from fastseq.ops.checks import (
     fail,
     out_of_range,
     refuse_untransformable,
+    values_known,
     warn_once,
 )
 from fastseq.reference import rotary as reference
@@ -224,7 +225,7 @@ def _check_positions(positions, batch, seqlen, table_len, device):
         highest = table_len - 1
     else:
         _fail(f"positions must be 1-D (per-batch offsets) or 2-D (ids), got {positions.dim()}-D")
-    if seqlen > 0 and batch > 0 and not torch.compiler.is_compiling():
+    if seqlen > 0 and batch > 0 and values_known(positions):
         # A data-dependent check (one device sync); an out-of-range position would read garbage.
         if out_of_range(positions, positions, 0, highest):
             what = "per-batch offsets" if positions.dim() == 1 else "position ids"
@@ -307,7 +308,7 @@ def apply_rotary(
     """
     _check_tensors(q, k, cos, sin)
     refuse_untransformable("rotary", q, k, cos, sin)
-    if (inplace and k is not None and not torch.compiler.is_compiling() and q.numel() and k.numel()
+    if (inplace and k is not None and values_known(q) and q.numel() and k.numel()
             and q.data_ptr() == k.data_ptr()):
         _fail("inplace=True with q and k starting at the same memory would rotate it twice; "
               "pass k=None")

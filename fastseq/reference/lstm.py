@@ -41,7 +41,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, bias=None, w_hr=None, lengths=None, revers
     """
     h, c = h0, c0
     pre_x = x @ w_ih.t() if bias is None else torch.addmm(bias, x.flatten(0, 1), w_ih.t()).view(
-        *x.shape[:2], -1)
+        *x.shape[:2], w_ih.shape[0])
     ys = [None] * x.shape[0]
     for t in step_order(x.shape[0], reverse):
         _, c_new, m = cell_forward(pre_x[t] + h @ w_hh.t(), c)
