@@ -435,3 +435,25 @@ def test_meta_tensors_give_shapes_without_reading_values():
     assert lstm(torch.empty(5, 2, 8, device="meta"), lengths=lengths)[0].shape == (5, 2, 8)
     with pytest.raises(ValueError, match="meta device"):
         fastseq.nn.RotaryEmbedding(8)(m, positions=lengths)
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_decode", "cross_attention", "sdpa"])
+def test_head_dim_zero_gives_an_empty_output_as_torch_does(op):
+    z = torch.randn(1, 2, 3, 0)
+    call = {"attention": lambda: fastseq.attention(z, z, z),
+            "attention_decode": lambda: fastseq.attention_decode(z, z, z, None),
+            "cross_attention": lambda: fastseq.cross_attention(z, z, z),
+            "sdpa": lambda: fastseq.nn.functional.scaled_dot_product_attention(z, z, z)}[op]
+    assert call().shape == (1, 2, 3, 0)
+
+
+def test_attention_scale_must_be_finite():
+    x = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        fastseq.attention(x, x, x, scale=float("nan"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(heads=0), dict(head_dim=0)])
+def test_cross_attention_module_refuses_empty_heads(kwargs):
+    with pytest.raises(ValueError, match="fastseq CrossAttention: head"):
+        fastseq.nn.CrossAttention(16, 12, **kwargs)

@@ -36,6 +36,9 @@ class CrossAttention(nn.Module):
 
     def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0):
         super().__init__()
+        for name, value in (("query_dim", query_dim), ("heads", heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail("CrossAttention", f"{name} must be a positive int, got {value!r}")
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads, self.head_dim = heads, head_dim

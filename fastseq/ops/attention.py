@@ -37,6 +37,16 @@ MAX_HEAD_DIM = 256
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def softmax_scale(q: torch.Tensor, scale, op: str = "attention") -> float:
+    """``scale`` as a float, by default ``1/sqrt(D)`` of q's head dim (1 for an empty head dim,
+    whose scores are all zero whatever the scale)."""
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        fail(op, f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the log-sum-exp the attention ops return for inputs of ``dtype``: float32,
     float64 for float64 inputs (whose gradients need it to stay float64-accurate)."""
@@ -466,7 +476,7 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", attn_mask=N
     mask = _canonical_mask(attn_mask, q, k)
     key_lengths = check_key_lengths(key_lengths, q, k)
     _check_rotary(cos, sin, q, k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(q, scale)
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)

@@ -10,7 +10,6 @@ It is an inference op: with inputs that require grad, :func:`attention_decode` r
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -22,6 +21,7 @@ from fastseq.ops.attention import (
     check_qkv,
     last_dim_dense,
     lse_dtype,
+    softmax_scale,
 )
 from fastseq.ops.checks import fail, refuse_untransformable, values_known
 from fastseq.reference import attention as reference
@@ -125,7 +125,7 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
     cache_lengths = check_key_lengths(cache_lengths, q, k_cache, "attention_decode", "cache_lengths")
     if cache_lengths is None:
         cache_lengths = torch.full((q.shape[0],), k_cache.shape[2], device=q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(q, scale, "attention_decode")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         out, lse = attention_op(q, k_cache, v_cache, None, cache_lengths, None, None, False,
                                 True, True, scale, 0.0, 0)

@@ -10,12 +10,18 @@ general attention op.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from fastseq import _backend
-from fastseq.ops.attention import attention_backend, attention_op, check_key_lengths, check_qkv, lse_dtype
+from fastseq.ops.attention import (
+    attention_backend,
+    attention_op,
+    check_key_lengths,
+    check_qkv,
+    lse_dtype,
+    softmax_scale,
+)
 from fastseq.ops.checks import fail, refuse_untransformable
 
 MAX_CONTEXT = 256
@@ -180,6 +186,6 @@ def cross_attention(q, k, v, *, context_lengths=None, residual=None, scale=None,
                                  or residual.device != q.device):
         _fail(f"residual must match q {tuple(q.shape)} {q.dtype} on {q.device}, got "
               f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(q, scale, "cross_attention")
     out, lse = cross_attention_op(q, k, v, context_lengths, residual, scale)
     return (out, lse) if return_lse else out

@@ -56,7 +56,7 @@ def attention(q, k, v, *, causal=False, bottom_right=False, attn_mask=None, key_
     k, v = without_padding(k, key_lengths), without_padding(v, key_lengths)
     k = k.to(compute).repeat_interleave(group, dim=1)
     v = v.to(compute).repeat_interleave(group, dim=1)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = (1.0 / math.sqrt(dim) if dim else 1.0) if scale is None else scale
     scores = (q.to(compute) @ k.transpose(-1, -2)) * scale
     seen = visibility(batch, lq, lk, causal=causal, bottom_right=bottom_right,
                       key_lengths=key_lengths, device=q.device)
