@@ -35,7 +35,8 @@ class Attention(nn.Module):
     Args:
         dim: model width. num_heads: query heads. num_kv_heads: key/value heads (default
             ``num_heads``; fewer for GQA/MQA). head_dim: default ``dim // num_heads``.
-        bias: biases in the projections. causal: mask future tokens.
+        bias: biases in the q/k/v projections; ``out_bias`` in the output projection (default:
+            ``bias``; Qwen2 has the first without the second). causal: mask future tokens.
         rotary: a :class:`RotaryEmbedding`, ``True`` for one over the whole head dim, or None.
         dropout: attention dropout in training.
 
@@ -46,7 +47,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim, num_heads, num_kv_heads=None, head_dim=None, *, bias=False,
-                 causal=True, rotary=None, dropout=0.0, device=None, dtype=None):
+                 out_bias=None, causal=True, rotary=None, dropout=0.0, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
@@ -67,7 +68,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim,
+                                bias=bias if out_bias is None else out_bias, **factory)
         self.rotary = RotaryEmbedding(self.head_dim) if rotary is True else rotary
 
     def new_cache(self, batch, max_len, *, device=None, dtype=None) -> KVCache:
@@ -76,7 +78,8 @@ class Attention(nn.Module):
                              device=device or self.q_proj.weight.device,
                              dtype=dtype or self.q_proj.weight.dtype)
 
-    def forward(self, x, *, positions=None, cache: KVCache | None = None, key_lengths=None):
+    def forward(self, x, *, positions=None, cache: KVCache | None = None, key_lengths=None,
+                attn_mask=None):
         """Attend over ``x`` ``(B, L, dim)``; returns ``(B, L, dim)`` in x's dtype.
 
         Args:
@@ -88,6 +91,9 @@ class Attention(nn.Module):
                 sequence (causally among the new ones when the layer is causal).
             key_lengths: ``(B,)`` ints, without a cache: keys at or past ``key_lengths[b]`` are
                 padding and never read.
+            attn_mask: a bool keep-mask (True = attend) or an additive mask broadcastable to
+                ``(B, heads, L, L)``, or ``(B, heads, L, S)`` over a cache of ``S`` slots,
+                applied with causality (e.g. the keys of left padding, or a sliding window).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
             raise ValueError(f"fastseq Attention: x must be (B, L, {self.q_proj.in_features}), got "
@@ -98,17 +104,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             at = cache.lengths if cache is not None and positions is None else positions
-            q, k = self.rotary(q, k, positions=at)
+            # Positions from the cache stay below its size: the tables are sized without a sync.
+            bound = cache.k.shape[2] if cache is not None and positions is None else None
+            q, k = self.rotary(q, k, positions=at, max_positions=bound)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, D) views
         if cache is None:
             out = attention(q, k, v, causal=self.causal, key_lengths=key_lengths,
-                            dropout_p=self.dropout if self.training else 0.0)
+                            attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         else:
             if key_lengths is not None:
                 raise ValueError("fastseq Attention: with a cache, the cache's lengths say which "
                                  "keys are valid; key_lengths must be None")
             cache.lengths = kv_cache_append(cache.k, cache.v, k, v, cache.lengths)
-            if self.causal:
+            if attn_mask is not None:  # over the whole cache, (B, heads, L, S)
+                out = attention(q, cache.k, cache.v, causal=self.causal,
+                                causal_alignment="bottom_right", key_lengths=cache.lengths,
+                                attn_mask=attn_mask)
+            elif self.causal:
                 out = attention_decode(q, cache.k, cache.v, cache.lengths)
             else:  # every cached key of the sequence, the new ones included
                 out = attention(q, cache.k, cache.v, key_lengths=cache.lengths)

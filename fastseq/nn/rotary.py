@@ -9,6 +9,7 @@ from torch import nn
 
 from fastseq.nn.rope_scaling import RopeScaling, default_inverse_frequencies
 from fastseq.ops.rotary import apply_rotary
+from fastseq.reference.rotary import token_positions
 
 
 class RotaryEmbedding(nn.Module):
@@ -98,14 +99,22 @@ class RotaryEmbedding(nn.Module):
             self._tables[device] = cached = (length, cos, sin)
         return cached[1], cached[2]
 
-    def forward(self, q, k=None, *, positions=None, layout: str = "bnhd", inplace: bool = False):
+    def forward(self, q, k=None, *, positions=None, layout: str = "bnhd", inplace: bool = False,
+                max_positions: int | None = None):
         """Rotate ``q`` and ``k`` (``(B, N, H, D)``, or ``(B, H, N, D)`` with ``layout="bhnd"``).
 
         ``positions``: ``None``/``int`` offset, ``(B,)`` per-batch offsets, or ``(B, N)`` ids.
+        ``max_positions``: a bound the caller knows (e.g. a KV cache's size) that every position
+        stays below: the tables are sized by it instead of by reading the positions, a host sync
+        that ``torch.compile(fullgraph=True)`` cannot trace (dynamic NTK scaling still reads them:
+        its frequencies depend on the true length).
         Returns ``(q_out, k_out)``; see :func:`fastseq.apply_rotary`.
         """
         seqlen = q.shape[1] if layout == "bnhd" else q.shape[2]
-        length = _max_position(positions, seqlen) + 1
+        if max_positions is not None and not self._dynamic:
+            length = max_positions
+        else:
+            length = _max_position(positions, seqlen) + 1
         if length > self.max_cached_positions:
             cos, sin = self._angles_at(positions, q.shape[0], seqlen, length, q.device)
             positions = None
@@ -116,20 +125,16 @@ class RotaryEmbedding(nn.Module):
             layout=layout,
         )
 
-
     def _angles_at(self, positions, batch: int, seqlen: int, length: int, device):
         """``(cos, sin)``, each ``(B, N, dim/2)``: the angles of the call's own positions, for a
         call that reaches past the cached tables (nothing is cached)."""
         if self._dynamic:
             self._dynamic_length = max(self._dynamic_length, length)
             length = self._dynamic_length
-        steps = torch.arange(seqlen, device=device)
-        if positions is None or isinstance(positions, int):
-            tokens = ((positions or 0) + steps).expand(batch, seqlen)
-        elif positions.dim() == 1:
-            tokens = positions.to(torch.int64)[:, None] + steps
+        if isinstance(positions, int):
+            tokens = token_positions(batch, seqlen, None, positions, device)
         else:
-            tokens = positions.to(torch.int64).expand(batch, seqlen)
+            tokens = token_positions(batch, seqlen, positions, 0, device)
         inv_freq, scale = self.inverse_frequencies(length)
         angles = tokens.to(torch.float32)[..., None] * inv_freq.to(device)
         return angles.cos() * scale, angles.sin() * scale
