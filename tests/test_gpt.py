@@ -230,6 +230,8 @@ def test_bad_inputs_are_refused_by_name():
         ours(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="max_new_tokens"):
         ours.generate(torch.zeros(1, 3, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="reach 66 positions, past the 64 learned positions"):
+        ours.generate(torch.zeros(1, 6, dtype=torch.long), 60)
 
 
 @pytest.mark.parametrize("flavour,overrides,match", [

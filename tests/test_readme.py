@@ -19,6 +19,13 @@ def test_readme_results_are_generated_from_the_results_files():
     )
 
 
+def test_quick_start_runs_as_pasted():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md quick start", "exec"), {})
+
+
 def test_every_headline_exists_in_some_results_file():
     """A headline that names no measured case would silently drop out of the table."""
     from fastseq.bench.runner import available_suites, load_suite

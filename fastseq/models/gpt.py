@@ -156,8 +156,7 @@ class GPT(nn.Module):
     # -- the forward pass ------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Logits ``(B, T, vocab)`` in the parameters' dtype (float32 under autocast's lower
-        precision stays as autocast gives it).
+        """Logits ``(B, T, vocab)``, in the parameters' dtype (autocast's under autocast).
 
         Args:
             input_ids: ``(B, T)`` token ids in ``[0, vocab_size)``.
@@ -169,7 +168,12 @@ class GPT(nn.Module):
             cache: a list of one :class:`fastseq.nn.KVCache` per layer (:meth:`new_cache`): the
                 tokens are appended to it and attend to everything cached before them.
         """
-        batch, length = self._check_inputs(input_ids, attention_mask, position_ids, cache)
+        self._check_inputs(input_ids, attention_mask, position_ids, cache)
+        return self._logits(input_ids, attention_mask, position_ids, cache)
+
+    def _logits(self, input_ids, attention_mask, position_ids, cache):
+        """:meth:`forward` after its checks (``generate`` makes them once, not per token)."""
+        batch, length = input_ids.shape
         given = position_ids
         attn_mask = None
         if attention_mask is not None and (torch.compiler.is_compiling()
@@ -284,6 +288,10 @@ class GPT(nn.Module):
         lengths = keep.sum(1)
         if bool((lengths == 0).any()):
             raise ValueError("fastseq GPT: every prompt needs at least one token")
+        longest = int(lengths.max()) + max_new_tokens
+        if self.wpe is not None and longest > self.config.max_position_embeddings:
+            raise ValueError(f"fastseq GPT: prompts and new tokens reach {longest} positions, past "
+                             f"the {self.config.max_position_embeddings} learned positions")
         # Tokens first, padding after: each row's tokens at cache positions 0 .. length - 1.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
         packed = input_ids.gather(1, order)
@@ -302,7 +310,7 @@ class GPT(nn.Module):
             new.append(token)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            logits = self(token[:, None], cache=cache)[:, -1]
+            logits = self._logits(token[:, None], None, None, cache)[:, -1]
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
     # -- weights of other libraries ----------------------------------------------------------------

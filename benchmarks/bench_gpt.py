@@ -1,0 +1,109 @@
+"""GPT: ``fastseq.models.GPT`` against the transformers model it was loaded from (sdpa attention).
+
+Both hold the same weights (a randomly initialised Llama-style model: width 256, 4 layers, 8 query
+and 4 key/value heads, a 4096-token vocabulary). Cases:
+
+* ``train step``: forward, LM loss, backward and an AdamW step on a batch of token ids;
+* ``prefill``: one forward over a prompt, no KV cache (inference);
+* ``decode``: ``generate`` of 256 greedy tokens after a 16-token prompt, fastseq's (a static KV
+  cache, the split-KV decode kernels) against transformers' ``generate(do_sample=False)``; the
+  time per token is the case's time / 256.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from fastseq.bench import Case
+from fastseq.models import GPT
+
+SUITE = "gpt"
+
+HEADLINES = ("train step fp32 B4 T128", "prefill fp32 B1 T512", "decode fp32 B1 256 tokens",
+             "decode fp32 B8 256 tokens")
+HEADLINE_BASELINES = ("transformers",)
+SOURCES = ("fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/attention*.py",
+           "kernels/rotary.py", "csrc/cpu/rotary.cpp")
+
+VOCAB = 4096
+NEW_TOKENS = 256
+
+
+def _models(device, dtype):
+    """(transformers model, fastseq model) with the same weights, in eval mode."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
+    return theirs, GPT.from_hf(theirs)
+
+
+def _case(name, params, dtype, variants):
+    return Case(suite=SUITE, name=name, params=params, dtype=dtype, variants=variants)
+
+
+def _train_step(model, logits_of, ids):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        logits = logits_of(model, ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _train(device, dtype, batch, length):
+    theirs, ours = _models(device, dtype)
+    theirs.train(), ours.train()
+    ids = torch.randint(0, VOCAB, (batch, length), device=device)
+    return _case(f"train step fp32 B{batch} T{length}",
+                 {"pass": "train", "batch": batch, "length": length}, dtype, {
+                     "fastseq": _train_step(ours, lambda m, x: m(x), ids),
+                     "transformers": _train_step(theirs, lambda m, x: m(x).logits, ids),
+                 })
+
+
+def _prefill(device, dtype, batch, length):
+    theirs, ours = _models(device, dtype)
+    ids = torch.randint(0, VOCAB, (batch, length), device=device)
+    return _case(f"prefill fp32 B{batch} T{length}",
+                 {"pass": "prefill", "batch": batch, "length": length}, dtype, {
+                     "fastseq": torch.no_grad()(lambda: ours(ids)),
+                     "transformers": torch.no_grad()(lambda: theirs(ids, use_cache=False).logits),
+                 })
+
+
+def _decode(device, dtype, batch, new_tokens):
+    theirs, ours = _models(device, dtype)
+    prompt = torch.randint(0, VOCAB, (batch, 16), device=device)
+
+    def transformers_generate():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return theirs.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)
+
+    return _case(f"decode fp32 B{batch} {new_tokens} tokens",
+                 {"pass": "decode", "batch": batch, "new_tokens": new_tokens}, dtype, {
+                     "fastseq": lambda: ours.generate(prompt, new_tokens),
+                     "transformers": transformers_generate,
+                 })
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """A training step, a prefill and greedy decoding at batch 1 and 8 (float32)."""
+    dtype = torch.float32
+    new_tokens = 16 if quick else NEW_TOKENS
+    return [_train(device, dtype, 4, 128), _prefill(device, dtype, 1, 512),
+            _decode(device, dtype, 1, new_tokens), _decode(device, dtype, 8, new_tokens)]
