@@ -30,6 +30,7 @@ SOURCES = ("fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernel
 
 VOCAB = 4096
 NEW_TOKENS = 256
+MEMORY_SWEEP = "length"
 
 
 def _models(device, dtype):
@@ -107,3 +108,8 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     new_tokens = 16 if quick else NEW_TOKENS
     return [_train(device, dtype, 4, 128), _prefill(device, dtype, 1, 512),
             _decode(device, dtype, 1, new_tokens), _decode(device, dtype, 8, new_tokens)]
+
+
+def memory_cases(device: torch.device) -> list[Case]:
+    """A training step at growing sequence lengths: ``python -m fastseq profile gpt``."""
+    return [_train(device, torch.float32, 4, length) for length in (64, 128, 256, 512)]
