@@ -102,7 +102,7 @@ def attention_op(
     if backend == "triton":
         from fastseq.kernels import attention as kernels
 
-        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        out = output_like(q, v)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if q.numel() and out.numel():
             kernels.forward(q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
@@ -114,7 +114,25 @@ def attention_op(
         return out, lse
     out, lse = _reference(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                           bottom_right, scale, dropout_p, seed)
-    return out, lse.to(lse_dtype(q.dtype))
+    return _as_output(out, q, v), lse.to(lse_dtype(q.dtype))
+
+
+def output_like(q, v, device=None):
+    """An empty output of the attention of ``q`` over ``v``: in q's memory layout when the value
+    dim is q's (heads of a ``(B, L, H, D)`` projection, viewed as ``(B, H, L, D)``, come back in
+    that layout, so that merging the heads again is a view), else contiguous. ``device="meta"``
+    gives the layout without memory."""
+    if v.shape[-1] == q.shape[-1]:
+        return torch.empty_like(q, device=device)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:], device=device)
+
+
+def _as_output(t, q, v):
+    """``t`` (the attention of q over v) in the layout of :func:`output_like`, copied only when
+    it is not in it already."""
+    if t.stride() == output_like(q, v, device="meta").stride():
+        return t
+    return output_like(q, v).copy_(t)
 
 
 def query_positions(batch, lq, lk, key_lengths, bottom_right, device):
@@ -207,8 +225,9 @@ def _laid_out_like(t, like):
 def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                  bottom_right, scale):
     if not q.numel() or not k.shape[2]:  # no rows, or no keys to see
-        return (q.new_zeros(q.shape[:-1] + v.shape[-1:]),
+        return (output_like(q, v).zero_(),
                 q.new_full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype)))
+    q_in = q
     q, k = _rotated(q, k, cos, sin, key_lengths, rotary_interleaved, bottom_right)
     k, v = reference.without_padding(k, key_lengths), reference.without_padding(v, key_lengths)
     q, k, v = (last_dim_dense(t) for t in (q, k, v))
@@ -219,8 +238,9 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
         scale=scale)
     if mask is not None:  # rows that see no key: torch's kernel leaves lse 0, ours says -inf
         lse = lse.masked_fill((_unbroadcast(mask) == float("-inf")).all(-1), float("-inf"))
-    # The kernel's outputs are (B, L, H) in memory; the op promises dense (B, H, L) tensors.
-    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    # The kernel's output is (B, L, H, D) in memory: the layout of q when q is a projection's
+    # heads (no copy then); the log-sum-exp is promised dense (B, H, L).
+    return _as_output(out, q_in, v), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
 def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin, rotary_interleaved,
@@ -250,8 +270,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
 @attention_op.register_fake
 def _(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal, bottom_right, scale,
       dropout_p, seed):
-    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+    return output_like(q, v), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastseq::attention_backward", mutates_args=())
