@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseq.bench import Case
-from fastseq.models import GPT
+from fastseq.models import GPT, GPTConfig
 
 SUITE = "gpt"
 
@@ -34,9 +34,15 @@ MEMORY_SWEEP = "length"
 
 
 def _models(device, dtype):
-    """(transformers model, fastseq model) with the same weights, in eval mode."""
-    import transformers
-
+    """(transformers model, fastseq model) with the same weights, in eval mode; (None, fastseq
+    model) where transformers is not installed (a GPU machine without network, say)."""
+    try:
+        import transformers
+    except ImportError:
+        torch.manual_seed(0)
+        config = GPTConfig(vocab_size=VOCAB, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
+                           flavour="llama", intermediate_size=768, max_position_embeddings=2048)
+        return None, GPT(config).to(device, dtype).eval()
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -48,7 +54,13 @@ def _models(device, dtype):
 
 
 def _case(name, params, dtype, variants):
-    return Case(suite=SUITE, name=name, params=params, dtype=dtype, variants=variants)
+    """A case; its ``transformers`` variant is reported as skipped when it is None."""
+    skipped = {}
+    if variants.get("transformers") is None:
+        variants.pop("transformers", None)
+        skipped["transformers"] = "transformers is not installed"
+    return Case(suite=SUITE, name=name, params=params, dtype=dtype, variants=variants,
+                skipped=skipped)
 
 
 def _train_step(model, logits_of, ids):
@@ -66,12 +78,13 @@ def _train_step(model, logits_of, ids):
 
 def _train(device, dtype, batch, length):
     theirs, ours = _models(device, dtype)
-    theirs.train(), ours.train()
+    ours.train()
     ids = torch.randint(0, VOCAB, (batch, length), device=device)
     return _case(f"train step fp32 B{batch} T{length}",
                  {"pass": "train", "batch": batch, "length": length}, dtype, {
                      "fastseq": _train_step(ours, lambda m, x: m(x), ids),
-                     "transformers": _train_step(theirs, lambda m, x: m(x).logits, ids),
+                     "transformers": None if theirs is None else _train_step(
+                         theirs.train(), lambda m, x: m(x).logits, ids),
                  })
 
 
@@ -81,7 +94,8 @@ def _prefill(device, dtype, batch, length):
     return _case(f"prefill fp32 B{batch} T{length}",
                  {"pass": "prefill", "batch": batch, "length": length}, dtype, {
                      "fastseq": torch.no_grad()(lambda: ours(ids)),
-                     "transformers": torch.no_grad()(lambda: theirs(ids, use_cache=False).logits),
+                     "transformers": None if theirs is None else torch.no_grad()(
+                         lambda: theirs(ids, use_cache=False).logits),
                  })
 
 
@@ -98,7 +112,7 @@ def _decode(device, dtype, batch, new_tokens):
     return _case(f"decode fp32 B{batch} {new_tokens} tokens",
                  {"pass": "decode", "batch": batch, "new_tokens": new_tokens}, dtype, {
                      "fastseq": lambda: ours.generate(prompt, new_tokens),
-                     "transformers": transformers_generate,
+                     "transformers": None if theirs is None else transformers_generate,
                  })
 
 
