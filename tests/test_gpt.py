@@ -266,3 +266,15 @@ def test_config_checks_its_sizes():
         GPTConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="flavour"):
         GPTConfig(flavour="bert")
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_position_ids_of_one_row_apply_to_every_row(flavour):
+    hf, ours = _pair(flavour)
+    ids = torch.randint(0, VOCAB, (3, 6))
+    positions = torch.arange(4, 10)
+    with torch.no_grad():
+        got = ours(ids, position_ids=positions)
+        torch.testing.assert_close(got, ours(ids, position_ids=positions.expand(3, 6)))
+        torch.testing.assert_close(got, hf(ids, position_ids=positions.expand(3, 6)).logits,
+                                   atol=2e-5, rtol=2e-5)

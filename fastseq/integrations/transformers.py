@@ -19,7 +19,7 @@ from fastseq.ops.attention import attention
 from fastseq.ops.rotary import apply_rotary_pos_emb
 
 NAME = "fastseq"
-UNSUPPORTED = ("softcap", "sliding_window_size", "sinks", "s_aux")
+UNSUPPORTED = ("softcap", "sliding_window_size", "sinks", "s_aux", "position_bias")
 
 
 def fastseq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -29,8 +29,6 @@ def fastseq_attention_forward(module, query, key, value, attention_mask, dropout
     for option in UNSUPPORTED:
         if kwargs.get(option) is not None:
             raise ValueError(f"fastseq attention backend: {option} is not supported")
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("fastseq attention backend: position_bias is not supported")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_length, kv_length = query.shape[2], key.shape[2]
     if attention_mask is not None:

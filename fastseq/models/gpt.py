@@ -174,28 +174,27 @@ class GPT(nn.Module):
     def _logits(self, input_ids, attention_mask, position_ids, cache):
         """:meth:`forward` after its checks (``generate`` makes them once, not per token)."""
         batch, length = input_ids.shape
-        given = position_ids
         attn_mask = None
         if attention_mask is not None and (torch.compiler.is_compiling()
                                            or not bool(attention_mask.all())):
             keep = attention_mask.bool()
             attn_mask = keep[:, None, None, :]
-            if position_ids is None:
+            if position_ids is None:  # positions count the tokens, not the padding
                 position_ids = (keep.long().cumsum(1) - 1).clamp(min=0)
-        if position_ids is None:
-            start = cache[0].lengths[:, None] if cache is not None else 0
-            position_ids = start + torch.arange(length, device=input_ids.device)
-        position_ids = position_ids.expand(batch, length)
         attn_mask = self._with_window(attn_mask, length, input_ids.device, cache)
         x = self.wte(input_ids)
         if self.wpe is not None:
-            x = x + self.wpe(position_ids)
+            if position_ids is None:
+                start = cache[0].lengths[:, None] if cache is not None else 0
+                position_ids = start + torch.arange(length, device=input_ids.device)
+            x = x + self.wpe(position_ids.expand(batch, length))
+            position_ids = None  # GPT-2 has no rotary
+        elif position_ids is not None:
+            position_ids = position_ids.expand(batch, length)  # (B, T) ids, as rotary takes them
         x = self.drop(x)
-        # Rotary positions: the given ones, else (with a cache) each layer takes its cache's.
-        from_cache = cache is not None and given is None
-        rotary_positions = None if self.wpe is not None or from_cache else position_ids
+        # Rotary positions left None: 0 .. T-1, or each layer's cache length onward.
         for index, block in enumerate(self.blocks):
-            x = block(x, rotary_positions, None if cache is None else cache[index], attn_mask)
+            x = block(x, position_ids, None if cache is None else cache[index], attn_mask)
         return self.lm_head(self.norm_f(x))
 
     def _with_window(self, attn_mask, length, device, cache):

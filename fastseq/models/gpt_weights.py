@@ -74,7 +74,7 @@ def _llama_config(hf, kind):
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
-        rope_theta=theta, rope_scaling=None if rope_type == "default" else rope,
+        rope_theta=theta, rope_scaling=rope or None,
         qkv_bias=True if kind == "qwen2" else bias, out_bias=bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=hf.get("tie_word_embeddings", False), sliding_window=window)
@@ -110,8 +110,10 @@ def _gpt2_state(config, state):
         q, k, v = _take(state, src + "attn.c_attn.weight").t().split(width)
         qb, kb, vb = _take(state, src + "attn.c_attn.bias").split(width)
         out.update({
-            dst + "norm1.weight": state[src + "ln_1.weight"], dst + "norm1.bias": state[src + "ln_1.bias"],
-            dst + "norm2.weight": state[src + "ln_2.weight"], dst + "norm2.bias": state[src + "ln_2.bias"],
+            dst + "norm1.weight": _take(state, src + "ln_1.weight"),
+            dst + "norm1.bias": _take(state, src + "ln_1.bias"),
+            dst + "norm2.weight": _take(state, src + "ln_2.weight"),
+            dst + "norm2.bias": _take(state, src + "ln_2.bias"),
             dst + "attn.q_proj.weight": q, dst + "attn.k_proj.weight": k,
             dst + "attn.v_proj.weight": v, dst + "attn.q_proj.bias": qb,
             dst + "attn.k_proj.bias": kb, dst + "attn.v_proj.bias": vb,
