@@ -19,7 +19,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 def _fail(message):
-    raise ValueError(f"fastseq GPT.from_hf: {message}")
+    raise ValueError(f"fastseq GPT checkpoint: {message}")
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
