@@ -7,6 +7,14 @@ from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
 from fastseq.nn.spatial_transformer import CrossAttention, SpatialTransformer
+from fastseq.nn.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderCache,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
 __all__ = [
     "LSTM",
@@ -19,5 +27,11 @@ __all__ = [
     "RopeScaling",
     "RotaryEmbedding",
     "SpatialTransformer",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderCache",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "functional",
 ]

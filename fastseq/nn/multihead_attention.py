@@ -38,6 +38,23 @@ def _keep_mask(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
     return additive
 
 
+def merged_mask(attn_mask, key_padding_mask, is_causal, batch, heads, lq, lk, dtype):
+    """The mask fastseq's attention takes for torch's ``attn_mask`` / ``key_padding_mask``.
+
+    With ``is_causal`` the ``attn_mask`` is taken to be the causal mask (torch's hint), which the
+    kernel applies itself: only the padding remains.
+    """
+    return _keep_mask(None if is_causal else attn_mask, key_padding_mask, batch, heads, lq, lk, dtype)
+
+
+def to_batch_first(t, layout):
+    """``(L, B, E)`` / ``(B, L, E)`` / ``(L, E)`` -> ``(B, L, E)``; its own inverse but for
+    unbatched inputs."""
+    if layout == "unbatched":
+        return t[None]
+    return t if layout == "batch_first" else t.transpose(0, 1)
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with its attention computed by fastseq's fused kernel.
 
@@ -59,19 +76,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask (the causal "
                                "mask), as in torch.nn.MultiheadAttention")
         self._check_shapes(query, key, value)
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query[:, None], key[:, None], value[:, None]
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[None]
-        elif self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        layout = "unbatched" if query.dim() == 2 else "batch_first" if self.batch_first else "seq_first"
+        if layout == "unbatched" and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[None]
+        self_attention = key is query and value is query
+        query, key, value = (to_batch_first(t, layout) for t in (query, key, value))
+        if self_attention:
+            key = value = None
         out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
-        if unbatched:
-            out = out[:, 0]
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        return (out[0] if layout == "unbatched" else to_batch_first(out, layout)), None
 
     def _check_shapes(self, query, key, value):
         """query (L, B, E), key (S, B, kdim), value (S, B, vdim), batch first or unbatched."""
@@ -98,24 +111,50 @@ class MultiheadAttention(nn.MultiheadAttention):
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
         return weights, biases
 
+    def _split_heads(self, x, parts):
+        """``(B, L, parts * E)`` -> ``parts`` views ``(B, heads, L, head_dim)``."""
+        batch, length, _ = x.shape
+        x = x.view(batch, length, parts, self.num_heads, self.head_dim)
+        return [t.transpose(1, 2) for t in x.unbind(2)]
+
+    def query_heads(self, query):
+        """``(B, L, E)`` -> the queries ``(B, heads, L, head_dim)``."""
+        (wq, _, _), (bq, _, _) = self._projection_weights()
+        return self._split_heads(F.linear(query, wq, bq), 1)[0]
+
+    def key_value_heads(self, key, value=None):
+        """``(B, S, kdim)`` (and ``(B, S, vdim)``) -> keys and values ``(B, heads, S, head_dim)``;
+        ``value=None`` takes both from ``key`` in one matmul (cross-attention over a memory)."""
+        if value is None and self._qkv_same_embed_dim:
+            bias = None if self.in_proj_bias is None else self.in_proj_bias[self.embed_dim:]
+            return self._split_heads(F.linear(key, self.in_proj_weight[self.embed_dim:], bias), 2)
+        (_, wk, wv), (_, bk, bv) = self._projection_weights()
+        value = key if value is None else value
+        return self._split_heads(F.linear(key, wk, bk), 1) + self._split_heads(F.linear(value, wv, bv), 1)
+
+    def in_projection(self, query, key=None, value=None):
+        """Project batch-first inputs ``(B, L, E)`` to heads: ``q, k, v`` each ``(B, heads, L, D)``.
+
+        ``key=None`` is self-attention (q, k and v from ``query`` in one matmul); ``value=None``
+        takes the values from ``key``.
+        """
+        if key is None and self._qkv_same_embed_dim:
+            return self._split_heads(F.linear(query, self.in_proj_weight, self.in_proj_bias), 3)
+        k, v = self.key_value_heads(query if key is None else key, value)
+        return self.query_heads(query), k, v
+
+    def out_projection(self, out):
+        """Heads ``(B, heads, L, D)`` -> ``(B, L, E)`` through ``out_proj``."""
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+
     def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
-        """Sequence-first (L, B, E) in, (L, B, E) out."""
-        lq, batch, _ = query.shape
-        lk = key.shape[0]
-        heads, head_dim = self.num_heads, self.head_dim
-        (wq, wk, wv), (bq, bk, bv) = self._projection_weights()
-
-        def heads_view(x, w, b, length):
-            return F.linear(x, w, b).view(length, batch, heads, head_dim).permute(1, 2, 0, 3)
-
-        q = heads_view(query, wq, bq, lq)
-        k = heads_view(key, wk, bk, lk)
-        v = heads_view(value, wv, bv, lk)
-        mask = None if is_causal else _keep_mask(attn_mask, key_padding_mask, batch, heads, lq, lk,
-                                                 q.dtype)
-        if is_causal and key_padding_mask is not None:
-            mask = _keep_mask(None, key_padding_mask, batch, heads, lq, lk, q.dtype)
+        """Batch-first ``(B, L, E)`` in (``key=value=None`` for self-attention), ``(B, L, E)`` out."""
+        batch, lq, _ = query.shape
+        lk = lq if key is None else key.shape[1]
+        q, k, v = self.in_projection(query, key, value)
+        mask = merged_mask(attn_mask, key_padding_mask, is_causal, batch, self.num_heads, lq, lk,
+                           q.dtype)
         out = attention(q, k, v, causal=is_causal, attn_mask=mask,
                         dropout_p=self.dropout if self.training else 0.0)
-        out = out.permute(2, 0, 1, 3).reshape(lq, batch, self.embed_dim)
-        return self.out_proj(out)
+        return self.out_projection(out)
