@@ -1,5 +1,22 @@
 """Full models built from ``fastseq.nn``, each loading the weights of the library people use."""
 
 from fastseq.models.gpt import GPT, GPTConfig
+from fastseq.models.lstm_lm import LSTMLanguageModel, LSTMLMConfig, detach_state
+from fastseq.models.lstm_tagging import LSTMClassifier, LSTMTagger, LSTMTaggingConfig
+from fastseq.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from fastseq.models.transformer_seq2seq import TransformerSeq2Seq, TransformerSeq2SeqConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "LSTMClassifier",
+    "LSTMLMConfig",
+    "LSTMLanguageModel",
+    "LSTMTagger",
+    "LSTMTaggingConfig",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "TransformerSeq2Seq",
+    "TransformerSeq2SeqConfig",
+    "detach_state",
+]

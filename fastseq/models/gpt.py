@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseq.models.decoding import describe, next_token
 from fastseq.nn import Attention, KVCache, RotaryEmbedding
 
 FLAVOURS = ("gpt2", "llama")
@@ -222,7 +223,7 @@ class GPT(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
                 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise ValueError(f"fastseq GPT: input_ids must be a (B, T) integer tensor, got "
-                             f"{_describe(input_ids)}")
+                             f"{describe(input_ids)}")
         batch, length = input_ids.shape
         if cache is not None and (len(cache) != config.n_layer or cache[0].k.shape[0] != batch):
             raise ValueError(f"fastseq GPT: cache must hold {config.n_layer} layers of batch "
@@ -233,11 +234,11 @@ class GPT(nn.Module):
                                  "generate() takes padded prompts")
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 raise ValueError(f"fastseq GPT: attention_mask must be (B, T) = "
-                                 f"{tuple(input_ids.shape)}, got {_describe(attention_mask)}")
+                                 f"{tuple(input_ids.shape)}, got {describe(attention_mask)}")
         if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
                                          or position_ids.shape[-1] != length):
             raise ValueError(f"fastseq GPT: position_ids must be (B, {length}) or ({length},), got "
-                             f"{_describe(position_ids)}")
+                             f"{describe(position_ids)}")
         if torch.compiler.is_compiling() or not input_ids.numel():
             return batch, length
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
@@ -302,7 +303,7 @@ class GPT(nn.Module):
         logits = logits[torch.arange(batch, device=logits.device), lengths - 1]
         new, done = [], torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
-            token = _next_token(logits, temperature, top_k, top_p, generator)
+            token = next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
@@ -328,26 +329,3 @@ class GPT(nn.Module):
         from fastseq.models import gpt_weights
 
         return gpt_weights.from_pretrained(cls, path)
-
-
-def _next_token(logits, temperature, top_k, top_p, generator):
-    """The next token of each row: the argmax at temperature 0, else a sample."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, indices = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens likelier than it already reach top_p.
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(1, indices, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} {tuple(x.shape)}"
-    return type(x).__name__
