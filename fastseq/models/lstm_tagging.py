@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastseq.models.decoding import check_lengths, check_token_ids
-from fastseq.nn import LSTM
+from fastseq.nn import LSTM, lstm_over_lengths
 
 POOLINGS = ("max", "mean", "last")
 
@@ -56,7 +56,7 @@ class _Encoder(nn.Module):
     def forward(self, input_ids, lengths):
         check_token_ids(input_ids, self.config.vocab_size, self.model)
         lengths = check_lengths(lengths, *input_ids.shape, self.model)
-        out, _ = self.lstm(self.drop(self.embedding(input_ids)), lengths=lengths)
+        out, _ = lstm_over_lengths(self.lstm, self.drop(self.embedding(input_ids)), lengths)
         return self.drop(out), lengths
 
 

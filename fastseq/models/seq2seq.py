@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseq.models.decoding import beam_search, check_decoding, check_lengths, check_token_ids
-from fastseq.nn import LSTM, LSTMCell
+from fastseq.nn import LSTM, LSTMCell, lstm_over_lengths
 
 ATTENTIONS = ("bahdanau", "luong")
 
@@ -112,7 +112,7 @@ class Seq2Seq(nn.Module):
         config = self.config
         check_token_ids(src, config.src_vocab_size, "Seq2Seq", "src")
         lengths = check_lengths(src_lengths, *src.shape, "Seq2Seq", "src_lengths")
-        states, (h_n, _) = self.encoder(self.drop(self.src_embedding(src)), lengths=lengths)
+        states, (h_n, _) = lstm_over_lengths(self.encoder, self.drop(self.src_embedding(src)), lengths)
         batch, length, _ = states.shape
         if lengths is None:
             lengths = torch.full((batch,), length, device=src.device)

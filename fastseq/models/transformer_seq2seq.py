@@ -118,8 +118,12 @@ class TransformerSeq2Seq(nn.Module):
             raise ValueError(f"fastseq TransformerSeq2Seq: src and tgt_in must have the same batch "
                              f"size, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
         memory, padding = self.encode(src, src_lengths)
+        # The mask is for torch.nn's decoder (see fastseq.nn.to_torch_nn), which needs it with
+        # the hint; fastseq's runs the causal kernel without reading it.
+        causal = Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device)
         out = self.transformer.decoder(self._embed(self.tgt_embedding, tgt_in), memory,
-                                       memory_key_padding_mask=padding, tgt_is_causal=True)
+                                       tgt_mask=causal, memory_key_padding_mask=padding,
+                                       tgt_is_causal=True)
         return self.head(out)
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 from fastseq.nn import functional
 from fastseq.nn.attention import Attention, KVCache
-from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell
+from fastseq.nn.convert import to_torch_nn
+from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell, lstm_over_lengths
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
@@ -34,4 +35,6 @@ __all__ = [
     "TransformerEncoder",
     "TransformerEncoderLayer",
     "functional",
+    "lstm_over_lengths",
+    "to_torch_nn",
 ]

@@ -264,3 +264,20 @@ def _in_compute_dtype(x, hx, weight_dtype):
 def _cast(tensors, dtype):
     """``tensors`` in ``dtype`` (a differentiable cast where it changes anything), None kept."""
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def lstm_over_lengths(lstm, x, lengths=None, hx=None):
+    """Run a batch-first ``lstm`` over padded ``x`` ``(B, T, I)``, each sequence for its own
+    ``lengths[b]`` steps (all ``T`` when None).
+
+    fastseq's :class:`LSTM` takes ``lengths=`` directly; a ``torch.nn.LSTM`` (the same model
+    after :func:`fastseq.nn.to_torch_nn`) gets a ``PackedSequence``, as torch.nn code does it.
+    Returns ``(output (B, T, D * P), (h_n, c_n))``, the output zeros past each length.
+    """
+    if lengths is None:
+        return lstm(x, hx)
+    if isinstance(lstm, LSTM):
+        return lstm(x, hx, lengths=lengths)
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, state = lstm(packed, hx)
+    return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0], state
