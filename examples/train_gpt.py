@@ -16,7 +16,6 @@ losses equal those of one process with the same global batch.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,6 +26,7 @@ import pydoc_data.topics
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common import optimizer_step, parse_config, pyplot, save
 from tqdm.auto import tqdm
 
 from fastseq.models import GPT, GPTConfig
@@ -141,10 +141,7 @@ def train(config: TrainConfig, parallel: str, out: pathlib.Path) -> dict:
         x, y = batch_of(train_data, config.batch, config.block, generator)
         x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
         loss = loss_of(trained, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule)
         history["step"].append(step)
         history["train"].append(mean_over_ranks(loss, world))
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
@@ -163,11 +160,7 @@ def train(config: TrainConfig, parallel: str, out: pathlib.Path) -> dict:
 
 
 def plot(history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history["step"], history["train"], label="training batch", alpha=0.5)
     ax.plot(history["eval_step"], history["eval"], label="held out", marker="o")
@@ -175,9 +168,7 @@ def plot(history, path):
     ax.set_ylabel("cross-entropy (nats per byte)")
     ax.set_title("byte-level GPT on Python's documentation")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def print_samples(model, device, prompts=("The ", "def ", "class ")):
@@ -190,19 +181,13 @@ def print_samples(model, device, prompts=("The ", "def ", "class ")):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                            default=None)
-    parser.add_argument("--fast", action="store_true", help="a few tiny steps (for tests)")
-    parser.add_argument("--parallel", choices=("none", "ddp", "fsdp"),
-                        default="ddp" if "WORLD_SIZE" in os.environ else "none")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/train_gpt"))
-    args = parser.parse_args(argv)
-    values = dict(FAST) if args.fast else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None})
-    return train(TrainConfig(**values), args.parallel, args.out)
+    def parallel_flag(parser):
+        parser.add_argument("--parallel", choices=("none", "ddp", "fsdp"),
+                            default="ddp" if "WORLD_SIZE" in os.environ else "none")
+
+    config, args = parse_config(TrainConfig, FAST, argv, description=__doc__.splitlines()[0],
+                                out="build/train_gpt", extra=parallel_flag)
+    return train(config, args.parallel, args.out)
 
 
 if __name__ == "__main__":

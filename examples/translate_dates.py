@@ -17,7 +17,6 @@ as PNGs.
 
 from __future__ import annotations
 
-import argparse
 import calendar
 import dataclasses
 import datetime
@@ -28,6 +27,7 @@ import random
 
 import torch
 import torch.nn.functional as F
+from common import optimizer_step, parse_config, pyplot, save
 from tqdm.auto import tqdm
 
 from fastseq.models import Seq2Seq, Seq2SeqConfig, TransformerSeq2Seq, TransformerSeq2SeqConfig
@@ -133,7 +133,8 @@ class TrainConfig:
     seed: int = 0
 
 
-FAST = dict(steps=6, batch=16, eval_every=3, eval_size=32, beam_size=2)
+CHOICES = dict(model=("lstm", "transformer"), attention=("luong", "bahdanau"))
+FAST = dict(steps=30, batch=16, eval_every=15, eval_size=32, beam_size=2)
 
 
 def build_model(config: TrainConfig, src_vocab, tgt_vocab, fast: bool):
@@ -150,8 +151,10 @@ def build_model(config: TrainConfig, src_vocab, tgt_vocab, fast: bool):
 
 
 def warmup_cosine(step: int, steps: int) -> float:
-    """The learning-rate factor: a linear warm-up over 100 steps, then a cosine decay to zero."""
-    return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    """The learning-rate factor: a linear warm-up (100 steps, or a tenth of a short run), then a
+    cosine decay to zero."""
+    warmup = min(100, steps // 10 + 1)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def logits_of(model, src, lengths, tgt_in):
@@ -189,11 +192,7 @@ def train(config: TrainConfig, out: pathlib.Path, fast: bool = False) -> dict:
         src, lengths, tgt = batch_of(sample_pairs(train_days, config.batch, rng), src_vocab, tgt_vocab)
         logits = logits_of(model, src, lengths, tgt[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, clip=1.0)
         history["step"].append(step)
         history["train"].append(loss.item())
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
@@ -242,30 +241,22 @@ def attention_weights(model, src, lengths, tgt_in):
 
 
 def plot_attention(model, pairs, src_vocab, tgt_vocab, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(len(pairs), 1, figsize=(8, 2.2 * len(pairs)))
     for ax, (text, want) in zip(axes, pairs, strict=True):
         src, lengths, tgt = batch_of([(text, want)], src_vocab, tgt_vocab)
         weights = attention_weights(model, src, lengths, tgt[:, :-1])
-        ax.imshow(weights[1:].numpy(), cmap="viridis", aspect="auto")  # the rows after BOS
+        # Row t reads target token t (BOS first) and predicts character t + 1; the last row
+        # predicts EOS.
+        ax.imshow(weights[:-1].numpy(), cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(text)), list(text), fontsize=7)
         ax.set_yticks(range(len(want)), list(want), fontsize=7)
     fig.suptitle(f"{type(model).__name__}: attention of each output character over the source")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_curve(history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, loss_axis = plt.subplots(figsize=(6, 4))
     loss_axis.plot(history["step"], history["train"], alpha=0.5, label="training loss")
     loss_axis.set_yscale("log")
@@ -278,22 +269,13 @@ def plot_curve(history, path):
     accuracy_axis.set_ylim(0, 1.02)
     fig.legend(loc="center right")
     loss_axis.set_title(f"dates to ISO: {history['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
-    parser.add_argument("--fast", action="store_true", help="a few tiny steps (for tests)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/translate_dates"))
-    args = parser.parse_args(argv)
-    values = dict(FAST) if args.fast else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None})
-    return train(TrainConfig(**values), args.out, fast=args.fast)
+    config, args = parse_config(TrainConfig, FAST, argv, description=__doc__.splitlines()[0],
+                                out="build/translate_dates", choices=CHOICES)
+    return train(config, args.out, fast=args.fast)
 
 
 if __name__ == "__main__":

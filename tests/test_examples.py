@@ -1,10 +1,12 @@
-"""The example scripts in their fast mode: they run, learn, and (under torchrun) DDP and FSDP2 give
-the losses of one process with the same global batch."""
+"""The example scripts in their fast mode: they run, learn and write their curves, and (under torchrun)
+DDP and FSDP2 give the losses of one process with the same global batch."""
 
+import datetime
 import importlib.util
 import json
 import os
 import pathlib
+import random
 import subprocess
 import sys
 
@@ -12,6 +14,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_GPT = ROOT / "examples" / "train_gpt.py"
+TRAIN_LSTM_LM = ROOT / "examples" / "train_lstm_lm.py"
+TAG_PYTHON_TOKENS = ROOT / "examples" / "tag_python_tokens.py"
+TRANSLATE_DATES = ROOT / "examples" / "translate_dates.py"
+sys.path.insert(0, str(ROOT / "examples"))  # where the scripts find common.py, as when run
 
 
 def _load(path):
@@ -44,3 +50,48 @@ def test_two_process_training_gives_the_losses_of_one(tmp_path, parallel):
     assert double["step"] == single["step"]
     for key in ("train", "eval"):
         assert double[key] == pytest.approx(single[key], abs=1e-5)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_train_lstm_lm_fast_mode_learns_and_writes_its_curve(tmp_path, capsys, level):
+    history = _load(TRAIN_LSTM_LM).main(["--fast", "--level", level, "--out", str(tmp_path)])
+    assert history["train"][-1] < history["train"][0]
+    assert history["eval"][-1] < history["eval"][0]
+    assert history["unigram"] > 1
+    assert (tmp_path / "perplexity.png").stat().st_size > 0
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert capsys.readouterr().out.count("\n") >= 3  # the perplexities and the samples
+
+
+def test_tag_python_tokens_fast_mode_learns_and_writes_its_curve(tmp_path, capsys):
+    history = _load(TAG_PYTHON_TOKENS).main(["--fast", "--out", str(tmp_path)])
+    assert history["train"][-1] < history["train"][0]
+    assert history["eval"][-1] > history["eval"][0]
+    assert 0 < history["baseline"] < 1
+    assert history["by_tag"]["all"]["lstm"] == history["eval"][-1]
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert "comment" in capsys.readouterr().out  # the table, tag by tag
+
+
+@pytest.mark.parametrize("model", ["lstm", "transformer"])
+def test_translate_dates_fast_mode_learns_and_writes_its_plots(tmp_path, capsys, model):
+    history = _load(TRANSLATE_DATES).main(["--fast", "--model", model, "--out", str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    assert 0.0 <= history["greedy"] <= 1.0 and 0.0 <= history["beam"] <= 1.0
+    assert json.loads((tmp_path / f"{model}.json").read_text()) == history
+    for plot in ("training", "attention"):
+        assert (tmp_path / f"{model}_{plot}.png").stat().st_size > 0
+    assert "held-out exact match" in capsys.readouterr().out
+
+
+def test_the_dates_are_real_and_held_out_days_are_never_trained_on():
+    dates = _load(TRANSLATE_DATES)
+    held_out, train = set(dates.calendar_days(True)), set(dates.calendar_days(False))
+    assert not held_out & train and len(held_out) + len(train) == 73049  # 1900-01-01 .. 2099-12-31
+    rng = random.Random(0)
+    day = datetime.date(1996, 3, 5)
+    texts = {dates.write_out(day, rng).lower() for _ in range(200)}
+    assert "tuesday, the 5th of march 1996" in texts and "5 mar 1996" in texts
+    assert [dates.ordinal(d) for d in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd"]

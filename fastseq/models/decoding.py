@@ -70,7 +70,7 @@ ReorderFn = Callable[[object, torch.Tensor], object]
 
 @torch.no_grad()
 def beam_search(step: StepFn, reorder: ReorderFn, state, batch: int, *, beam_size: int, max_len: int,
-                bos_id: int, eos_id: int, length_penalty: float = 1.0, device=None):
+                bos_id: int, eos_id: int | None, length_penalty: float = 1.0, device=None):
     """Beam search over a step function, for any decoder that carries a state.
 
     Args:
@@ -78,6 +78,7 @@ def beam_search(step: StepFn, reorder: ReorderFn, state, batch: int, *, beam_siz
             ``batch * beam_size + beam``.
         reorder: ``(state, index (B*K,)) -> state`` keeping the rows ``index`` picks.
         state: the decoder's state for ``B*K`` rows (each sequence repeated ``beam_size`` times).
+        eos_id: the token that ends a hypothesis; None runs every hypothesis for ``max_len`` steps.
         length_penalty: the finished hypotheses are ranked by ``score / length**length_penalty``
             (0: raw log-probability; 1: per token).
 
@@ -97,16 +98,16 @@ def beam_search(step: StepFn, reorder: ReorderFn, state, batch: int, *, beam_siz
         log_probs, state = step(tokens[:, -1], state)
         log_probs = log_probs.float()
         vocab = log_probs.shape[-1]
-        # A finished hypothesis only extends by EOS, at no cost.
-        log_probs[finished] = float("-inf")
-        log_probs[finished, eos_id] = 0.0
+        if eos_id is not None:  # a finished hypothesis only extends by EOS, at no cost
+            log_probs[finished] = float("-inf")
+            log_probs[finished, eos_id] = 0.0
         candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
         scores, best = candidates.topk(k, dim=1)
         index = (rows + best // vocab).view(-1)
         token = (best % vocab).view(-1)
         tokens = torch.cat([tokens[index], token[:, None]], 1)
         lengths = lengths[index] + (~finished[index]).float()
-        finished = finished[index] | (token == eos_id)
+        finished = finished[index] | (token == eos_id) if eos_id is not None else finished
         state = reorder(state, index)
         if bool(finished.all()):
             break

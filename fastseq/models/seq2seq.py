@@ -153,9 +153,10 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def generate(self, src, src_lengths=None, max_len: int = 64, beam_size: int = 1,
-                 length_penalty: float = 1.0):
+                 length_penalty: float = 1.0, stop_at_eos: bool = True):
         """Translate ``src`` ``(B, S)``: ``(B, L)`` tokens after BOS, ending at EOS (``eos_id``
-        fills the rest); ``beam_size=1`` is greedy. Call ``eval()`` first to turn dropout off."""
+        fills the rest); ``beam_size=1`` is greedy; ``stop_at_eos=False`` decodes ``max_len``
+        tokens whatever they are. Call ``eval()`` first to turn dropout off."""
         check_decoding(max_len, beam_size, "Seq2Seq")
         source, state = self.encode(src, src_lengths)
         source = source.repeat(beam_size)
@@ -170,7 +171,8 @@ class Seq2Seq(nn.Module):
 
         config = self.config
         tokens, _ = beam_search(step, reorder, state, src.shape[0], beam_size=beam_size,
-                                max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id,
+                                max_len=max_len, bos_id=config.bos_id,
+                                eos_id=config.eos_id if stop_at_eos else None,
                                 length_penalty=length_penalty, device=src.device)
         return tokens
 

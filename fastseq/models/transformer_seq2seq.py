@@ -128,9 +128,10 @@ class TransformerSeq2Seq(nn.Module):
 
     @torch.no_grad()
     def generate(self, src, src_lengths=None, max_len: int = 64, beam_size: int = 1,
-                 length_penalty: float = 1.0):
+                 length_penalty: float = 1.0, stop_at_eos: bool = True):
         """Translate ``src`` ``(B, S)``: ``(B, L)`` tokens after BOS, ending at EOS (``eos_id``
-        fills the rest); ``beam_size=1`` is greedy. Each step runs the new token through the
+        fills the rest); ``beam_size=1`` is greedy; ``stop_at_eos=False`` decodes ``max_len``
+        tokens whatever they are. Each step runs the new token through the
         decoder's KV cache. Call ``eval()`` first to turn dropout off."""
         check_decoding(max_len, beam_size, "TransformerSeq2Seq")
         self._check_length(max_len, "max_len")
@@ -152,6 +153,7 @@ class TransformerSeq2Seq(nn.Module):
 
         config = self.config
         tokens, _ = beam_search(step, reorder, (cache, 0), src.shape[0], beam_size=beam_size,
-                                max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id,
+                                max_len=max_len, bos_id=config.bos_id,
+                                eos_id=config.eos_id if stop_at_eos else None,
                                 length_penalty=length_penalty, device=src.device)
         return tokens
