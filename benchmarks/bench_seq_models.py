@@ -8,6 +8,8 @@ Each baseline is the same model holding the same weights on torch.nn's modules
   model, the bidirectional tagger on a ragged batch, the LSTM seq2seq with Luong attention and the
   Transformer seq2seq;
 * ``tagger inference``: the tagger's forward on a ragged batch (``lengths=`` against packing);
+* ``lm generate`` and ``seq2seq decode``: sampling from the language model and greedy translation
+  with the LSTM seq2seq, a step at a time in both builds (the carried state is their cache);
 * ``transformer decode 64 tokens``: greedy translation of 64 tokens, fastseq's over the decoder's
   KV cache against torch.nn's decoder rerun over the whole prefix at every step (what
   ``nn.Transformer`` offers), and fastseq's own decoder rerun the same way (``rerun``).
@@ -35,6 +37,7 @@ SUITE = "seq_models"
 
 HEADLINES = ("lm train step fp32 B32 T64", "tagger train step fp32 B32 T48 ragged",
              "tagger inference fp32 B32 T48 ragged", "seq2seq train step fp32 B32 S32 T16",
+             "seq2seq decode fp32 B8 32 tokens",
              "transformer train step fp32 B32 S32 T16", "transformer decode fp32 B8 64 tokens")
 HEADLINE_BASELINES = ("torch.nn",)
 SOURCES = ("fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/lstm*.py",
@@ -44,9 +47,9 @@ MEMORY_SWEEP = "batch"
 VOCAB = 2000
 
 
-def _pair(model):
-    """``{"fastseq": model, "torch.nn": its torch.nn build}``, both in training mode."""
-    return {"fastseq": model.train(), "torch.nn": to_torch_nn(model).train()}
+def _pair(model, train: bool = True):
+    """``{"fastseq": model, "torch.nn": its torch.nn build}``, both in training or eval mode."""
+    return {"fastseq": model.train(train), "torch.nn": to_torch_nn(model).train(train)}
 
 
 def _train_step(model, loss_of):
@@ -102,15 +105,26 @@ def _tagger(device, batch, length, train: bool):
     def loss_of(m):
         return F.cross_entropy(m(ids, lengths).flatten(0, 1), tags.flatten(), ignore_index=-100)
 
-    pair = _pair(model)
+    pair = _pair(model, train)
     if train:
         variants = {name: _train_step(m, loss_of) for name, m in pair.items()}
     else:
-        variants = {name: _inference(m.eval(), ids, lengths) for name, m in pair.items()}
+        variants = {name: _inference(m, ids, lengths) for name, m in pair.items()}
     kind = "train step" if train else "inference"
     return _case(f"tagger {kind} fp32 B{batch} T{length} ragged",
                  {"model": "tagger", "pass": "train" if train else "inference", "batch": batch,
                   "length": length}, variants)
+
+
+def _lm_generate(device, batch, steps):
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LSTMLMConfig(VOCAB, 256, 256, 2, dropout=0.0)).to(device)
+    prompt = torch.randint(0, VOCAB, (batch, 16), device=device)
+    variants = {name: lambda m=m: m.generate(prompt, steps, temperature=1.0, top_k=50,
+                                             generator=torch.Generator(device).manual_seed(0))
+                for name, m in _pair(model, train=False).items()}
+    return _case(f"lm generate fp32 B{batch} {steps} tokens",
+                 {"model": "lm", "pass": "decode", "batch": batch, "new_tokens": steps}, variants)
 
 
 def _translation_batch(device, batch, source, target):
@@ -163,9 +177,19 @@ def greedy_by_rerunning(model, src, lengths, steps):
     return tokens[:, 1:]
 
 
+def _seq2seq_decode(device, batch, source, steps):
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(VOCAB, VOCAB, 128, 256)).to(device)
+    src, lengths, _ = _translation_batch(device, batch, source, 0)
+    variants = {name: lambda m=m: m.generate(src, lengths, max_len=steps, stop_at_eos=False)
+                for name, m in _pair(model, train=False).items()}
+    return _case(f"seq2seq decode fp32 B{batch} {steps} tokens",
+                 {"model": "seq2seq", "pass": "decode", "batch": batch, "source": source,
+                  "new_tokens": steps}, variants)
+
+
 def _decode(device, batch, source, steps):
-    model = _transformer(device).eval()
-    twin = to_torch_nn(model).eval()
+    model, twin = _pair(_transformer(device), train=False).values()
     src, lengths, _ = _translation_batch(device, batch, source, 0)
     return _case(f"transformer decode fp32 B{batch} {steps} tokens",
                  {"model": "transformer", "pass": "decode", "batch": batch, "source": source,
@@ -179,8 +203,9 @@ def _decode(device, batch, source, steps):
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     """A training step of each model, the tagger's inference and Transformer decoding (float32)."""
     steps = 8 if quick else 64
-    return [_lm(device, 32, 64), _tagger(device, 32, 48, train=True), _tagger(device, 32, 48, train=False),
-            _translation_train(device, "seq2seq", 32, 32, 16),
+    return [_lm(device, 32, 64), _lm_generate(device, 8, steps), _tagger(device, 32, 48, train=True),
+            _tagger(device, 32, 48, train=False), _translation_train(device, "seq2seq", 32, 32, 16),
+            _seq2seq_decode(device, 8, 32, steps // 2),
             _translation_train(device, "transformer", 32, 32, 16), _decode(device, 8, 32, steps)]
 
 
