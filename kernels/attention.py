@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
+from fastseq.kernels.pointers import tile_ptrs
 from fastseq.kernels.tuning import untuned
 
 LOG2E = 1.4426950408889634
@@ -41,8 +42,8 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, rows, row_stride, offs_d, d_stride, row_valid, D, COS, SIN, pos, scs, scw,
-               sss, ssw, HALF: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _load_tile(base, rows, row_stride, offs_d, d_stride, row_valid, D, COS, SIN, pos, stride_rotary,
+               HALF: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Load a (rows, D) tile of q or k; with ROTARY, rotate it at positions ``pos`` on the way in.
 
     Column d's partner is d +- R/2 (NeoX) or d ^ 1 (GPT-J): out_d = x_d cos - x_partner sin for
@@ -64,8 +65,8 @@ def _load_tile(base, rows, row_stride, offs_d, d_stride, row_valid, D, COS, SIN,
         rotated = row_valid[:, None] & (offs_d < 2 * HALF)[None, :]
         xp = tl.load(base + rows[:, None] * row_stride + partner[None, :] * d_stride, mask=rotated,
                      other=0.0)
-        c = tl.load(COS + pos[:, None] * scs + j[None, :] * scw, mask=rotated, other=1.0)
-        sn = tl.load(SIN + pos[:, None] * sss + j[None, :] * ssw, mask=rotated, other=0.0)
+        c = tl.load(tile_ptrs(COS, pos, stride_rotary, j, 1), mask=rotated, other=1.0)
+        sn = tl.load(tile_ptrs(SIN, pos, stride_rotary, j, 1), mask=rotated, other=0.0)
         sign = tl.where(first, -1.0, 1.0)
         x = (x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * sn).to(x.dtype)
     return x
@@ -114,9 +115,16 @@ def _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop):
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, MASK, KLEN, COS, SIN,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    smb, smh, smm, smn, scs, scw, sss, ssw,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_rotary,
+    # sizes and scalars
     H, GROUP, Lq, Lk, D, qk_scale, p_drop, seed,
+    # meta-parameters
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
@@ -134,22 +142,24 @@ def _attn_fwd(
 
     klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
                                      HAS_KLEN, BLOCK_M)
-    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D,
-                   COS, SIN, tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw,
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d,
+                   stride_qd, m_valid, D, COS, SIN, tl.maximum(offs_m + shift, 0), stride_rotary,
+                   # sizes and scalars
                    HALF, ROTARY, INTERLEAVED)
-    k_base = K + b.to(tl.int64) * skb + hk * skh
-    v_base = V + b.to(tl.int64) * svb + hk * svh
-    mask_base = MASK + b.to(tl.int64) * smb + h * smh
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    mask_base = MASK + b.to(tl.int64) * stride_maskb + h * stride_maskh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < klen  # padding is never read: it may hold anything, NaN included
-        k = _load_tile(k_base, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN, offs_n,
-                       scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, n_valid, D, COS, SIN, offs_n,
+                       stride_rotary, HALF, ROTARY, INTERLEAVED)
+                       # sizes and scalars
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        mask_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+        mask_ptrs = tile_ptrs(mask_base, offs_m, stride_maskm, offs_n, stride_maskn)
         s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND,
                            m_valid[:, None] & n_valid[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -160,14 +170,14 @@ def _attn_fwd(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
             p = tl.where(keep, p / (1.0 - p_drop), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        v = tl.load(tile_ptrs(v_base, offs_n, stride_vn, offs_d, stride_vd),
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_ptrs = tile_ptrs(O + b.to(tl.int64) * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
                    float("-inf"))
@@ -175,8 +185,16 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq, D,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_delta(
+    O, DO, DELTA,
+    # strides, in elements
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    # sizes and scalars
+    H, Lq, D,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
     """delta = rowsum(dO * O), the softmax-backward correction of each query row."""
     pid_m, bh = flat_program(tl.cdiv(Lq, BLOCK_M))
     b = bh // H
@@ -184,10 +202,12 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+    b64 = b.to(tl.int64)
+    o = tl.load(tile_ptrs(O + b64 * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, stride_od),
                 mask=valid, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                 mask=valid, other=0.0).to(tl.float32)
+    do = tl.load(tile_ptrs(DO + b64 * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d,
+                           stride_dod), mask=valid, other=0.0).to(tl.float32)
+                           # sizes and scalars
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
@@ -206,9 +226,18 @@ def _probabilities(q, k, offs_m, offs_n, lse, klen, shift, mask_ptrs, mask_valid
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KLEN, COS, SIN,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, scs, scw, sss, ssw,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_rotary,
+    # sizes and scalars
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
+    # meta-parameters
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
@@ -227,9 +256,9 @@ def _attn_bwd_dkdv(
     klen, _, shift = _visible_keys(b, 0, Lq, Lk, KLEN, False, BOTTOM_RIGHT, HAS_KLEN, BLOCK_M)
     # Padded keys and values are read as zeros (whatever they hold) and get zero gradients.
     n_read = offs_n < klen
-    k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_read, D, COS, SIN,
-                   offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
-    v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+    k = _load_tile(K + b64 * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, stride_kd, n_read,
+                   D, COS, SIN, offs_n, stride_rotary, HALF, ROTARY, INTERLEAVED)
+    v = tl.load(tile_ptrs(V + b64 * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_d, stride_vd),
                 mask=n_read[:, None] & d_valid[None, :], other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
@@ -250,14 +279,16 @@ def _attn_bwd_dkdv(
         for start_m in range(m_lo, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < Lq
-            q = _load_tile(Q + b64 * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D, COS, SIN,
-                           tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw, HALF, ROTARY,
-                           INTERLEAVED)
-            do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            q = _load_tile(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd,
+                           m_valid, D, COS, SIN, tl.maximum(offs_m + shift, 0), stride_rotary, HALF,
+                           ROTARY, INTERLEAVED)
+            do = tl.load(tile_ptrs(DO + b64 * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d,
+                                   stride_dod), mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+                                   # sizes and scalars
             lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
-            mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+            mask_ptrs = tile_ptrs(MASK + b64 * stride_maskb + h * stride_maskh, offs_m, stride_maskm,
+                                  offs_n, stride_maskn)
             p = _probabilities(q, kt, offs_m, offs_n, lse, klen, shift, mask_ptrs,
                                m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
                                PRECISION, UPCAST)
@@ -272,18 +303,26 @@ def _attn_bwd_dkdv(
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk = dk * sm_scale
-    tl.store(DK + b64 * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    tl.store(tile_ptrs(DK + b64 * stride_dkb + hk * stride_dkh, offs_n, stride_dkn, offs_d, stride_dkd),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+    tl.store(tile_ptrs(DV + b64 * stride_dvb + hk * stride_dvh, offs_n, stride_dvn, offs_d, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, MASK, KLEN, COS, SIN,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, scs, scw, sss, ssw,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_rotary,
+    # sizes and scalars
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale, p_drop, seed,
+    # meta-parameters
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_KLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr,
@@ -302,9 +341,10 @@ def _attn_bwd_dq(
     qm = m_valid[:, None] & d_valid[None, :]
     klen, end, shift = _visible_keys(b, pid_m * BLOCK_M, Lq, Lk, KLEN, CAUSAL, BOTTOM_RIGHT,
                                      HAS_KLEN, BLOCK_M)
-    q = _load_tile(Q + b64 * sqb + h * sqh, offs_m, sqm, offs_d, sqd, m_valid, D, COS, SIN,
-                   tl.maximum(offs_m + shift, 0), scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
-    do = tl.load(DO + b64 * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+    q = _load_tile(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd, m_valid,
+                   D, COS, SIN, tl.maximum(offs_m + shift, 0), stride_rotary, HALF, ROTARY,
+                   INTERLEAVED)
+    do = tl.load(tile_ptrs(DO + b64 * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, stride_dod),
                  mask=qm, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=float("-inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_valid, other=0.0)
@@ -313,11 +353,12 @@ def _attn_bwd_dq(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < klen
         kvm = n_valid[:, None] & d_valid[None, :]
-        k = _load_tile(K + b64 * skb + hk * skh, offs_n, skn, offs_d, skd, n_valid, D, COS, SIN,
-                       offs_n, scs, scw, sss, ssw, HALF, ROTARY, INTERLEAVED)
-        v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        k = _load_tile(K + b64 * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, stride_kd,
+                       n_valid, D, COS, SIN, offs_n, stride_rotary, HALF, ROTARY, INTERLEAVED)
+        v = tl.load(tile_ptrs(V + b64 * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_d, stride_vd),
                     mask=kvm, other=0.0)
-        mask_ptrs = MASK + b64 * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        mask_ptrs = tile_ptrs(MASK + b64 * stride_maskb + h * stride_maskh, offs_m, stride_maskm,
+                              offs_n, stride_maskn)
         p = _probabilities(q, tl.trans(k), offs_m, offs_n, lse, klen, shift, mask_ptrs,
                            m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
                            PRECISION, UPCAST)
@@ -327,7 +368,7 @@ def _attn_bwd_dq(
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-    tl.store(DQ + b64 * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+    tl.store(tile_ptrs(DQ + b64 * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d, stride_dqd),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm)
 
 
@@ -423,10 +464,12 @@ def _precision(dtype):
 
 
 def _rotary_args(cos, sin):
-    """(cos, sin, 4 strides, half) of optional (S, R/2) rotary tables."""
+    """(cos, sin, their row stride, half) of optional (S, R/2) rotary tables, made contiguous (they
+    are small) so that the kernels take one stride for both."""
     if cos is None:
-        return None, None, (0, 0, 0, 0), 0
-    return cos, sin, (*cos.stride(), *sin.stride()), cos.shape[1]
+        return None, None, (0,), 0
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (cos.stride(0),), cos.shape[1]
 
 
 def _constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, interleaved,

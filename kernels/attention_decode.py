@@ -14,13 +14,19 @@ import triton
 import triton.language as tl
 
 from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
+from fastseq.kernels.pointers import tile_ptrs
 
 
 @triton.jit
 def _decode_split(
     Q, K, V, LENS, PART_O, PART_LSE,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    # sizes and scalars
     HK, GROUP, Lq, D, chunk, n_splits, qk_scale,
+    # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -34,7 +40,7 @@ def _decode_split(
     i = rows % Lq
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    q = tl.load(Q + b64 * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(tile_ptrs(Q + b64 * stride_qb, h * stride_qh + i * stride_qm, 1, offs_d, stride_qd),
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -50,9 +56,9 @@ def _decode_split(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        k = tl.load(tile_ptrs(K + b64 * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, stride_kd),
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        v = tl.load(tile_ptrs(V + b64 * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_d, stride_vd),
                     mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -78,8 +84,9 @@ def _decode_split(
 
 @triton.jit
 def _decode_merge(
-    PART_O, PART_LSE, O, LSE, so_b, so_h, so_m, so_d,
+    PART_O, PART_LSE, O, LSE, stride_ob, stride_oh, stride_om, stride_od,
     HK, GROUP, Lq, D, n_splits,
+    # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bhk = tl.program_id(0)
@@ -104,7 +111,7 @@ def _decode_merge(
     h = hk * GROUP + rows // Lq
     i = rows % Lq
     b64 = b.to(tl.int64)
-    tl.store(O + b64 * so_b + h[:, None] * so_h + i[:, None] * so_m + offs_d[None, :] * so_d,
+    tl.store(tile_ptrs(O + b64 * stride_ob, h * stride_oh + i * stride_om, 1, offs_d, stride_od),
              out.to(O.dtype.element_ty), mask=row_valid[:, None] & (offs_d < D)[None, :])
     lse = tl.where(total > 0, (m_safe + tl.math.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453,
                    float("-inf"))

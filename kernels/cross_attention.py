@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from fastseq.kernels.grid import cdiv, flat_grid, flat_program, next_power_of_2
+from fastseq.kernels.pointers import tile_ptrs
 
 MAX_CONTEXT = 256
 
@@ -31,9 +32,15 @@ def _scores(q, k, ctx_len, offs_n, qk_scale, PRECISION: tl.constexpr):
 @triton.jit
 def _cross_fwd(
     Q, K, V, O, R, LSE, CTX,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    srb, srh, srm, srd,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    # sizes and scalars
     H, Lq, Lk, D, qk_scale,
+    # meta-parameters
     HAS_CTX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -48,9 +55,9 @@ def _cross_fwd(
     if HAS_CTX:
         ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
     kv_valid = (offs_n < ctx_len)[:, None] & d_valid[None, :]  # padding is never read
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(tile_ptrs(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd),
                 mask=kv_valid, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+    v = tl.load(tile_ptrs(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, stride_vd),
                 mask=kv_valid, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -59,7 +66,7 @@ def _cross_fwd(
         offs_m = (chunk * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Lq
         io_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        q = tl.load(tile_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd),
                     mask=io_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -71,9 +78,9 @@ def _cross_fwd(
         seen = total > 0
         out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.where(seen, total, 1.0)[:, None]
         if HAS_RESIDUAL:
-            out += tl.load(R + b * srb + h * srh + offs_m[:, None] * srm + offs_d[None, :] * srd,
+            out += tl.load(tile_ptrs(R + b * stride_rb + h * stride_rh, offs_m, stride_rm, offs_d, stride_rd),
                            mask=io_mask, other=0.0).to(tl.float32)
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        tl.store(tile_ptrs(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, stride_od),
                  out.to(O.dtype.element_ty), mask=io_mask)
         lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
                        float("-inf"))
@@ -83,9 +90,15 @@ def _cross_fwd(
 @triton.jit
 def _cross_bwd(
     Q, K, V, DO, LSE, CTX, DQ, DK_PART, DV_PART,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdqb, sdqh, sdqm, sdqd,
+    # strides, in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    # sizes and scalars
     H, Lq, Lk, D, qk_scale, sm_scale,
+    # meta-parameters
     HAS_CTX: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -100,9 +113,9 @@ def _cross_bwd(
     if HAS_CTX:
         ctx_len = tl.minimum(tl.load(CTX + b).to(tl.int32), Lk)
     kv_valid = (offs_n < ctx_len)[:, None] & d_valid[None, :]  # padding is never read
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(tile_ptrs(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd),
                 mask=kv_valid, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+    v = tl.load(tile_ptrs(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, stride_vd),
                 mask=kv_valid, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -113,9 +126,9 @@ def _cross_bwd(
         offs_m = (chunk * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Lq
         io_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        q = tl.load(tile_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd),
                     mask=io_mask, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+        do = tl.load(tile_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, stride_dod),
                      mask=io_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -131,7 +144,7 @@ def _cross_bwd(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+        tl.store(tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d, stride_dqd),
                  dq.to(DQ.dtype.element_ty), mask=io_mask)
     # One partial tile per program: (batch head, chunk) is the flat program id.
     part = tl.program_id(0).to(tl.int64) * BLOCK_N * BLOCK_D
