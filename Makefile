@@ -6,7 +6,7 @@ PY ?= .venv/bin/python
 # What `make lock` resolves afresh into requirements.lock; the other targets install the lock.
 TORCH ?= torch==2.14.1
 TOOLS = pip numpy ninja setuptools wheel pybind11 pytest pytest-benchmark hypothesis expecttest ruff \
-        matplotlib tqdm transformers diffusers timm
+        matplotlib tqdm transformers diffusers timm scikit-learn
 SOURCES = setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 PYTEST_ARGS ?=
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseq.bench import Case
+from fastseq.benchmarks.training import train_step
 from fastseq.models import (
     LSTMLanguageModel,
     LSTMLMConfig,
@@ -40,8 +41,8 @@ HEADLINES = ("lm train step fp32 B32 T64", "tagger train step fp32 B32 T48 ragge
              "seq2seq decode fp32 B8 32 tokens",
              "transformer train step fp32 B32 S32 T16", "transformer decode fp32 B8 64 tokens")
 HEADLINE_BASELINES = ("torch.nn",)
-SOURCES = ("fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/lstm*.py",
-           "kernels/attention*.py", "csrc/cpu/lstm*", "csrc/cpu/attention*")
+SOURCES = ("benchmarks/training.py", "fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py",
+           "kernels/lstm*.py", "kernels/attention*.py", "csrc/cpu/lstm*", "csrc/cpu/attention*")
 MEMORY_SWEEP = "batch"
 
 VOCAB = 2000
@@ -50,18 +51,6 @@ VOCAB = 2000
 def _pair(model, train: bool = True):
     """``{"fastseq": model, "torch.nn": its torch.nn build}``, both in training or eval mode."""
     return {"fastseq": model.train(train), "torch.nn": to_torch_nn(model).train(train)}
-
-
-def _train_step(model, loss_of):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        loss = loss_of(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def _inference(model, *inputs):
@@ -91,7 +80,7 @@ def _lm(device, batch, length):
 
     return _case(f"lm train step fp32 B{batch} T{length}",
                  {"model": "lm", "pass": "train", "batch": batch, "length": length},
-                 {name: _train_step(m, loss_of) for name, m in _pair(model).items()})
+                 {name: train_step(m, loss_of) for name, m in _pair(model).items()})
 
 
 def _tagger(device, batch, length, train: bool):
@@ -107,7 +96,7 @@ def _tagger(device, batch, length, train: bool):
 
     pair = _pair(model, train)
     if train:
-        variants = {name: _train_step(m, loss_of) for name, m in pair.items()}
+        variants = {name: train_step(m, loss_of) for name, m in pair.items()}
     else:
         variants = {name: _inference(m, ids, lengths) for name, m in pair.items()}
     kind = "train step" if train else "inference"
@@ -159,7 +148,7 @@ def _translation_train(device, kind, batch, source, target):
     loss_of = _translation_loss(*_translation_batch(device, batch, source, target))
     return _case(f"{kind} train step fp32 B{batch} S{source} T{target}",
                  {"model": kind, "pass": "train", "batch": batch, "source": source, "target": target},
-                 {name: _train_step(m, loss_of) for name, m in _pair(model).items()})
+                 {name: train_step(m, loss_of) for name, m in _pair(model).items()})
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 
 import torch
@@ -57,3 +58,28 @@ def optimizer_step(loss, optimizer, schedule=None, clip: float | None = None) ->
     optimizer.step()
     if schedule is not None:
         schedule.step()
+
+
+def warmup_cosine(step: int, steps: int) -> float:
+    """A learning-rate factor: a linear warm-up (100 steps, or a tenth of a short run), then a
+    cosine decay to zero at ``steps``."""
+    warmup = min(100, steps // 10 + 1)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def plot_loss_and_accuracy(history, path, title: str, accuracy: str, accuracy_label: str) -> None:
+    """The training loss (log scale) and ``history[accuracy]`` at its evaluation steps, on twin axes."""
+    plt = pyplot()
+    fig, loss_axis = plt.subplots(figsize=(6, 4))
+    loss_axis.plot(history["step"], history["train"], alpha=0.5, label="training loss")
+    loss_axis.set_yscale("log")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("cross-entropy")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(history["eval_step"], history[accuracy], marker="o", color="tab:green",
+                       label=accuracy_label)
+    accuracy_axis.set_ylabel(accuracy_label)
+    accuracy_axis.set_ylim(0, 1.02)
+    fig.legend(loc="center right")
+    loss_axis.set_title(title)
+    save(fig, path)

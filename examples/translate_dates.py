@@ -27,7 +27,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from common import optimizer_step, parse_config, pyplot, save
+from common import optimizer_step, parse_config, plot_loss_and_accuracy, pyplot, save, warmup_cosine
 from tqdm.auto import tqdm
 
 from fastseq.models import Seq2Seq, Seq2SeqConfig, TransformerSeq2Seq, TransformerSeq2SeqConfig
@@ -150,13 +150,6 @@ def build_model(config: TrainConfig, src_vocab, tgt_vocab, fast: bool):
     raise ValueError(f"--model must be 'lstm' or 'transformer', got {config.model!r}")
 
 
-def warmup_cosine(step: int, steps: int) -> float:
-    """The learning-rate factor: a linear warm-up (100 steps, or a tenth of a short run), then a
-    cosine decay to zero."""
-    warmup = min(100, steps // 10 + 1)
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
 def logits_of(model, src, lengths, tgt_in):
     out = model(src, tgt_in, src_lengths=lengths)
     return out[0] if isinstance(out, tuple) else out  # Seq2Seq also returns its attention
@@ -209,7 +202,8 @@ def train(config: TrainConfig, out: pathlib.Path, fast: bool = False) -> dict:
         print(f"  {text!r:44} -> {tgt_vocab.decode(model.generate(src, lengths, max_len=12)[0].tolist())}")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{config.model}.json").write_text(json.dumps(history))
-    plot_curve(history, out / f"{config.model}_training.png")
+    plot_loss_and_accuracy(history, out / f"{config.model}_training.png", f"dates to ISO: {config.model}",
+                           "exact_match", "held-out exact match")
     plot_attention(model, held_out[:3], src_vocab, tgt_vocab, out / f"{config.model}_attention.png")
     return history
 
@@ -252,23 +246,6 @@ def plot_attention(model, pairs, src_vocab, tgt_vocab, path):
         ax.set_xticks(range(len(text)), list(text), fontsize=7)
         ax.set_yticks(range(len(want)), list(want), fontsize=7)
     fig.suptitle(f"{type(model).__name__}: attention of each output character over the source")
-    save(fig, path)
-
-
-def plot_curve(history, path):
-    plt = pyplot()
-    fig, loss_axis = plt.subplots(figsize=(6, 4))
-    loss_axis.plot(history["step"], history["train"], alpha=0.5, label="training loss")
-    loss_axis.set_yscale("log")
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("cross-entropy per character")
-    accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(history["eval_step"], history["exact_match"], marker="o", color="tab:green",
-                       label="held-out exact match")
-    accuracy_axis.set_ylabel("held-out exact match")
-    accuracy_axis.set_ylim(0, 1.02)
-    fig.legend(loc="center right")
-    loss_axis.set_title(f"dates to ISO: {history['model']}")
     save(fig, path)
 
 

@@ -95,3 +95,13 @@ def test_the_dates_are_real_and_held_out_days_are_never_trained_on():
     assert "tuesday, the 5th of march 1996" in texts and "5 mar 1996" in texts
     assert [dates.ordinal(d) for d in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd"]
+
+
+def test_train_vit_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
+    history = _load(ROOT / "examples" / "train_vit_digits.py").main(["--fast", "--out", str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    assert sum(map(sum, history["confusion"])) == 360  # every held-out digit, once
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for plot in ("accuracy", "confusion", "attention"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
+    assert "held-out accuracy" in capsys.readouterr().out

@@ -41,6 +41,11 @@ inline bool small_product(int64_t M, int64_t N, int64_t K) {
   return M * N * K <= kSmallUpTo || M <= 4;
 }
 
+// Rows up to which a product skips oneDNN for ATen's GEMM: a step of a few sequences (an LSTMCell
+// call, a decoding step) reads W once, and oneDNN's fixed cost per call (it reorders W) is most of
+// its time there.
+constexpr int64_t kFewRows = 16;
+
 // Depth up to which a product in the broadcast form (W^T's rows contiguous) goes to the unpacked
 // kernels too: an outer product of a few rows (weight gradients of one decoding step) is bound by
 // writing C, which that form writes once.
@@ -118,7 +123,7 @@ inline at::Tensor linear(const at::Tensor& a, const at::Tensor& w,
     }
   }
   const auto& op = onednn_linear_op();
-  if (small || !op.has_value() || a.scalar_type() != at::kFloat ||
+  if (small || M <= kFewRows || !op.has_value() || a.scalar_type() != at::kFloat ||
       !at::globalContext().userEnabledMkldnn()) {
     return bias.has_value() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
   }

@@ -479,16 +479,16 @@ Tensor pack_column_panels_bf16(const Tensor& w_hh, int64_t K, int64_t N) {
 #endif  // FASTSEQ_LSTM_AVX2
 
 // Whether the recurrent GEMMs run on packed W_hh: float32 on AVX2 and bfloat16 on AVX-512 BF16
-// (ATen GEMMs otherwise). Packing reads and writes W_hh once more, which pays back from a few
-// rows of work on: a single row and step (LSTMCell at batch 1) is a matrix-vector product that
-// streams W_hh once either way, so packing it is pure cost; from a few rows and steps on, the
-// packed kernel wins. bfloat16 takes the same threshold.
+// (ATen GEMMs otherwise). Packing reads and writes W_hh once more, which pays back only when the
+// packed copy is read again: over several steps of a few rows. A single step (an LSTMCell call, a
+// decoding step) reads W_hh once whatever its batch, so packing it is pure cost there.
+// bfloat16 takes the same threshold.
 template <typename scalar_t>
 bool use_packed(const Sizes& s) {
 #ifdef FASTSEQ_LSTM_AVX2
   const bool isa = (std::is_same_v<scalar_t, float> && cpu_has_avx2()) ||
                    (std::is_same_v<scalar_t, at::BFloat16> && cpu_has_avx512_bf16());
-  return isa && s.T * s.B >= kMinRowsToPack;
+  return isa && s.T > 1 && s.T * s.B >= kMinRowsToPack;
 #else
   return false;
 #endif

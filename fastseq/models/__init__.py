@@ -1,12 +1,16 @@
 """Full models built from ``fastseq.nn``, each loading the weights of the library people use."""
 
+from fastseq.models.clip import CLIP, CLIPConfig
 from fastseq.models.gpt import GPT, GPTConfig
 from fastseq.models.lstm_lm import LSTMLanguageModel, LSTMLMConfig, detach_state
 from fastseq.models.lstm_tagging import LSTMClassifier, LSTMTagger, LSTMTaggingConfig
 from fastseq.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastseq.models.transformer_seq2seq import TransformerSeq2Seq, TransformerSeq2SeqConfig
+from fastseq.models.vit import ViT, ViTConfig
 
 __all__ = [
+    "CLIP",
+    "CLIPConfig",
     "GPT",
     "GPTConfig",
     "LSTMClassifier",
@@ -18,5 +22,7 @@ __all__ = [
     "Seq2SeqConfig",
     "TransformerSeq2Seq",
     "TransformerSeq2SeqConfig",
+    "ViT",
+    "ViTConfig",
     "detach_state",
 ]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.models.decoding import describe, next_token
+from fastseq.models.decoding import next_token
+from fastseq.models.inputs import check_positive_ints, describe
 from fastseq.nn import Attention, KVCache, RotaryEmbedding
 
 FLAVOURS = ("gpt2", "llama")
@@ -66,10 +67,8 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "n_layer", "n_head", "n_embd", "max_position_embeddings"),
+                            "GPTConfig")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be a multiple of n_kv_head "
                              f"({self.n_kv_head})")

@@ -12,6 +12,7 @@ import pathlib
 
 import torch
 
+from fastseq.models.checkpoint import load_state
 from fastseq.models.gpt import GPTConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -152,21 +153,6 @@ def _llama_state(config, state):
     return out
 
 
-def load_into(model, state: dict):
-    """Copy ``state`` into ``model``; every parameter must be given, with its shape."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        _fail(f"the checkpoint does not fit the config: missing {missing[:4]}, unexpected "
-              f"{unexpected[:4]}")
-    for name, t in state.items():
-        if t.shape != own[name].shape:
-            _fail(f"{name} has shape {tuple(t.shape)}, the config expects {tuple(own[name].shape)}")
-    model.load_state_dict(state)
-    return model
-
-
 def from_hf(cls, hf_model):
     """``cls`` (GPT) with the weights, dtype and device of a transformers model."""
     config = config_from_hf(hf_model.config.to_dict())
@@ -175,7 +161,8 @@ def from_hf(cls, hf_model):
         model = cls(config)
     model = model.to_empty(device=weight.device).to(weight.dtype)
     _tie(model)
-    return load_into(model, state_dict_from_hf(config, hf_model.state_dict())).train(hf_model.training)
+    state = state_dict_from_hf(config, hf_model.state_dict())
+    return load_state(model, state, _fail).train(hf_model.training)
 
 
 def from_pretrained(cls, path):
@@ -201,7 +188,7 @@ def from_pretrained(cls, path):
         model = cls(config)
     model = model.to_empty(device="cpu").to(dtype)
     _tie(model)
-    return load_into(model, state_dict_from_hf(config, state)).eval()
+    return load_state(model, state_dict_from_hf(config, state), _fail).eval()
 
 
 def _tie(model):

@@ -14,7 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from fastseq.models.decoding import check_token_ids, next_token
+from fastseq.models.decoding import next_token
+from fastseq.models.inputs import check_positive_ints, check_token_ids
 from fastseq.nn import LSTM
 
 
@@ -31,10 +32,7 @@ class LSTMLMConfig:
     tie_weights: bool = True  # needs embed_dim == (proj_size or hidden_size)
 
     def __post_init__(self):
-        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LSTMLMConfig: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "embed_dim", "hidden_size", "num_layers"), "LSTMLMConfig")
         if self.tie_weights and self.embed_dim != (self.proj_size or self.hidden_size):
             raise ValueError(f"LSTMLMConfig: tied weights need embed_dim ({self.embed_dim}) equal to "
                              f"the LSTM's output width ({self.proj_size or self.hidden_size}); set "

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from fastseq.models.decoding import check_lengths, check_token_ids
+from fastseq.models.inputs import check_lengths, check_positive_ints, check_token_ids
 from fastseq.nn import LSTM, lstm_over_lengths
 
 POOLINGS = ("max", "mean", "last")
@@ -33,10 +33,8 @@ class LSTMTaggingConfig:
     pooling: str = "max"  # the classifier's: over each sequence's own tokens
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_labels", "embed_dim", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LSTMTaggingConfig: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "num_labels", "embed_dim", "hidden_size", "num_layers"),
+                            "LSTMTaggingConfig")
         if self.pooling not in POOLINGS:
             raise ValueError(f"LSTMTaggingConfig: pooling must be one of {POOLINGS}, got {self.pooling!r}")
 

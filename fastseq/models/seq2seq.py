@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.models.decoding import beam_search, check_decoding, check_lengths, check_token_ids
+from fastseq.models.decoding import beam_search
+from fastseq.models.inputs import check_decoding, check_lengths, check_positive_ints, check_token_ids
 from fastseq.nn import LSTM, LSTMCell, lstm_over_lengths
 
 ATTENTIONS = ("bahdanau", "luong")
@@ -43,10 +44,8 @@ class Seq2SeqConfig:
     eos_id: int = 2
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "encoder_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Seq2SeqConfig: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size",
+                                   "encoder_layers"), "Seq2SeqConfig")
         if self.hidden_size % 2:
             raise ValueError(f"Seq2SeqConfig: hidden_size must be even (two encoder directions), "
                              f"got {self.hidden_size}")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.models.decoding import beam_search, check_decoding, check_lengths, check_token_ids
+from fastseq.models.decoding import beam_search
+from fastseq.models.inputs import check_decoding, check_lengths, check_positive_ints, check_token_ids
 from fastseq.nn import RotaryEmbedding, Transformer
 
 POSITIONS = ("sinusoidal", "rotary")
@@ -42,11 +43,9 @@ class TransformerSeq2SeqConfig:
     eos_id: int = 2
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "nhead", "num_encoder_layers",
-                     "num_decoder_layers", "dim_feedforward", "max_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TransformerSeq2SeqConfig: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("src_vocab_size", "tgt_vocab_size", "d_model", "nhead",
+                                   "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
+                                   "max_len"), "TransformerSeq2SeqConfig")
         if self.d_model % self.nhead:
             raise ValueError(f"TransformerSeq2SeqConfig: d_model ({self.d_model}) must be a multiple "
                              f"of nhead ({self.nhead})")
