@@ -1,4 +1,4 @@
-"""What the example scripts share: their command line and their plots."""
+"""What the example scripts share: their command line, plots and optimizer step, and the digits."""
 
 from __future__ import annotations
 
@@ -83,3 +83,17 @@ def plot_loss_and_accuracy(history, path, title: str, accuracy: str, accuracy_la
     fig.legend(loc="center right")
     loss_axis.set_title(title)
     save(fig, path)
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train images, train labels, held-out images, held-out labels)``; images ``(N, 1, 8, 8)``
+    in ``[0, 1]``, every fifth of a fixed shuffle held out."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    labels = torch.tensor(data.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    held_out = order[::5]
+    train = order[torch.arange(len(order)) % 5 != 0]
+    return images[train], labels[train], images[held_out], labels[held_out]

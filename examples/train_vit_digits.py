@@ -20,7 +20,7 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
-from common import optimizer_step, parse_config, plot_loss_and_accuracy, pyplot, save, warmup_cosine
+from common import digits, optimizer_step, parse_config, plot_loss_and_accuracy, pyplot, save, warmup_cosine
 from tqdm.auto import tqdm
 
 from fastseq.models import ViT, ViTConfig
@@ -39,20 +39,6 @@ class TrainConfig:
 
 
 FAST = dict(steps=60, batch=64, eval_every=30, embed_dim=32, depth=1, num_heads=2)
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train images, train labels, held-out images, held-out labels)``; images ``(N, 1, 8, 8)``
-    in ``[0, 1]``, every fifth of a fixed shuffle held out."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    held_out = order[::5]
-    train = order[torch.arange(len(order)) % 5 != 0]
-    return images[train], labels[train], images[held_out], labels[held_out]
 
 
 def shifted(images, generator):

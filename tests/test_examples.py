@@ -105,3 +105,23 @@ def test_train_vit_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsys
     for plot in ("accuracy", "confusion", "attention"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 0
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_train_clip_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
+    history = _load(ROOT / "examples" / "train_clip_digits.py").main(["--fast", "--out", str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    assert all(0.0 <= a <= 1.0 for a in history["zero_shot"])
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for plot in ("training", "similarity"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
+    assert "zero-shot accuracy" in capsys.readouterr().out
+
+
+def test_clip_captions_name_each_digit_and_end_with_eos():
+    clip = _load(ROOT / "examples" / "train_clip_digits.py")
+    captions = clip.Captions()
+    ids, mask = captions.encode([7, 3], [0, 1])
+    words = [[captions.itos[i] for i in row if i != clip.PAD] for row in ids.tolist()]
+    assert words == [["<bos>", "a", "photo", "of", "the", "number", "seven", "<eos>"],
+                     ["<bos>", "a", "handwritten", "3", "<eos>"]]
+    assert mask.sum(1).tolist() == [8, 5]
