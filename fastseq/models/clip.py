@@ -232,8 +232,11 @@ class CLIP(nn.Module):
         return self.visual_projection(self.vision_model(pixel_values))
 
     def forward(self, input_ids, pixel_values, attention_mask=None, return_loss=False) -> CLIPOutput:
-        text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        # The image tower first, as transformers runs it: the backward then goes through the text
+        # tower while the image tower's activations are held, which peaks lower for these sizes
+        # (benchmarks/results/cpu/clip_memory.json).
         image = F.normalize(self.encode_image(pixel_values), dim=-1)
+        text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         logits_per_text = self.logit_scale.exp() * text @ image.t()
         loss = contrastive_loss(logits_per_text) if return_loss else None
         return CLIPOutput(logits_per_text.t(), logits_per_text, text, image, loss)
