@@ -25,7 +25,8 @@ SUITE = "gpt"
 HEADLINES = ("train step fp32 B4 T128", "prefill fp32 B1 T512", "decode fp32 B1 256 tokens",
              "decode fp32 B8 256 tokens")
 HEADLINE_BASELINES = ("transformers",)
-SOURCES = ("fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/attention*.py",
+SOURCES = ("fastseq/models/gpt*.py", "fastseq/models/decoding.py", "fastseq/models/inputs.py",
+           "fastseq/models/checkpoint.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/attention*.py",
            "kernels/rotary.py", "csrc/cpu/rotary.cpp")
 
 VOCAB = 4096

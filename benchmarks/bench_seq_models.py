@@ -41,8 +41,10 @@ HEADLINES = ("lm train step fp32 B32 T64", "tagger train step fp32 B32 T48 ragge
              "seq2seq decode fp32 B8 32 tokens",
              "transformer train step fp32 B32 S32 T16", "transformer decode fp32 B8 64 tokens")
 HEADLINE_BASELINES = ("torch.nn",)
-SOURCES = ("benchmarks/training.py", "fastseq/models/*.py", "fastseq/nn/*.py", "fastseq/ops/*.py",
-           "kernels/lstm*.py", "kernels/attention*.py", "csrc/cpu/lstm*", "csrc/cpu/attention*")
+SOURCES = ("benchmarks/training.py", "fastseq/models/lstm_*.py", "fastseq/models/seq2seq.py",
+           "fastseq/models/transformer_seq2seq.py", "fastseq/models/decoding.py", "fastseq/models/inputs.py",
+           "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/lstm*.py", "kernels/attention*.py",
+           "csrc/cpu/lstm*", "csrc/cpu/linear.h", "csrc/cpu/attention*")
 MEMORY_SWEEP = "batch"
 
 VOCAB = 2000
