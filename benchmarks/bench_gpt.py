@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseq.bench import Case
+from fastseq.benchmarks.training import train_step
 from fastseq.models import GPT, GPTConfig
 
 SUITE = "gpt"
@@ -25,9 +26,9 @@ SUITE = "gpt"
 HEADLINES = ("train step fp32 B4 T128", "prefill fp32 B1 T512", "decode fp32 B1 256 tokens",
              "decode fp32 B8 256 tokens")
 HEADLINE_BASELINES = ("transformers",)
-SOURCES = ("fastseq/models/gpt*.py", "fastseq/models/decoding.py", "fastseq/models/inputs.py",
-           "fastseq/models/checkpoint.py", "fastseq/nn/*.py", "fastseq/ops/*.py", "kernels/attention*.py",
-           "kernels/rotary.py", "csrc/cpu/rotary.cpp")
+SOURCES = ("benchmarks/training.py", "fastseq/models/gpt*.py", "fastseq/models/decoding.py",
+           "fastseq/models/inputs.py", "fastseq/models/checkpoint.py", "fastseq/nn/*.py", "fastseq/ops/*.py",
+           "kernels/attention*.py", "kernels/rotary.py", "csrc/cpu/rotary.cpp")
 
 VOCAB = 4096
 NEW_TOKENS = 256
@@ -64,28 +65,19 @@ def _case(name, params, dtype, variants):
                 skipped=skipped)
 
 
-def _train_step(model, logits_of, ids):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        logits = logits_of(model, ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+def _lm_loss(logits_of, ids):
+    """The next-token loss of ``logits_of(model, ids)``, a function of the model."""
+    return lambda model: F.cross_entropy(logits_of(model, ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 def _train(device, dtype, batch, length):
     theirs, ours = _models(device, dtype)
-    ours.train()
     ids = torch.randint(0, VOCAB, (batch, length), device=device)
     return _case(f"train step fp32 B{batch} T{length}",
                  {"pass": "train", "batch": batch, "length": length}, dtype, {
-                     "fastseq": _train_step(ours, lambda m, x: m(x), ids),
-                     "transformers": None if theirs is None else _train_step(
-                         theirs.train(), lambda m, x: m(x).logits, ids),
+                     "fastseq": train_step(ours, _lm_loss(lambda m, x: m(x), ids)),
+                     "transformers": None if theirs is None else train_step(
+                         theirs, _lm_loss(lambda m, x: m(x).logits, ids)),
                  })
 
 

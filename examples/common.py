@@ -9,6 +9,8 @@ import pathlib
 
 import torch
 
+POSITIVE = {"steps", "batch", "eval_every"}  # the counts a run divides by or loops over
+
 
 def parse_config(config_cls, fast: dict, argv=None, *, description: str, out: str, choices=None,
                  extra=None):
@@ -27,6 +29,10 @@ def parse_config(config_cls, fast: dict, argv=None, *, description: str, out: st
     values = dict(fast) if args.fast else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
                    if getattr(args, f.name) is not None})
+    for name in POSITIVE & {f.name for f in dataclasses.fields(config_cls)}:
+        value = values.get(name, getattr(config_cls, name))  # a dataclass's class holds its defaults
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return config_cls(**values), args
 
 

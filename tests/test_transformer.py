@@ -132,8 +132,8 @@ def test_a_causal_mask_is_recognised_and_runs_the_causal_kernel(monkeypatch):
     _, ours = _pair("TransformerEncoderLayer")
     encoder = fnn.TransformerEncoder(ours, 2)
     calls = []
-    real = fnn.transformer.attention
-    monkeypatch.setattr(fnn.transformer, "attention",
+    real = fnn.multihead_attention.attention
+    monkeypatch.setattr(fnn.multihead_attention, "attention",
                         lambda *a, **k: calls.append((k["causal"], k["attn_mask"])) or real(*a, **k))
     src = torch.randn(5, 2, D_MODEL)
     encoder(src, mask=nn.Transformer.generate_square_subsequent_mask(5))

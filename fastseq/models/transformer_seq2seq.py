@@ -146,8 +146,8 @@ class TransformerSeq2Seq(nn.Module):
             return F.log_softmax(self.head(out[:, 0]), -1), (cache, position + 1)
 
         def reorder(state, index):
-            if beam_size > 1:
-                state[0].reorder(index)
+            if beam_size > 1:  # a source's beams share its memory: only the KV caches move
+                state[0].reorder(index, memory=False)
             return state
 
         config = self.config

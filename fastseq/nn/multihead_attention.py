@@ -155,6 +155,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = self.in_projection(query, key, value)
         mask = merged_mask(attn_mask, key_padding_mask, is_causal, batch, self.num_heads, lq, lk,
                            q.dtype)
-        out = attention(q, k, v, causal=is_causal, attn_mask=mask,
+        return self.attend_heads(q, k, v, is_causal, mask)
+
+    def attend_heads(self, q, k, v, causal=False, mask=None):
+        """Fused attention of heads ``(B, heads, L, D)`` over ``(B, heads, S, D)`` (with this
+        module's dropout in training), through ``out_proj``: ``(B, L, E)``. ``mask``: a fastseq
+        mask (see :func:`merged_mask`)."""
+        out = attention(q, k, v, causal=causal, attn_mask=mask,
                         dropout_p=self.dropout if self.training else 0.0)
         return self.out_projection(out)

@@ -35,7 +35,6 @@ from torch import nn
 from fastseq.nn.attention import KVCache
 from fastseq.nn.multihead_attention import MultiheadAttention, merged_mask, to_batch_first
 from fastseq.nn.rotary import RotaryEmbedding
-from fastseq.ops.attention import attention
 from fastseq.ops.attention_decode import attention_decode, kv_cache_append
 
 
@@ -117,16 +116,11 @@ class _Layer(nn.Module):
     def _feed_forward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def _attend(self, attn, q, k, v, causal, mask):
-        out = attention(q, k, v, causal=causal, attn_mask=mask,
-                        dropout_p=attn.dropout if self.training else 0.0)
-        return attn.out_projection(out)
-
     def _self_attention(self, x, causal, mask):
         q, k, v = self.self_attn.in_projection(x)
         if self.rotary is not None:
             q, k = self.rotary(q, k, layout="bhnd")
-        return self._attend(self.self_attn, q, k, v, causal, mask)
+        return self.self_attn.attend_heads(q, k, v, causal, mask)
 
 
 class TransformerEncoderLayer(_Layer):
@@ -178,7 +172,7 @@ class TransformerDecoderLayer(_Layer):
         """Batch-first ``x`` ``(B, T, E)`` and ``memory`` ``(B, S, E)`` with fastseq masks."""
         def cross_attention(h):
             q, k, v = self.multihead_attn.in_projection(h, memory)
-            return self._attend(self.multihead_attn, q, k, v, memory_causal, memory_mask)
+            return self.multihead_attn.attend_heads(q, k, v, memory_causal, memory_mask)
 
         return _residual(x, ((self.norm1, lambda h: self._self_attention(h, causal, mask), self.dropout1),
                              (self.norm2, cross_attention, self.dropout2),
@@ -200,8 +194,7 @@ class TransformerDecoderLayer(_Layer):
 
         def cross_attention(h):
             q = self.multihead_attn.query_heads(h)
-            return self.multihead_attn.out_projection(attention(q, memory_k, memory_v,
-                                                                attn_mask=memory_mask))
+            return self.multihead_attn.attend_heads(q, memory_k, memory_v, mask=memory_mask)
 
         return _residual(x, ((self.norm1, self_attention, self.dropout1),
                              (self.norm2, cross_attention, self.dropout2),
@@ -272,11 +265,18 @@ class TransformerDecoderCache:
         """``(B,)`` tokens decoded so far per sequence."""
         return self.self_attn[0].lengths
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the sequences ``index`` ``(B',)`` picks, in that order (beam search), in place."""
+    def reorder(self, index: torch.Tensor, memory: bool = True) -> None:
+        """Keep the sequences ``index`` ``(B',)`` picks, in that order, in place.
+
+        ``memory=False`` leaves the memory's keys, values and mask as they are: right for beam
+        search, whose beams of one source share its memory and are only ever reordered among
+        themselves.
+        """
         for cache in self.self_attn:
             cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
             cache.lengths = cache.lengths.index_select(0, index)
+        if not memory:
+            return
         self.memory_k = [k.index_select(0, index) for k in self.memory_k]
         self.memory_v = [v.index_select(0, index) for v in self.memory_v]
         if self.memory_mask is not None:
