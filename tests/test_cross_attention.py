@@ -149,7 +149,7 @@ class _PlainBlock(torch.nn.Module):
         st = self.block
         batch, _, height, width = x.shape
         h = st.proj_in(st.norm(x)).flatten(2).transpose(1, 2)
-        for blk in st.blocks:
+        for blk in st.transformer_blocks:
             h = self._attend(blk.attn1, blk.norm1(h), None) + h
             h = self._attend(blk.attn2, blk.norm2(h), context) + h
             h = blk.ff(blk.norm3(h)) + h

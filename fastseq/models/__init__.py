@@ -6,6 +6,7 @@ from fastseq.models.lstm_lm import LSTMLanguageModel, LSTMLMConfig, detach_state
 from fastseq.models.lstm_tagging import LSTMClassifier, LSTMTagger, LSTMTaggingConfig
 from fastseq.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastseq.models.transformer_seq2seq import TransformerSeq2Seq, TransformerSeq2SeqConfig
+from fastseq.models.unet import UNet2DCondition, UNetConfig
 from fastseq.models.vit import ViT, ViTConfig
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "Seq2SeqConfig",
     "TransformerSeq2Seq",
     "TransformerSeq2SeqConfig",
+    "UNet2DCondition",
+    "UNetConfig",
     "ViT",
     "ViTConfig",
     "detach_state",

@@ -31,10 +31,11 @@ class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` (B, N, query_dim) over ``context`` (B, M, context_dim).
 
     With ``context=None`` it is self-attention. Parameter names follow latent-diffusion and
-    diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out``).
+    diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out``); ``bias`` gives the q/k/v projections
+    biases (the autoencoder's attention has them, the U-Net's do not).
     """
 
-    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0):
+    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0, bias=False):
         super().__init__()
         for name, value in (("query_dim", query_dim), ("heads", heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -42,16 +43,17 @@ class CrossAttention(nn.Module):
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def _heads(self, t):
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x, context=None, context_lengths=None):
-        """Returns (B, N, query_dim). ``context_lengths`` (B,) marks padded context tokens."""
+    def forward(self, x, context=None, context_lengths=None, context_mask=None):
+        """Returns (B, N, query_dim). ``context_lengths`` (B,) marks padded context tokens at the
+        end; ``context_mask`` (B, M) bool (True = attend) masks any of them."""
         _check_tokens("CrossAttention", "x", x, self.to_q.in_features)
         if context is not None:
             _check_tokens("CrossAttention", "context", context, self.to_k.in_features)
@@ -61,7 +63,9 @@ class CrossAttention(nn.Module):
         q = self._heads(self.to_q(x))
         source = x if context is None else context
         k, v = self._heads(self.to_k(source)), self._heads(self.to_v(source))
-        if context is not None and k.shape[2] <= MAX_CONTEXT:
+        if context_mask is not None:
+            out = attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        elif context is not None and k.shape[2] <= MAX_CONTEXT:
             out = cross_attention(q, k, v, context_lengths=context_lengths)
         else:
             out = attention(q, k, v, key_lengths=context_lengths)
@@ -80,6 +84,18 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
+class FeedForward(nn.Module):
+    """GEGLU up-projection, dropout, down-projection (``net.0.proj``, ``net.2``, as latent-diffusion
+    and diffusers name them)."""
+
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class TransformerBlock(nn.Module):
     """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU FF."""
 
@@ -88,12 +104,11 @@ class TransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn1 = CrossAttention(dim, None, heads, head_dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
-        self.ff = nn.Sequential(GEGLU(dim, dim * ff_mult), nn.Dropout(dropout),
-                                nn.Linear(dim * ff_mult, dim))
+        self.ff = FeedForward(dim, ff_mult, dropout)
 
-    def forward(self, x, context, context_lengths=None):
+    def forward(self, x, context, context_lengths=None, context_mask=None):
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context, context_lengths) + x
+        x = self.attn2(self.norm2(x), context, context_lengths, context_mask) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -105,6 +120,8 @@ class SpatialTransformer(nn.Module):
         depth: transformer blocks. context_dim: width of the context tokens.
         num_groups: GroupNorm groups. use_linear: proj_in/out as Linear (SD 2.x, SDXL) instead
             of 1x1 convolutions (SD 1.x).
+
+    Parameter names are latent-diffusion's and diffusers' ``Transformer2DModel``'s.
     """
 
     def __init__(self, in_channels, heads, head_dim, depth=1, context_dim=768, num_groups=32,
@@ -118,11 +135,12 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, in_channels, 1)
-        self.blocks = nn.ModuleList(
+        self.transformer_blocks = nn.ModuleList(
             TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
 
-    def forward(self, x, context, context_lengths=None):
-        """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W)."""
+    def forward(self, x, context, context_lengths=None, context_mask=None):
+        """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W); ``context_lengths`` /
+        ``context_mask`` as :meth:`CrossAttention.forward` takes them."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.norm.num_channels:
             _fail("SpatialTransformer", f"x must be a (B, {self.norm.num_channels}, H, W) feature "
                   f"map, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -133,8 +151,8 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h.flatten(2).transpose(1, 2))
         else:
             h = self.proj_in(h).flatten(2).transpose(1, 2)
-        for block in self.blocks:
-            h = block(h, context, context_lengths)
+        for block in self.transformer_blocks:
+            h = block(h, context, context_lengths, context_mask)
         if self.use_linear:
             h = self.proj_out(h).transpose(1, 2).unflatten(2, (height, width))
         else:
