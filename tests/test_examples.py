@@ -118,10 +118,23 @@ def test_train_clip_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsy
 
 
 def test_clip_captions_name_each_digit_and_end_with_eos():
-    clip = _load(ROOT / "examples" / "train_clip_digits.py")
+    clip = _load(ROOT / "examples" / "digit_captions.py")
     captions = clip.Captions()
     ids, mask = captions.encode([7, 3], [0, 1])
     words = [[captions.itos[i] for i in row if i != clip.PAD] for row in ids.tolist()]
     assert words == [["<bos>", "a", "photo", "of", "the", "number", "seven", "<eos>"],
                      ["<bos>", "a", "handwritten", "3", "<eos>"]]
     assert mask.sum(1).tolist() == [8, 5]
+
+
+def test_train_latent_diffusion_digits_fast_mode_generates_and_writes_its_pictures(tmp_path, capsys):
+    script = _load(ROOT / "examples" / "train_latent_diffusion_digits.py")
+    history = script.main(["--fast", "--out", str(tmp_path)])
+    assert history["vae_loss"][-1] < history["vae_loss"][0]
+    assert len(history["train"]) == 4 and all(loss > 0 for loss in history["train"])
+    assert 0.0 <= history["judged_accuracy"] <= 1.0 and len(history["judged_per_digit"]) == 10
+    assert history["judge_on_real"] > 0.9  # the judge itself reads real digits
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for picture in ("samples", "reconstructions", "training"):
+        assert (tmp_path / f"{picture}.png").stat().st_size > 0
+    assert "read as their caption's digit" in capsys.readouterr().out

@@ -1,17 +1,24 @@
 """Full models built from ``fastseq.nn``, each loading the weights of the library people use."""
 
+from fastseq.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from fastseq.models.clip import CLIP, CLIPConfig
 from fastseq.models.gpt import GPT, GPTConfig
+from fastseq.models.latent_diffusion import LatentDiffusion
 from fastseq.models.lstm_lm import LSTMLanguageModel, LSTMLMConfig, detach_state
 from fastseq.models.lstm_tagging import LSTMClassifier, LSTMTagger, LSTMTaggingConfig
+from fastseq.models.schedulers import DDIMSampler, DDPMSampler, NoiseSchedule
 from fastseq.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastseq.models.transformer_seq2seq import TransformerSeq2Seq, TransformerSeq2SeqConfig
 from fastseq.models.unet import UNet2DCondition, UNetConfig
 from fastseq.models.vit import ViT, ViTConfig
 
 __all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
     "CLIP",
     "CLIPConfig",
+    "DDIMSampler",
+    "DDPMSampler",
     "GPT",
     "GPTConfig",
     "LSTMClassifier",
@@ -19,6 +26,8 @@ __all__ = [
     "LSTMLanguageModel",
     "LSTMTagger",
     "LSTMTaggingConfig",
+    "LatentDiffusion",
+    "NoiseSchedule",
     "Seq2Seq",
     "Seq2SeqConfig",
     "TransformerSeq2Seq",

@@ -114,6 +114,17 @@ class CLIPEncoder(nn.Module):
         return x
 
 
+def check_text(config: CLIPConfig, input_ids, attention_mask) -> None:
+    """Refuse ids outside the vocabulary, more tokens than positions, a mask unlike the ids."""
+    check_token_ids(input_ids, config.vocab_size, "CLIP")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"fastseq CLIP: input_ids has {input_ids.shape[1]} tokens, more than the "
+                         f"{config.max_position_embeddings} positions of the text tower")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"fastseq CLIP: attention_mask must be {tuple(input_ids.shape)} like "
+                         f"input_ids, got {tuple(attention_mask.shape)}")
+
+
 class TextEmbeddings(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -134,7 +145,10 @@ class TextTransformer(nn.Module):
         self.encoder = CLIPEncoder(config.text, config)
         self.final_layer_norm = nn.LayerNorm(config.text.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None):
+    def token_states(self, input_ids, attention_mask=None):
+        """Every token's final state ``(B, T, text width)`` (transformers' ``CLIPTextModel``
+        ``last_hidden_state``: the text context of a latent-diffusion U-Net)."""
+        check_text(self.config, input_ids, attention_mask)
         x = self.embeddings(input_ids)
         if attention_mask is None:
             x = self.encoder(x, is_causal=True)
@@ -142,12 +156,23 @@ class TextTransformer(nn.Module):
             length = input_ids.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             x = self.encoder(x, attn_mask=causal & attention_mask.bool()[:, None, None, :])
-        x = self.final_layer_norm(x)
+        return self.final_layer_norm(x)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.token_states(input_ids, attention_mask)
         if self.config.eos_token_id == 2:  # legacy checkpoints: the EOS has the highest id
             eos = input_ids.argmax(-1)
         else:
             eos = (input_ids == self.config.eos_token_id).int().argmax(-1)
         return x[torch.arange(x.shape[0], device=x.device), eos]
+
+    @classmethod
+    def from_hf(cls, model) -> TextTransformer:
+        """The text tower equivalent to transformers' ``CLIPTextModel`` ``model`` (Stable
+        Diffusion's text encoder), holding its weights."""
+        from fastseq.models.clip_weights import text_tower_from_hf
+
+        return text_tower_from_hf(cls, model)
 
 
 class VisionEmbeddings(nn.Module):
@@ -215,14 +240,6 @@ class CLIP(nn.Module):
     def encode_text(self, input_ids, attention_mask=None):
         """Token ids ``(T, L)`` (1s in ``attention_mask`` for real tokens) -> ``(T, projection_dim)``,
         not normalised."""
-        config = self.config
-        check_token_ids(input_ids, config.vocab_size, "CLIP")
-        if input_ids.shape[1] > config.max_position_embeddings:
-            raise ValueError(f"fastseq CLIP: input_ids has {input_ids.shape[1]} tokens, more than the "
-                             f"{config.max_position_embeddings} positions of the text tower")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"fastseq CLIP: attention_mask must be {tuple(input_ids.shape)} like "
-                             f"input_ids, got {tuple(attention_mask.shape)}")
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
     def encode_image(self, pixel_values):
