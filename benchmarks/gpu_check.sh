@@ -85,6 +85,7 @@ stage bench_gpt 120 $PY -m fastseq bench gpt
 stage bench_seq_models 120 $PY -m fastseq bench seq_models
 stage bench_vit 60 $PY -m fastseq bench vit
 stage bench_clip 60 $PY -m fastseq bench clip
+stage bench_unet 90 $PY -m fastseq bench unet
 stage tests_smallest_tiles 90 env FASTSEQ_AUTOTUNE=smallest \
   $PY -m pytest -q -m cuda -n "$workers" -p no:cacheprovider -k on_the_gpu \
   tests/test_attention.py tests/test_attention_decode.py
