@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastseq
 from fastseq.bench import Case
+from fastseq.benchmarks.training import timed_pass
 from fastseq.reference import lstm as reference
 
 SUITE = "lstm"
@@ -91,8 +92,8 @@ def _cell_variants(shape, pass_, device):
     def run(module):
         return lambda t: module(t, state)  # (h, c)
 
-    return {"fastseq": _timed(run(ours), pass_, x, ours),
-            "torch": _timed(run(theirs), pass_, x, theirs)}
+    return {"fastseq": timed_pass(run(ours), pass_, x, ours),
+            "torch": timed_pass(run(theirs), pass_, x, theirs)}
 
 
 def _modules(shape, device):
@@ -112,25 +113,6 @@ def _eager(module, x):
     zeros = x.new_zeros(batch, module.hidden_size)
     return reference.lstm_layer(x, zeros, zeros, module.weight_ih_l0, module.weight_hh_l0,
                                 module.bias_ih_l0 + module.bias_hh_l0)[0]
-
-
-def _timed(run, pass_, x, module):
-    if pass_ == "fwd":
-        def forward():
-            with torch.no_grad():
-                return run(x)
-        return forward
-    grad = None
-    wanted = [x, *module.parameters()]
-
-    def step():
-        nonlocal grad
-        out = run(x)
-        out = out if isinstance(out, tuple) else (out,)
-        grad = [torch.randn_like(t) for t in out] if grad is None else grad
-        return torch.autograd.grad(out, wanted, grad)
-
-    return step
 
 
 def _forced(module, backend):
@@ -155,25 +137,25 @@ def _layer_variants(shape, pass_, device):
                     requires_grad=pass_ != "fwd")
     variants = {}
     if shape.layer_norm:
-        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x, ours)
-        variants["reference"] = _timed(_forced(ours, "reference"), pass_, x, ours)
-        variants["torch_no_ln"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
+        variants["fastseq"] = timed_pass(lambda t: ours(t)[0], pass_, x, ours)
+        variants["reference"] = timed_pass(_forced(ours, "reference"), pass_, x, ours)
+        variants["torch_no_ln"] = timed_pass(lambda t: theirs(t)[0], pass_, x, theirs)
     elif shape.padding:
         lengths = torch.linspace(shape.steps // 4, shape.steps, shape.batch).long()
-        variants["fastseq"] = _timed(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x,
+        variants["fastseq"] = timed_pass(lambda t: ours(t, lengths=lengths.to(device))[0], pass_, x,
                                      ours)
-        variants["torch_packed"] = _timed(
+        variants["torch_packed"] = timed_pass(
             lambda t: theirs(pack_padded_sequence(t, lengths, enforce_sorted=False))[0].data,
             pass_, x, theirs)
-        variants["torch_padded"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
+        variants["torch_padded"] = timed_pass(lambda t: theirs(t)[0], pass_, x, theirs)
     else:
-        variants["fastseq"] = _timed(lambda t: ours(t)[0], pass_, x, ours)
+        variants["fastseq"] = timed_pass(lambda t: ours(t)[0], pass_, x, ours)
         if device.type == "cuda":  # the default is the persistent kernel where it can run
-            variants["fastseq_triton"] = _timed(_forced(ours, "triton"), pass_, x, ours)
-        variants["torch"] = _timed(lambda t: theirs(t)[0], pass_, x, theirs)
+            variants["fastseq_triton"] = timed_pass(_forced(ours, "triton"), pass_, x, ours)
+        variants["torch"] = timed_pass(lambda t: theirs(t)[0], pass_, x, theirs)
         if shape.layers == 1 and not shape.bidirectional and not shape.proj_size \
                 and shape.steps * shape.batch <= 16384:
-            variants["eager_loop"] = _timed(lambda t: _eager(theirs, t), pass_, x, theirs)
+            variants["eager_loop"] = timed_pass(lambda t: _eager(theirs, t), pass_, x, theirs)
     return variants
 
 

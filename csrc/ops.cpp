@@ -53,6 +53,18 @@ TORCH_LIBRARY(fastseq, m) {
       "bool needs_grad_weights) -> (Tensor? grad_x, Tensor grad_h0, Tensor grad_c0, "
       "Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias, "
       "Tensor grad_ln_ih, Tensor grad_ln_hh, Tensor grad_ln_c_weight, Tensor grad_ln_c_bias)");
+  // One Elman RNN layer, one direction (see csrc/cpu/rnn.cpp): x (T, B, I), h0 (B, H), w_ih (H, I),
+  // w_hh (H, H), bias = b_ih + b_hh (H), lengths (B,) for padded batches, nonlinearity 'tanh' or
+  // 'relu'. Returns y and h_n; the backward needs only y of what the forward computed, and leaves
+  // out grad_x, the weight gradients, or that of h0, when told they are not needed (None then).
+  m.def(
+      "rnn_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "Tensor? lengths, bool reverse, str nonlinearity) -> (Tensor y, Tensor h_n)");
+  m.def(
+      "rnn_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+      "Tensor w_hh, Tensor y, Tensor? lengths, bool reverse, str nonlinearity, bool has_bias, "
+      "bool needs_grad_x, bool needs_grad_weights, bool needs_grad_state) -> (Tensor? grad_x, "
+      "Tensor? grad_h0, Tensor? grad_w_ih, Tensor? grad_w_hh, Tensor? grad_bias)");
   // The recurrence of one LSTM layer without projection, in one persistent launch (CUDA only; see
   // csrc/cuda/lstm.cu): pre_x (T, B, 4H) = x W_ih^T + bias, h0 and c0 (B, H), w_hh (4H, H).
   // Returns y, h_n, c_n, the activated gates and the float32 cells; the backward returns d pre
@@ -68,6 +80,16 @@ TORCH_LIBRARY(fastseq, m) {
       "lstm_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor c0, "
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells, str kernel='auto', "
       "int units=0) -> (Tensor grad_pre, Tensor grad_h0, Tensor grad_c0)");
+  // Word2vec's negative-sampling loss (see csrc/cpu/negative_sampling.cpp): in_w (V, D), out_w
+  // (V', D), inputs (B, W) ids averaged into h, targets (B, N) ids, the true word first. Returns the
+  // per-example loss (B,), h (B, D) and the scores (B, N); the backward returns the gradient rows of
+  // the inputs' in_w rows (B * W, D) and of the targets' out_w rows (B * N, D).
+  m.def(
+      "negative_sampling_forward(Tensor in_w, Tensor out_w, Tensor inputs, Tensor targets) -> "
+      "(Tensor loss, Tensor hidden, Tensor scores)");
+  m.def(
+      "negative_sampling_backward(Tensor grad_loss, Tensor out_w, Tensor inputs, Tensor targets, "
+      "Tensor hidden, Tensor scores) -> (Tensor grad_in_rows, Tensor grad_out_rows)");
 }
 
 namespace {

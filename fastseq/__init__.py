@@ -14,6 +14,7 @@ from fastseq._backend import available_backends, use_backend
 from fastseq.ops.attention import attention
 from fastseq.ops.attention_decode import attention_decode, kv_cache_append
 from fastseq.ops.cross_attention import cross_attention, feature_map_heads
+from fastseq.ops.negative_sampling import negative_sampling_loss
 from fastseq.ops.rotary import apply_rotary, apply_rotary_pos_emb
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "apply_rotary_pos_emb",
     "available_backends",
     "kv_cache_append",
+    "negative_sampling_loss",
     "nn",
     "use_backend",
 ]

@@ -138,3 +138,13 @@ def test_train_latent_diffusion_digits_fast_mode_generates_and_writes_its_pictur
     for picture in ("samples", "reconstructions", "training"):
         assert (tmp_path / f"{picture}.png").stat().st_size > 0
     assert "read as their caption's digit" in capsys.readouterr().out
+
+
+def test_train_word2vec_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
+    history = _load(ROOT / "examples" / "train_word2vec.py").main(["--fast", "--out", str(tmp_path)])
+    assert history["train"][-1] < history["train"][0]
+    assert set(history["ranks"]) == set(history["ranks_before"]) and len(history["ranks"]) >= 10
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for plot in ("training", "projection"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
+    assert "median rank of a word's partner" in capsys.readouterr().out

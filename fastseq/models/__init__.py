@@ -11,6 +11,7 @@ from fastseq.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastseq.models.transformer_seq2seq import TransformerSeq2Seq, TransformerSeq2SeqConfig
 from fastseq.models.unet import UNet2DCondition, UNetConfig
 from fastseq.models.vit import ViT, ViTConfig
+from fastseq.models.word2vec import Word2Vec, Word2VecConfig, Word2VecSampler
 
 __all__ = [
     "AutoencoderKL",
@@ -36,5 +37,8 @@ __all__ = [
     "UNetConfig",
     "ViT",
     "ViTConfig",
+    "Word2Vec",
+    "Word2VecConfig",
+    "Word2VecSampler",
     "detach_state",
 ]

@@ -5,6 +5,7 @@ from fastseq.nn.attention import Attention, KVCache
 from fastseq.nn.convert import to_torch_nn
 from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell, lstm_over_lengths
 from fastseq.nn.multihead_attention import MultiheadAttention
+from fastseq.nn.rnn import RNN
 from fastseq.nn.rope_scaling import RopeScaling
 from fastseq.nn.rotary import RotaryEmbedding
 from fastseq.nn.spatial_transformer import CrossAttention, SpatialTransformer
@@ -25,6 +26,7 @@ __all__ = [
     "LayerNormLSTM",
     "LSTMCell",
     "MultiheadAttention",
+    "RNN",
     "RopeScaling",
     "RotaryEmbedding",
     "SpatialTransformer",

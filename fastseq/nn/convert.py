@@ -13,6 +13,7 @@ from torch import nn
 
 from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell
 from fastseq.nn.multihead_attention import MultiheadAttention
+from fastseq.nn.rnn import RNN
 from fastseq.nn.transformer import (
     Transformer,
     TransformerDecoder,
@@ -23,7 +24,7 @@ from fastseq.nn.transformer import (
 
 
 def to_torch_nn(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in which each fastseq ``LSTM``, ``LSTMCell``,
+    """A deep copy of ``model`` in which each fastseq ``LSTM``, ``LSTMCell``, ``RNN``,
     ``MultiheadAttention`` and ``Transformer*`` module is the torch.nn module of the same
     arguments, holding the same parameters (in the same dtype, device and train/eval mode).
 
@@ -67,6 +68,11 @@ def _build(module: nn.Module) -> nn.Module | None:
                        module.batch_first, module.dropout, module.bidirectional, module.proj_size)
     if isinstance(module, LSTMCell):
         return nn.LSTMCell(module.input_size, module.hidden_size, module.bias)
+    if isinstance(module, RNN):
+        return nn.RNN(module.input_size, module.hidden_size, module.num_layers,
+                      nonlinearity=module.nonlinearity, bias=module.bias,
+                      batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional)
     if isinstance(module, MultiheadAttention):
         return nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout,
                                      bias=module.in_proj_bias is not None,

@@ -214,7 +214,7 @@ def last_dim_dense(t):
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _laid_out_like(t, like):
+def laid_out_like(t, like):
     """``t`` in the memory layout of ``torch.empty_like(like)`` (what the fake impl promises)."""
     if like.is_contiguous() and t.stride() == like.stride():
         return t  # what empty_like(like) would be: no need to allocate it
@@ -263,8 +263,8 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
     if cos is not None:
         dq, dk = dq.contiguous(), dk.contiguous()
         _rotate_back(dq, dk, cos, sin, key_lengths, rotary_interleaved, bottom_right)
-    return (_laid_out_like(dq.to(q_in.dtype), q_in), _laid_out_like(dk.to(k_in.dtype), k_in),
-            _laid_out_like(dv.to(v_in.dtype), v_in))
+    return (laid_out_like(dq.to(q_in.dtype), q_in), laid_out_like(dk.to(k_in.dtype), k_in),
+            laid_out_like(dv.to(v_in.dtype), v_in))
 
 
 @attention_op.register_fake

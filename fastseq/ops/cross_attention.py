@@ -19,6 +19,7 @@ from fastseq.ops.attention import (
     attention_op,
     check_key_lengths,
     check_qkv,
+    laid_out_like,
     lse_dtype,
     softmax_scale,
 )
@@ -76,11 +77,12 @@ def cross_attention_op(
 
     The output has the memory layout of ``residual`` (or q) when that is dense.
     """
-    out = torch.empty_like(residual if residual is not None else q)
     if not _use_kernel(q, k):
         attn, lse = _general(q, k, v, context_lengths, scale)
-        out.copy_(attn if residual is None else attn + residual)
-        return out, lse
+        if residual is None:  # the general path's output, unless it is laid out unlike q
+            return laid_out_like(attn, q), lse
+        return torch.add(attn, residual, out=torch.empty_like(residual)), lse
+    out = torch.empty_like(residual if residual is not None else q)
     from fastseq.kernels import cross_attention as kernels
 
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)

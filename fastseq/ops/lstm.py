@@ -232,7 +232,7 @@ def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
     return y, h.clone(), c.to(c0.dtype, copy=True), gates, cells, pre_proj
 
 
-def _previous(states, first, lengths, reverse):
+def previous_states(states, first, lengths, reverse):
     """State before each step, (T, B, F): the stored state of the previous step, or ``first``.
 
     In the reverse direction a sequence starts at its last valid step: before it lies ``first``.
@@ -255,7 +255,7 @@ def _loop_backward(cell_bwd, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, 
                    reverse, gates, cells, pre_proj, y, has_bias, needs_grad_x, needs_grad_weights,
                    needs_grad_state):
     steps, batch, _ = x.shape
-    c_prev_all = _previous(cells, c0.to(cells.dtype), lengths, reverse)
+    c_prev_all = previous_states(cells, c0.to(cells.dtype), lengths, reverse)
     dpre_all = torch.empty_like(gates)  # every step's slice is written below
     dh_all = torch.zeros_like(y) if w_hr is not None else None
     dh, dc = grad_h_n, grad_c_n.to(cells.dtype)
@@ -307,7 +307,7 @@ def _gemm_grads(dpre_all, dh_all, x, h0, w_ih, y, pre_proj, lengths, reverse, ha
     grad_x = (flat @ w_ih).view_as(x) if needs_grad_x else None
     if not needs_grad_weights:
         return grad_x, None, None, None, None
-    h_prev_all = _previous(y, h0, lengths, reverse)
+    h_prev_all = previous_states(y, h0, lengths, reverse)
     grad_w_ih = flat.t() @ x.flatten(0, 1)
     grad_w_hh = flat.t() @ h_prev_all.flatten(0, 1)
     grad_bias = flat.sum(0) if has_bias else None
@@ -531,7 +531,7 @@ def _vmap_layer_grad(info, in_dims, *args):
              gc0.view(n, batch, -1) if needs_grad_state else empty]
     d = per_sequence(dpre).flatten(1, 2).transpose(1, 2)  # (N, 4H, T B)
     if needs_grad_weights:
-        h_prev = _previous(fy, fh0, flengths, reverse)
+        h_prev = previous_states(fy, fh0, flengths, reverse)
         grads += [d @ per_sequence(fx).flatten(1, 2), d @ per_sequence(h_prev).flatten(1, 2),
                   d.sum(2) if has_bias else empty]
     else:

@@ -1,0 +1,186 @@
+// Word2vec's negative-sampling loss, CPU kernels of `fastseq::negative_sampling_forward` and
+// `fastseq::negative_sampling_backward`.
+//
+// Example b has W input words (W = 1: skip-gram's centre word; W > 1: CBOW's context, averaged)
+// and N targets: the true word first, then N - 1 sampled negatives. With h the mean of the input
+// words' rows of `in_w` and s_j = h . out_w[target j], its loss is
+//     softplus(-s_0) + sum_{j >= 1} softplus(s_j)      (= -log sigmoid(s_0) - sum log sigmoid(-s_j)).
+// One pass per example gathers the rows, forms h and the N dot products and the loss, with no
+// (B, N, D) gather materialised; the backward forms each touched row's gradient in one more pass:
+//     d out_w[target j] = g_j h,   d in_w[input w] = (sum_j g_j out_w[target j]) / W,
+// with g_0 = sigmoid(s_0) - 1 and g_j = sigmoid(s_j) (times the loss's gradient). The rows come back
+// as (B * W, D) and (B * N, D) blocks in the order of `inputs` and `targets`, from which the caller
+// builds sparse (or dense) weight gradients. Examples are independent: parallel over b.
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+namespace fastseq::negative_sampling {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  }
+  T sum = at::vec::vec_reduce_all([](Vec x, Vec y) { return x + y; }, acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y = alpha * x + (accumulate ? y : 0)
+template <typename T>
+void axpy(T alpha, const T* x, T* y, int64_t n, bool accumulate) {
+  using Vec = Vectorized<T>;
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec scaled = a * Vec::loadu(x + i);
+    (accumulate ? scaled + Vec::loadu(y + i) : scaled).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = alpha * x[i] + (accumulate ? y[i] : T(0));
+}
+
+// The rows an example gathers sit at random places in tables larger than the caches: asking for the
+// next examples' rows while this one computes hides most of their latency.
+constexpr int64_t kPrefetchAhead = 2;
+
+template <typename T>
+void prefetch_rows(const T* table, int64_t stride, const int64_t* ids, int64_t count, int64_t dim) {
+  for (int64_t i = 0; i < count; ++i) {
+    const char* row = reinterpret_cast<const char*>(table + ids[i] * stride);
+    for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+      __builtin_prefetch(row + byte);
+    }
+  }
+}
+
+template <typename T>
+T softplus(T x) {  // log(1 + e^x), without overflow
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Rows per parallel task: each example moves (W + N) rows of D values.
+int64_t grain(int64_t rows_per_example, int64_t dim) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows_per_example * dim));
+}
+
+void check(const Tensor& in_w, const Tensor& out_w, const Tensor& inputs, const Tensor& targets) {
+  TORCH_CHECK(in_w.dim() == 2 && out_w.dim() == 2 && in_w.size(1) == out_w.size(1),
+              "negative_sampling: in_w and out_w must be (V, D) with one D");
+  TORCH_CHECK(in_w.stride(1) == 1 && out_w.stride(1) == 1, "negative_sampling: weight rows must be contiguous");
+  TORCH_CHECK(inputs.dim() == 2 && targets.dim() == 2 && inputs.size(0) == targets.size(0),
+              "negative_sampling: inputs (B, W) and targets (B, N) must share B");
+  TORCH_CHECK(inputs.scalar_type() == at::kLong && targets.scalar_type() == at::kLong,
+              "negative_sampling: ids must be int64");
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& in_w, const Tensor& out_w, const Tensor& inputs_,
+                                           const Tensor& targets_) {
+  check(in_w, out_w, inputs_, targets_);
+  const Tensor inputs = inputs_.contiguous(), targets = targets_.contiguous();
+  const int64_t batch = inputs.size(0), words = inputs.size(1), count = targets.size(1), dim = in_w.size(1);
+  Tensor loss = at::empty({batch}, in_w.options());
+  Tensor hidden = at::empty({batch, dim}, in_w.options());
+  Tensor scores = at::empty({batch, count}, in_w.options());
+  AT_DISPATCH_FLOATING_TYPES(in_w.scalar_type(), "negative_sampling_forward", [&] {
+    const auto* in_rows = in_w.const_data_ptr<scalar_t>();
+    const auto* out_rows = out_w.const_data_ptr<scalar_t>();
+    const int64_t in_stride = in_w.stride(0), out_stride = out_w.stride(0);
+    const auto* input_ids = inputs.const_data_ptr<int64_t>();
+    const auto* target_ids = targets.const_data_ptr<int64_t>();
+    auto* loss_out = loss.data_ptr<scalar_t>();
+    auto* hidden_out = hidden.data_ptr<scalar_t>();
+    auto* score_out = scores.data_ptr<scalar_t>();
+    const scalar_t mean = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(words, 1));
+    at::parallel_for(0, batch, grain(words + count, dim), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        if (b + kPrefetchAhead < end) {
+          const int64_t ahead = b + kPrefetchAhead;
+          prefetch_rows(in_rows, in_stride, input_ids + ahead * words, words, dim);
+          prefetch_rows(out_rows, out_stride, target_ids + ahead * count, count, dim);
+        }
+        scalar_t* h = hidden_out + b * dim;
+        for (int64_t w = 0; w < words; ++w) {
+          axpy(mean, in_rows + input_ids[b * words + w] * in_stride, h, dim, w > 0);
+        }
+        if (words == 0) std::fill(h, h + dim, scalar_t(0));
+        scalar_t total = 0;
+        for (int64_t j = 0; j < count; ++j) {
+          const scalar_t s = dot(h, out_rows + target_ids[b * count + j] * out_stride, dim);
+          score_out[b * count + j] = s;
+          total += softplus(j == 0 ? -s : s);
+        }
+        loss_out[b] = total;
+      }
+    });
+  });
+  return {loss, hidden, scores};
+}
+
+std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss_, const Tensor& out_w, const Tensor& inputs_,
+                                    const Tensor& targets_, const Tensor& hidden_, const Tensor& scores_) {
+  const Tensor grad_loss = grad_loss_.contiguous(), inputs = inputs_.contiguous();
+  const Tensor targets = targets_.contiguous(), hidden = hidden_.contiguous(), scores = scores_.contiguous();
+  const int64_t batch = inputs.size(0), words = inputs.size(1), count = targets.size(1), dim = out_w.size(1);
+  Tensor grad_in_rows = at::empty({batch * words, dim}, out_w.options());
+  Tensor grad_out_rows = at::empty({batch * count, dim}, out_w.options());
+  AT_DISPATCH_FLOATING_TYPES(out_w.scalar_type(), "negative_sampling_backward", [&] {
+    const auto* out_rows = out_w.const_data_ptr<scalar_t>();
+    const int64_t out_stride = out_w.stride(0);
+    const auto* target_ids = targets.const_data_ptr<int64_t>();
+    const auto* go = grad_loss.const_data_ptr<scalar_t>();
+    const auto* h_all = hidden.const_data_ptr<scalar_t>();
+    const auto* s_all = scores.const_data_ptr<scalar_t>();
+    auto* d_in = grad_in_rows.data_ptr<scalar_t>();
+    auto* d_out = grad_out_rows.data_ptr<scalar_t>();
+    const scalar_t mean = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(words, 1));
+    at::parallel_for(0, batch, grain(words + count, dim), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> d_hidden(dim);
+      for (int64_t b = begin; b < end; ++b) {
+        if (b + kPrefetchAhead < end) {
+          prefetch_rows(out_rows, out_stride, target_ids + (b + kPrefetchAhead) * count, count, dim);
+        }
+        const scalar_t* h = h_all + b * dim;
+        for (int64_t j = 0; j < count; ++j) {
+          const scalar_t s = s_all[b * count + j];
+          const scalar_t g = go[b] * (sigmoid(s) - (j == 0 ? scalar_t(1) : scalar_t(0)));
+          axpy(g, out_rows + target_ids[b * count + j] * out_stride, d_hidden.data(), dim, j > 0);
+          axpy(g, h, d_out + (b * count + j) * dim, dim, false);
+        }
+        if (count == 0) std::fill(d_hidden.begin(), d_hidden.end(), scalar_t(0));
+        for (int64_t w = 0; w < words; ++w) {
+          axpy(mean, d_hidden.data(), d_in + (b * words + w) * dim, dim, false);
+        }
+      }
+    });
+  });
+  return {grad_in_rows, grad_out_rows};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseq, CPU, m) {
+  m.impl("negative_sampling_forward", &forward);
+  m.impl("negative_sampling_backward", &backward);
+}
+
+}  // namespace fastseq::negative_sampling
