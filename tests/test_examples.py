@@ -140,6 +140,35 @@ def test_train_latent_diffusion_digits_fast_mode_generates_and_writes_its_pictur
     assert "read as their caption's digit" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("decoder", ["transformer", "lstm"])
+def test_caption_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsys, decoder):
+    history = _load(ROOT / "examples" / "caption_digits.py").main(["--fast", "--decoder", decoder, "--out",
+                                                                  str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    assert 0.0 <= history["greedy"] <= 1.0 and 0.0 <= history["beam"] <= 1.0
+    assert json.loads((tmp_path / f"{decoder}.json").read_text()) == history
+    for plot in ("training", "attention"):
+        assert (tmp_path / f"{decoder}_{plot}.png").stat().st_size > 0
+    assert "held-out exact captions" in capsys.readouterr().out
+
+
+def test_digit_canvases_place_whole_digits_left_to_right_and_caption_them():
+    import torch
+
+    script = _load(ROOT / "examples" / "caption_digits.py")
+    images = (torch.arange(10.0) + 1).view(10, 1, 1, 1).expand(10, 1, 8, 8)  # digit d drawn as d + 1
+    canvases, tokens, drawn = script.canvases(images, torch.arange(10), 200, torch.Generator().manual_seed(0))
+    assert canvases.shape == (200, 1, 8, 32) and tokens.shape == (200, 10)
+    assert {len(labels) for labels in drawn} == {2, 3, 4}
+    for canvas, row, labels in zip(canvases, tokens.tolist(), drawn, strict=True):
+        filled = canvas[0, 0][canvas[0, 0] > 0]
+        assert len(filled) == 8 * len(labels)  # whole digits, none overlapping
+        assert (filled[::8] - 1).long().tolist() == labels  # left to right
+        assert script.decode(row[1:]) == " then ".join(script.NAMES[d] for d in labels)
+        assert row[0] == script.BOS and row[2 * len(labels)] == script.EOS
+    assert len({int((canvas[0, 0] > 0).nonzero()[0]) for canvas in canvases}) > 4  # blank columns vary
+
+
 def test_train_word2vec_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
     history = _load(ROOT / "examples" / "train_word2vec.py").main(["--fast", "--out", str(tmp_path)])
     assert history["train"][-1] < history["train"][0]
@@ -148,3 +177,60 @@ def test_train_word2vec_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
     for plot in ("training", "projection"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 0
     assert "median rank of a word's partner" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("temporal", ["lstm", "transformer"])
+def test_classify_moving_digits_fast_mode_learns_and_writes_its_plots(tmp_path, capsys, temporal):
+    script = _load(ROOT / "examples" / "classify_moving_digits.py")
+    history = script.main(["--fast", "--temporal", temporal, "--out", str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    assert sum(map(sum, history["confusion"])) == history["held_out_clips"] == 4 * 360  # each way, once
+    assert 0.0 <= history["accuracy"][-1] <= history["direction_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for plot in ("accuracy", "confusion", "clips"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_moving_clips_slide_the_digit_the_named_way_and_pad_with_zeros():
+    import torch
+
+    script = _load(ROOT / "examples" / "classify_moving_digits.py")
+    images = torch.ones(4, 1, 8, 8)
+    clips, lengths, labels = script.moving_clips(images, torch.tensor([3, 3, 7, 7]), torch.arange(4),
+                                                 torch.Generator().manual_seed(0), 8, 12)
+    assert clips.shape == (4, 12, 1, 16, 16) and labels.tolist() == [3, 13, 27, 37]
+    for clip, length, direction in zip(clips, lengths.tolist(), script.DIRECTIONS, strict=True):
+        assert 8 <= length <= 12 and clip[length:].abs().sum() == 0
+        corners = [torch.nonzero(frame[0])[0].tolist() for frame in clip[:length]]  # (row, col)
+        assert all(frame[0].sum() == 64 for frame in clip[:length])  # the whole digit, every frame
+        axis, sign = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}[direction]
+        along = [sign * corner[axis] for corner in corners]
+        assert along == sorted(along) and along[-1] - along[0] >= 4  # it moves the named way
+        assert len({corner[1 - axis] for corner in corners}) == 1  # and only that way
+
+
+def test_sentence_retrieval_fast_mode_learns_and_writes_its_plots(tmp_path, capsys):
+    history = _load(ROOT / "examples" / "sentence_retrieval.py").main(["--fast", "--out", str(tmp_path)])
+    assert sum(history["train"][-5:]) < sum(history["train"][:5])
+    for name in ("recall@1", "recall@10"):
+        assert len(history[name]) == len(history["eval_step"]) and all(0 <= r <= 1 for r in history[name])
+        assert 0 < history["chance"][name] < 1 and 0 <= history["tfidf"][name] <= 1
+    keys = history["held_out_keys"]
+    assert len(history["similarity"]) == len(keys) == history["topics"]["held_out"]
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    for plot in ("training", "similarity"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
+    assert "held-out retrieval" in capsys.readouterr().out
+
+
+def test_topic_halves_start_with_the_title_and_held_out_topics_are_never_trained_on():
+    script = _load(ROOT / "examples" / "sentence_retrieval.py")
+    train, held_out = script.corpus()
+    assert not {key for key, _, _ in train} & {key for key, _, _ in held_out}
+    assert len(held_out) == (len(train) + len(held_out)) // 4
+    for key, first, second in train + held_out:
+        assert first and second
+        assert first[:len(key.split("-"))] == script.words(key.replace("-", " "))
+    first, second = script.halves("demo", "Heading\n*******\n\none two three\n\nfour five\n\nsix seven")
+    assert (first, second) == (["demo", "heading", "one", "two", "three"], ["four", "five", "six", "seven"])

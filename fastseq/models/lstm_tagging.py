@@ -39,6 +39,27 @@ class LSTMTaggingConfig:
             raise ValueError(f"LSTMTaggingConfig: pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
 
+def pool(out, lengths, pooling: str, hidden_size: int | None = None):
+    """``out`` ``(B, T, D)`` -> ``(B, D)`` over each sequence's first ``lengths[b]`` positions (all
+    ``T`` when None): their maximum, their mean, or (``"last"``) the last one's. Where ``D`` is
+    wider than ``hidden_size`` (a bidirectional LSTM's output, forward then backward halves),
+    ``"last"`` takes the forward half at the last position and the backward half at the first:
+    each direction's final state. The models that pool over time share this (the classifier
+    here, :mod:`fastseq.models.video_classifier`, :mod:`fastseq.models.sentence_encoder`).
+    """
+    batch, length, width = out.shape
+    if lengths is None:
+        lengths = torch.full((batch,), length, dtype=torch.long, device=out.device)
+    valid = (torch.arange(length, device=out.device) < lengths[:, None])[..., None]
+    if pooling == "max":
+        return out.masked_fill(~valid, float("-inf")).amax(1)
+    if pooling == "mean":
+        return (out * valid).sum(1) / lengths[:, None].to(out.dtype)
+    last = out[torch.arange(batch, device=out.device), lengths - 1]
+    hidden = width if hidden_size is None else hidden_size
+    return torch.cat([last[:, :hidden], out[:, 0, hidden:]], 1) if width > hidden else last
+
+
 class _Encoder(nn.Module):
     """Embedding and LSTM: ``(ids (B, T), lengths)`` -> ``(B, T, directions * hidden)``."""
 
@@ -91,16 +112,4 @@ class LSTMClassifier(nn.Module):
 
     def forward(self, input_ids, lengths=None):
         out, lengths = self.encoder(input_ids, lengths)
-        batch, length, width = out.shape
-        if lengths is None:
-            lengths = torch.full((batch,), length, dtype=torch.long, device=out.device)
-        valid = (torch.arange(length, device=out.device) < lengths[:, None])[..., None]
-        if self.config.pooling == "max":
-            pooled = out.masked_fill(~valid, float("-inf")).amax(1)
-        elif self.config.pooling == "mean":
-            pooled = (out * valid).sum(1) / lengths[:, None].to(out.dtype)
-        else:
-            last = out[torch.arange(batch, device=out.device), lengths - 1]
-            hidden = self.config.hidden_size
-            pooled = torch.cat([last[:, :hidden], out[:, 0, hidden:]], 1) if width > hidden else last
-        return self.head(pooled)
+        return self.head(pool(out, lengths, self.config.pooling, self.config.hidden_size))
