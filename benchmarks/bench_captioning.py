@@ -29,7 +29,8 @@ from fastseq.nn import to_torch_nn
 SUITE = "captioning"
 
 # No headlines until a full run's results are committed (a headline must name a measured case).
-HEADLINES = ()
+HEADLINES = ("transformer train step fp32 B32 T16", "transformer decode fp32 B8 16 tokens",
+             "lstm train step fp32 B32 T16")
 HEADLINE_BASELINES = ("torch.nn",)
 SOURCES = ("benchmarks/training.py", "fastseq/models/image_captioning.py", "fastseq/models/vit.py",
            "fastseq/models/seq2seq.py", "fastseq/models/transformer_seq2seq.py",

@@ -82,14 +82,15 @@ TORCH_LIBRARY(fastseq, m) {
       "int units=0) -> (Tensor grad_pre, Tensor grad_h0, Tensor grad_c0)");
   // Word2vec's negative-sampling loss (see csrc/cpu/negative_sampling.cpp): in_w (V, D), out_w
   // (V', D), inputs (B, W) ids averaged into h, targets (B, N) ids, the true word first. Returns the
-  // per-example loss (B,), h (B, D) and the scores (B, N); the backward returns the gradient rows of
-  // the inputs' in_w rows (B * W, D) and of the targets' out_w rows (B * N, D).
+  // per-example loss (B,), h (B, D), the loss's slopes in the scores (B, N) and the error vector
+  // (B, D) that the backward takes; it returns the gradient rows of the inputs' in_w rows
+  // (B * W, D) and of the targets' out_w rows (B * N, D).
   m.def(
       "negative_sampling_forward(Tensor in_w, Tensor out_w, Tensor inputs, Tensor targets) -> "
-      "(Tensor loss, Tensor hidden, Tensor scores)");
+      "(Tensor loss, Tensor hidden, Tensor slopes, Tensor error)");
   m.def(
-      "negative_sampling_backward(Tensor grad_loss, Tensor out_w, Tensor inputs, Tensor targets, "
-      "Tensor hidden, Tensor scores) -> (Tensor grad_in_rows, Tensor grad_out_rows)");
+      "negative_sampling_backward(Tensor grad_loss, Tensor inputs, Tensor targets, Tensor hidden, "
+      "Tensor slopes, Tensor error) -> (Tensor grad_in_rows, Tensor grad_out_rows)");
 }
 
 namespace {

@@ -5,12 +5,13 @@
 // and N targets: the true word first, then N - 1 sampled negatives. With h the mean of the input
 // words' rows of `in_w` and s_j = h . out_w[target j], its loss is
 //     softplus(-s_0) + sum_{j >= 1} softplus(s_j)      (= -log sigmoid(s_0) - sum log sigmoid(-s_j)).
-// One pass per example gathers the rows, forms h and the N dot products and the loss, with no
-// (B, N, D) gather materialised; the backward forms each touched row's gradient in one more pass:
-//     d out_w[target j] = g_j h,   d in_w[input w] = (sum_j g_j out_w[target j]) / W,
-// with g_0 = sigmoid(s_0) - 1 and g_j = sigmoid(s_j) (times the loss's gradient). The rows come back
-// as (B * W, D) and (B * N, D) blocks in the order of `inputs` and `targets`, from which the caller
-// builds sparse (or dense) weight gradients. Examples are independent: parallel over b.
+// One pass per example gathers the rows, forms h, the N dot products and the loss, with no
+// (B, N, D) gather materialised. With c_j = sigmoid(s_j) - [j = 0], the loss's derivative in s_j,
+// the same pass also forms e = sum_j c_j out_w[target j] while the rows are in cache, so that the
+// backward reads no table at all: with g the loss's gradient,
+//     d out_w[target j] = g c_j h,   d in_w[input w] = g e / W,
+// written as (B * N, D) and (B * W, D) blocks in the order of `targets` and `inputs`, from which
+// the caller builds sparse (or dense) weight gradients. Examples are independent: parallel over b.
 
 #include <cmath>
 #include <tuple>
@@ -68,14 +69,15 @@ void prefetch_rows(const T* table, int64_t stride, const int64_t* ids, int64_t c
   }
 }
 
+// The loss term of score s (softplus(-s) for the true word, softplus(s) for a noise word) and its
+// derivative c, from one exp: with t = e^-|s|, softplus(+-s) = max(+-s, 0) + log1p(t) and
+// sigmoid(s) = 1 / (1 + t) for s >= 0, t / (1 + t) otherwise.
 template <typename T>
-T softplus(T x) {  // log(1 + e^x), without overflow
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+void loss_and_slope(T s, bool positive, T& loss, T& slope) {
+  const T t = std::exp(-std::abs(s));
+  const T sig = s >= 0 ? T(1) / (T(1) + t) : t / (T(1) + t);
+  loss = std::max(positive ? -s : s, T(0)) + std::log1p(t);
+  slope = positive ? sig - T(1) : sig;
 }
 
 // Rows per parallel task: each example moves (W + N) rows of D values.
@@ -93,14 +95,15 @@ void check(const Tensor& in_w, const Tensor& out_w, const Tensor& inputs, const 
               "negative_sampling: ids must be int64");
 }
 
-std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& in_w, const Tensor& out_w, const Tensor& inputs_,
-                                           const Tensor& targets_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& in_w, const Tensor& out_w, const Tensor& inputs_,
+                                                   const Tensor& targets_) {
   check(in_w, out_w, inputs_, targets_);
   const Tensor inputs = inputs_.contiguous(), targets = targets_.contiguous();
   const int64_t batch = inputs.size(0), words = inputs.size(1), count = targets.size(1), dim = in_w.size(1);
   Tensor loss = at::empty({batch}, in_w.options());
   Tensor hidden = at::empty({batch, dim}, in_w.options());
-  Tensor scores = at::empty({batch, count}, in_w.options());
+  Tensor slopes = at::empty({batch, count}, in_w.options());
+  Tensor error = at::empty({batch, dim}, in_w.options());
   AT_DISPATCH_FLOATING_TYPES(in_w.scalar_type(), "negative_sampling_forward", [&] {
     const auto* in_rows = in_w.const_data_ptr<scalar_t>();
     const auto* out_rows = out_w.const_data_ptr<scalar_t>();
@@ -109,7 +112,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& in_w, const Tensor& out
     const auto* target_ids = targets.const_data_ptr<int64_t>();
     auto* loss_out = loss.data_ptr<scalar_t>();
     auto* hidden_out = hidden.data_ptr<scalar_t>();
-    auto* score_out = scores.data_ptr<scalar_t>();
+    auto* slope_out = slopes.data_ptr<scalar_t>();
+    auto* error_out = error.data_ptr<scalar_t>();
     const scalar_t mean = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(words, 1));
     at::parallel_for(0, batch, grain(words + count, dim), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -122,53 +126,45 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& in_w, const Tensor& out
         for (int64_t w = 0; w < words; ++w) {
           axpy(mean, in_rows + input_ids[b * words + w] * in_stride, h, dim, w > 0);
         }
-        if (words == 0) std::fill(h, h + dim, scalar_t(0));
+        scalar_t* e = error_out + b * dim;
         scalar_t total = 0;
         for (int64_t j = 0; j < count; ++j) {
-          const scalar_t s = dot(h, out_rows + target_ids[b * count + j] * out_stride, dim);
-          score_out[b * count + j] = s;
-          total += softplus(j == 0 ? -s : s);
+          const scalar_t* u = out_rows + target_ids[b * count + j] * out_stride;
+          scalar_t term, slope;
+          loss_and_slope(dot(h, u, dim), j == 0, term, slope);
+          total += term;
+          slope_out[b * count + j] = slope;
+          axpy(slope, u, e, dim, j > 0);
         }
         loss_out[b] = total;
       }
     });
   });
-  return {loss, hidden, scores};
+  return {loss, hidden, slopes, error};
 }
 
-std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss_, const Tensor& out_w, const Tensor& inputs_,
-                                    const Tensor& targets_, const Tensor& hidden_, const Tensor& scores_) {
-  const Tensor grad_loss = grad_loss_.contiguous(), inputs = inputs_.contiguous();
-  const Tensor targets = targets_.contiguous(), hidden = hidden_.contiguous(), scores = scores_.contiguous();
-  const int64_t batch = inputs.size(0), words = inputs.size(1), count = targets.size(1), dim = out_w.size(1);
-  Tensor grad_in_rows = at::empty({batch * words, dim}, out_w.options());
-  Tensor grad_out_rows = at::empty({batch * count, dim}, out_w.options());
-  AT_DISPATCH_FLOATING_TYPES(out_w.scalar_type(), "negative_sampling_backward", [&] {
-    const auto* out_rows = out_w.const_data_ptr<scalar_t>();
-    const int64_t out_stride = out_w.stride(0);
-    const auto* target_ids = targets.const_data_ptr<int64_t>();
+std::tuple<Tensor, Tensor> backward(const Tensor& grad_loss_, const Tensor& inputs, const Tensor& targets,
+                                    const Tensor& hidden_, const Tensor& slopes_, const Tensor& error_) {
+  const Tensor grad_loss = grad_loss_.contiguous(), hidden = hidden_.contiguous();
+  const Tensor slopes = slopes_.contiguous(), error = error_.contiguous();
+  const int64_t batch = inputs.size(0), words = inputs.size(1), count = targets.size(1), dim = hidden.size(1);
+  Tensor grad_in_rows = at::empty({batch * words, dim}, hidden.options());
+  Tensor grad_out_rows = at::empty({batch * count, dim}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "negative_sampling_backward", [&] {
     const auto* go = grad_loss.const_data_ptr<scalar_t>();
     const auto* h_all = hidden.const_data_ptr<scalar_t>();
-    const auto* s_all = scores.const_data_ptr<scalar_t>();
+    const auto* c_all = slopes.const_data_ptr<scalar_t>();
+    const auto* e_all = error.const_data_ptr<scalar_t>();
     auto* d_in = grad_in_rows.data_ptr<scalar_t>();
     auto* d_out = grad_out_rows.data_ptr<scalar_t>();
     const scalar_t mean = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(words, 1));
     at::parallel_for(0, batch, grain(words + count, dim), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> d_hidden(dim);
       for (int64_t b = begin; b < end; ++b) {
-        if (b + kPrefetchAhead < end) {
-          prefetch_rows(out_rows, out_stride, target_ids + (b + kPrefetchAhead) * count, count, dim);
-        }
-        const scalar_t* h = h_all + b * dim;
         for (int64_t j = 0; j < count; ++j) {
-          const scalar_t s = s_all[b * count + j];
-          const scalar_t g = go[b] * (sigmoid(s) - (j == 0 ? scalar_t(1) : scalar_t(0)));
-          axpy(g, out_rows + target_ids[b * count + j] * out_stride, d_hidden.data(), dim, j > 0);
-          axpy(g, h, d_out + (b * count + j) * dim, dim, false);
+          axpy(go[b] * c_all[b * count + j], h_all + b * dim, d_out + (b * count + j) * dim, dim, false);
         }
-        if (count == 0) std::fill(d_hidden.begin(), d_hidden.end(), scalar_t(0));
         for (int64_t w = 0; w < words; ++w) {
-          axpy(mean, d_hidden.data(), d_in + (b * words + w) * dim, dim, false);
+          axpy(go[b] * mean, e_all + b * dim, d_in + (b * words + w) * dim, dim, false);
         }
       }
     });

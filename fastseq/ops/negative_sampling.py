@@ -1,8 +1,9 @@
 """Word2vec's negative-sampling loss as a torch op: ``torch.ops.fastseq.negative_sampling``.
 
-The C++ CPU kernel (``csrc/cpu/negative_sampling.cpp``) gathers each example's rows, forms the
-mean input vector, its dot products with the true word and the sampled negatives and the loss in one
-pass, and in one more pass the gradient of every row it touched; the weights' gradients are built
+The C++ CPU kernel (``csrc/cpu/negative_sampling.cpp``) gathers each example's rows and forms the
+mean input vector, its dot products with the true word and the sampled negatives, the loss and what
+the backward needs in one pass; the backward writes the gradient of every row the forward touched
+without reading the tables again. The weights' gradients are built
 from those rows as sparse tensors (as ``nn.Embedding(sparse=True)`` gives them, for
 ``torch.optim.SGD`` / ``SparseAdam``) or dense ones. Other devices and dtypes take the
 plain-PyTorch reference (``fastseq/reference/negative_sampling.py``).
@@ -43,8 +44,9 @@ def _gradient(rows, ids, weight, sparse: bool):
 def negative_sampling_op(
     in_weight: torch.Tensor, out_weight: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
     sparse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss (B,), hidden (B, D), scores (B, N))`` on the C++ kernel; see the module docstring."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss (B,), hidden (B, D), slopes (B, N), error (B, D))`` on the C++ kernel; see the module
+    docstring."""
     _extension.load()
     return torch.ops.fastseq.negative_sampling_forward(in_weight, out_weight, inputs, targets)
 
@@ -53,20 +55,20 @@ def negative_sampling_op(
 def _(in_weight, out_weight, inputs, targets, sparse):
     batch, dim = inputs.shape[0], in_weight.shape[1]
     return (in_weight.new_empty(batch), in_weight.new_empty(batch, dim),
-            in_weight.new_empty(batch, targets.shape[1]))
+            in_weight.new_empty(batch, targets.shape[1]), in_weight.new_empty(batch, dim))
 
 
 def _setup(ctx, inputs, output):
     in_weight, out_weight, ids, targets, sparse = inputs
-    _, hidden, scores = output
-    ctx.save_for_backward(in_weight, out_weight, ids, targets, hidden, scores)
+    _, hidden, slopes, error = output
+    ctx.save_for_backward(in_weight, out_weight, ids, targets, hidden, slopes, error)
     ctx.sparse = sparse
 
 
-def _backward(ctx, grad_loss, grad_hidden, grad_scores):
-    in_weight, out_weight, ids, targets, hidden, scores = ctx.saved_tensors
-    in_rows, out_rows = torch.ops.fastseq.negative_sampling_backward(grad_loss, out_weight, ids, targets,
-                                                                     hidden, scores)
+def _backward(ctx, grad_loss, grad_hidden, grad_slopes, grad_error):
+    in_weight, out_weight, ids, targets, hidden, slopes, error = ctx.saved_tensors
+    in_rows, out_rows = torch.ops.fastseq.negative_sampling_backward(grad_loss, ids, targets, hidden,
+                                                                     slopes, error)
     return (_gradient(in_rows, ids, in_weight, ctx.sparse),
             _gradient(out_rows, targets, out_weight, ctx.sparse), None, None, None)
 
