@@ -10,7 +10,7 @@ The vectors are judged by pairs of words the documentation uses alike (true / fa
 read / write, ...): for each, the rank of one word among the other's nearest neighbours, against
 the vocabulary's size (a random embedding ranks it in the middle).
 
-    python examples/train_word2vec.py                # about a minute on 2 CPU cores
+    python examples/train_word2vec.py                # seconds on 2 CPU cores
     python examples/train_word2vec.py --mode cbow
     python examples/train_word2vec.py --fast         # a few steps: what the test runs
 
