@@ -9,7 +9,7 @@ import pathlib
 
 import torch
 
-POSITIVE = {"steps", "batch", "eval_every"}  # the counts a run divides by or loops over
+POSITIVE = {"steps", "epochs", "batch", "eval_every"}  # the counts a run divides by or loops over
 
 
 def parse_config(config_cls, fast: dict, argv=None, *, description: str, out: str, choices=None,

@@ -91,15 +91,14 @@ def train(config: TrainConfig, out: pathlib.Path) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     history = {"step": [], "train": [], "ranks_before": pair_ranks(model, index)}
     epochs = tqdm(range(config.epochs), desc="epochs")
-    total = None
-    for _epoch in epochs:
+    for epoch in epochs:
         inputs, targets = sampler.examples(ids, generator)
         order = torch.randperm(len(inputs), generator=generator)
-        total = total or config.epochs * (len(order) // config.batch + 1)
         for start in range(0, len(order), config.batch):
             rows = order[start:start + config.batch]
+            done = (epoch + start / len(order)) / config.epochs
             for group in optimizer.param_groups:  # word2vec's schedule: linear decay to 0.01%
-                group["lr"] = config.lr * max(1e-4, 1 - len(history["step"]) / total)
+                group["lr"] = config.lr * max(1e-4, 1 - done)
             # Summed: word2vec's SGD moves each example's rows at the full rate.
             loss = model(inputs[rows], targets[rows], reduction="sum")
             optimizer.zero_grad(set_to_none=True)
