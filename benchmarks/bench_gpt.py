@@ -6,8 +6,10 @@ and 4 key/value heads, a 4096-token vocabulary). Cases:
 * ``train step``: forward, LM loss, backward and an AdamW step on a batch of token ids;
 * ``prefill``: one forward over a prompt, no KV cache (inference);
 * ``decode``: ``generate`` of 256 greedy tokens after a 16-token prompt, fastseq's (a static KV
-  cache, the split-KV decode kernels) against transformers' ``generate(do_sample=False)``; the
-  time per token is the case's time / 256.
+  cache, the decode kernels: on the CPU the few-row linear op and the C++ decode attention)
+  against transformers' ``generate(do_sample=False)``; the time per token is the case's time /
+  256. The ``compiled`` cases run fastseq's decode step through ``torch.compile`` (inductor,
+  ``generate(compile=True)``; the compilation happens in the untimed warm-up call).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fastseq.models import GPT, GPTConfig
 SUITE = "gpt"
 
 HEADLINES = ("train step fp32 B4 T128", "prefill fp32 B1 T512", "decode fp32 B1 256 tokens",
-             "decode fp32 B8 256 tokens")
+             "decode fp32 B1 256 tokens compiled", "decode fp32 B8 256 tokens",
+             "decode fp32 B8 256 tokens compiled")
 HEADLINE_BASELINES = ("transformers",)
 SOURCES = ("benchmarks/training.py", "fastseq/models/gpt*.py", "fastseq/models/decoding.py",
            "fastseq/models/inputs.py", "fastseq/models/checkpoint.py", "fastseq/nn/*.py", "fastseq/ops/*.py",
@@ -92,7 +95,7 @@ def _prefill(device, dtype, batch, length):
                  })
 
 
-def _decode(device, dtype, batch, new_tokens):
+def _decode(device, dtype, batch, new_tokens, compiled=False):
     theirs, ours = _models(device, dtype)
     prompt = torch.randint(0, VOCAB, (batch, 16), device=device)
 
@@ -102,19 +105,22 @@ def _decode(device, dtype, batch, new_tokens):
             return theirs.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)
 
-    return _case(f"decode fp32 B{batch} {new_tokens} tokens",
-                 {"pass": "decode", "batch": batch, "new_tokens": new_tokens}, dtype, {
-                     "fastseq": lambda: ours.generate(prompt, new_tokens),
+    return _case(f"decode fp32 B{batch} {new_tokens} tokens{' compiled' if compiled else ''}",
+                 {"pass": "decode", "batch": batch, "new_tokens": new_tokens, "compiled": compiled},
+                 dtype, {
+                     "fastseq": lambda: ours.generate(prompt, new_tokens, compile=compiled),
                      "transformers": None if theirs is None else transformers_generate,
                  })
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
-    """A training step, a prefill and greedy decoding at batch 1 and 8 (float32)."""
+    """A training step, a prefill and greedy decoding at batch 1 and 8, eager and compiled
+    (float32)."""
     dtype = torch.float32
     new_tokens = 16 if quick else NEW_TOKENS
     return [_train(device, dtype, 4, 128), _prefill(device, dtype, 1, 512),
-            _decode(device, dtype, 1, new_tokens), _decode(device, dtype, 8, new_tokens)]
+            *(_decode(device, dtype, batch, new_tokens, compiled)
+              for batch in (1, 8) for compiled in (False, True))]
 
 
 def memory_cases(device: torch.device) -> list[Case]:

@@ -80,6 +80,17 @@ TORCH_LIBRARY(fastseq, m) {
       "lstm_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor c0, "
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells, str kernel='auto', "
       "int units=0) -> (Tensor grad_pre, Tensor grad_h0, Tensor grad_c0)");
+  // Attention of q (B, H, Lq, D) over caches (B, Hk, S, D): query row i of sequence b sees keys
+  // n <= cache_lengths[b] - Lq + i; returns out (B, H, Lq, D) and lse (B, H, Lq); see
+  // csrc/cpu/attention_decode.cpp.
+  m.def("attention_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, "
+        "float scale) -> (Tensor out, Tensor lse)");
+  // Writes k and v (B, Hk, L, D) into the caches (B, Hk, S, D) at each sequence's cache length.
+  m.def("kv_cache_append_cpu(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+        "Tensor cache_lengths) -> ()");
+  // x (..., K) weight^T (+ bias), weight (N, K): a linear layer, for products of a few rows (a
+  // decoding step) that the unpacked CPU kernels run at the memory's speed; see csrc/cpu/linear.cpp.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Word2vec's negative-sampling loss (see csrc/cpu/negative_sampling.cpp): in_w (V, D), out_w
   // (V', D), inputs (B, W) ids averaged into h, targets (B, N) ids, the true word first. Returns the
   // per-example loss (B,), h (B, D), the loss's slopes in the scores (B, N) and the error vector

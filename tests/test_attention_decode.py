@@ -147,3 +147,34 @@ def test_attention_block_refuses_key_lengths_with_a_cache():
     block = fastseq.nn.Attention(32, num_heads=4)
     with pytest.raises(ValueError, match="key_lengths must be None"):
         block(torch.randn(1, 2, 32), cache=block.new_cache(1, 4), key_lengths=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_rows_that_see_no_key_and_empty_batches(backend):
+    """A sequence whose cache holds fewer tokens than the query rows: its first rows see nothing
+    (zeros, lse -inf); an empty batch gives empty outputs."""
+    q, k_cache, v_cache = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    lengths = torch.tensor([1, 7])
+    with fastseq.use_backend(backend):
+        out, lse = fastseq.attention_decode(q, k_cache, v_cache, lengths, return_lse=True)
+        empty = fastseq.attention_decode(q[:0], k_cache[:0], v_cache[:0], lengths[:0])
+    assert torch.equal(out[0, :, :2], torch.zeros(4, 2, 16)) and bool((lse[0, :, :2] == float("-inf")).all())
+    want, want_lse = ref.attention(q[1:].double(), k_cache[1:].double(), v_cache[1:].double(), causal=True,
+                                   bottom_right=True, key_lengths=lengths[1:])
+    torch.testing.assert_close(out[1:], want.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, :, 2], ref.attention(q[:1, :, 2:], k_cache[:1, :, :1],
+                                                           v_cache[:1, :, :1])[0][0, :, 0])
+    assert empty.shape == (0, 4, 3, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_append_converts_and_takes_strided_keys(backend):
+    """Keys in another dtype are cast to the cache's; (B, L, Hk, D) views transposed to
+    (B, Hk, L, D), as the attention block passes them, land in the right slots."""
+    k_cache, v_cache = (torch.zeros(2, 3, 6, 8, dtype=torch.float16) for _ in range(2))
+    k, v = torch.randn(2, 2, 3, 8).transpose(1, 2), torch.randn(2, 2, 3, 8).transpose(1, 2)
+    with fastseq.use_backend(backend):
+        lengths = fastseq.kv_cache_append(k_cache, v_cache, k, v, torch.tensor([0, 4]))
+    assert lengths.tolist() == [2, 6]
+    assert torch.equal(k_cache[0, :, :2], k[0].half()) and torch.equal(v_cache[1, :, 4:], v[1].half())
+    assert not k_cache[0, :, 2:].any() and not v_cache[1, :, :4].any()

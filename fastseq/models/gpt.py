@@ -22,9 +22,12 @@ from torch import nn
 
 from fastseq.models.decoding import next_token
 from fastseq.models.inputs import check_positive_ints, describe
-from fastseq.nn import Attention, KVCache, RotaryEmbedding
+from fastseq.nn import Attention, KVCache, Linear, RotaryEmbedding
 
 FLAVOURS = ("gpt2", "llama")
+# generate(compile=True) sizes its KV cache in multiples of this: one compiled decode step serves
+# every prompt length and token budget up to the same multiple.
+COMPILED_CACHE_STEP = 256
 
 
 @dataclasses.dataclass
@@ -86,9 +89,9 @@ class MLP(nn.Module):
         self.swiglu = config.flavour == "llama"
         self.approximate = config.gelu_approximate
         if self.swiglu:
-            self.gate = nn.Linear(width, inner, bias=bias)
-        self.up = nn.Linear(width, inner, bias=bias)
-        self.down = nn.Linear(inner, width, bias=bias)
+            self.gate = Linear(width, inner, bias=bias)
+        self.up = Linear(width, inner, bias=bias)
+        self.down = Linear(inner, width, bias=bias)
 
     def forward(self, x):
         if self.swiglu:
@@ -138,9 +141,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, rotary) for _ in range(config.n_layer))
         self.norm_f = _norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
+        self._compiled_step = None  # generate(compile=True)'s decode step, compiled on first use
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2's scaled residual projections
             if name.endswith(("o_proj.weight", "mlp.down.weight")):
@@ -258,7 +262,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 eos_token_id=None, attention_mask=None, generator=None):
+                 eos_token_id=None, attention_mask=None, generator=None, compile=False):
         """Continue each prompt by up to ``max_new_tokens`` tokens.
 
         Args:
@@ -268,6 +272,10 @@ class GPT(nn.Module):
                 probability reaches ``top_p``.
             eos_token_id: a row that produces it stops; its later tokens are ``eos_token_id``.
             generator: the ``torch.Generator`` sampling draws from.
+            compile: run each decode step through ``torch.compile(fullgraph=True)``, compiled on
+                the first call for each batch size and cache size (the cache is then sized in
+                multiples of ``COMPILED_CACHE_STEP`` positions, so that other prompt lengths
+                reuse the compiled step). The prefill stays eager.
 
         Returns ``(B, T + n)``: the prompts as given followed by the ``n <= max_new_tokens``
         new tokens (fewer when every row has stopped). The prompts are prefilled in one pass
@@ -294,8 +302,11 @@ class GPT(nn.Module):
         # Tokens first, padding after: each row's tokens at cache positions 0 .. length - 1.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
         packed = input_ids.gather(1, order)
-        cache = self.new_cache(batch, width + max_new_tokens, device=input_ids.device,
-                               dtype=self.lm_head.weight.dtype)
+        slots = width + max_new_tokens
+        if compile:
+            slots = -(-slots // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
+        cache = self.new_cache(batch, slots, device=input_ids.device, dtype=self.lm_head.weight.dtype)
+        decode = self._compiled_decode_step() if compile else self._decode_step
         logits = self(packed, cache=cache)
         for layer in cache:
             layer.lengths = lengths.clone()
@@ -309,8 +320,17 @@ class GPT(nn.Module):
             new.append(token)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            logits = self._logits(token[:, None], None, None, cache)[:, -1]
+            logits = decode(token, cache)
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+    def _decode_step(self, token, cache):
+        """Logits ``(B, vocab)`` of one new token per sequence ``(B,)``, appended to ``cache``."""
+        return self._logits(token[:, None], None, None, cache)[:, -1]
+
+    def _compiled_decode_step(self):
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
+        return self._compiled_step
 
     # -- weights of other libraries ----------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from fastseq.nn import functional
 from fastseq.nn.attention import Attention, KVCache
 from fastseq.nn.convert import to_torch_nn
+from fastseq.nn.linear import Linear
 from fastseq.nn.lstm import LSTM, LayerNormLSTM, LSTMCell, lstm_over_lengths
 from fastseq.nn.multihead_attention import MultiheadAttention
 from fastseq.nn.rnn import RNN
@@ -24,6 +25,7 @@ __all__ = [
     "CrossAttention",
     "KVCache",
     "LayerNormLSTM",
+    "Linear",
     "LSTMCell",
     "MultiheadAttention",
     "RNN",

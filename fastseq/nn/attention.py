@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from fastseq.nn.linear import Linear
 from fastseq.nn.rotary import RotaryEmbedding
 from fastseq.ops.attention import attention
 from fastseq.ops.attention_decode import attention_decode, kv_cache_append
@@ -65,10 +66,10 @@ class Attention(nn.Module):
         self.head_dim = head_dim or dim // num_heads
         self.causal, self.dropout = causal, dropout
         factory = dict(device=device, dtype=dtype)
-        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim,
+        self.q_proj = Linear(dim, num_heads * self.head_dim, bias=bias, **factory)
+        self.k_proj = Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = Linear(dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.o_proj = Linear(num_heads * self.head_dim, dim,
                                 bias=bias if out_bias is None else out_bias, **factory)
         self.rotary = RotaryEmbedding(self.head_dim) if rotary is True else rotary
 

@@ -2,7 +2,7 @@
 
 ``torch.ops.fastseq.attention_decode`` runs the split-KV Triton kernels for a few query rows per
 sequence against a long cache, bottom-right causal and aligned to each sequence's cache length (on
-the CPU, torch's fused CPU kernel, as the attention op does).
+the CPU, the C++ kernel of csrc/cpu/attention_decode.cpp).
 It is an inference op: with inputs that require grad, :func:`attention_decode` runs the general
 (differentiable) attention op with the same semantics instead.
 """
@@ -13,13 +13,12 @@ import functools
 
 import torch
 
-from fastseq import _backend
+from fastseq import _backend, _extension
 from fastseq.ops.attention import (
     attention,
     attention_op,
     check_key_lengths,
     check_qkv,
-    last_dim_dense,
     lse_dtype,
     softmax_scale,
 )
@@ -32,10 +31,14 @@ _fail = functools.partial(fail, "kv_cache_append")
 
 
 def _decode_unsupported(q) -> dict[str, str]:
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return {"triton": f"dtype {q.dtype}"}
-    if q.shape[-1] > 256:
-        return {"triton": f"head dim {q.shape[-1]}"}
+    return _decode_unsupported_by(q.dtype, q.shape[-1])
+
+
+def _decode_unsupported_by(dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return {"triton": f"dtype {dtype}"}
+    if head_dim > 256:
+        return {"triton": f"head dim {head_dim}"}
     return {}
 
 
@@ -63,43 +66,51 @@ def attention_decode_op(
 
 
 def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
-    """Decoding through torch's fused CPU kernel, with each GQA group's query heads folded into the
-    query rows, (B, Hk, G Lq, D), so that the caches are read as they are rather than repeated."""
-    batch, heads, rows, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    size = int(cache_lengths.max()) if q.numel() else 0
-    if not size:  # no rows, or no keys to see
-        return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype))
-    group = heads // kv_heads
-    folded = q.reshape(batch, kv_heads, group * rows, dim).contiguous()
-    # Slots past every sequence's length are cut off (a view); those past a shorter sequence's
-    # length are zeroed in a copy: the kernel would read them, and uninitialised slots may be NaN.
-    k_cache, v_cache = k_cache[:, :, :size], v_cache[:, :, :size]
-    uniform = bool((cache_lengths == size).all())
-    if not uniform:
-        k_cache = reference.without_padding(k_cache, cache_lengths)
-        v_cache = reference.without_padding(v_cache, cache_lengths)
-    k_cache, v_cache = last_dim_dense(k_cache), last_dim_dense(v_cache)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if rows == 1 and uniform:
-        out, lse = flash(folded, k_cache, v_cache, 0.0, False, scale=scale)  # sees every key
-    else:
-        seen = reference.visibility(batch, rows, size, causal=True, bottom_right=True,
-                                    key_lengths=cache_lengths, device=q.device)
-        if rows > 1:
-            seen = seen.repeat(1, 1, group, 1)  # row g Lq + i is query row i of head g
-        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~seen, float("-inf"))
-        out, lse = flash(folded, k_cache, v_cache, 0.0, False,
-                         attn_mask=mask.expand(batch, kv_heads, group * rows, size), scale=scale)
-        lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # rows that see no key, as elsewhere
-    return (out.reshape(batch, heads, rows, dim).contiguous(),
-            lse.to(lse_dtype(q.dtype)).reshape(batch, heads, rows).contiguous())
+    """The C++ kernel (csrc/cpu/attention_decode.cpp): each query row reads the keys it sees where
+    they lie (no mask, no copy dropping the padding), grouped-query heads their group's rows."""
+    _extension.load()  # a graph loaded by torch.export may run this before anything else did
+    out, lse = torch.ops.fastseq.attention_decode_cpu(q, k_cache, v_cache, cache_lengths, scale)
+    return out, lse
 
 
-@attention_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_lengths, scale):
+# torch.compile runs the choice while tracing and keeps its answer.
+@torch.compiler.assume_constant_result
+def _cpu_kernel_chosen(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether CPU calls of these inputs go to the C++ kernel (built, and not forced elsewhere)."""
+    return _extension.has_op("attention_decode_cpu") and _backend.choose(
+        "attention_decode", torch.device("cpu"), _decode_unsupported_by(dtype, head_dim)) == "cpu"
+
+
+def _decode(q, k_cache, v_cache, cache_lengths, scale):
+    """:func:`attention_decode_op`; CPU calls go straight to the C++ kernel, eager or traced: the
+    custom op's Python wrapper costs more than a decoding step's attention itself."""
+    if q.is_cpu and _cpu_kernel_chosen(q.dtype, q.shape[-1]):
+        return torch.ops.fastseq.attention_decode_cpu(q, k_cache, v_cache, cache_lengths, scale)
+    return attention_decode_op(q, k_cache, v_cache, cache_lengths, scale)
+
+
+@torch.compiler.assume_constant_result
+def _append_kernel_chosen() -> bool:
+    """Whether CPU cache appends go to the C++ op (built, and the reference not forced)."""
+    return _extension.has_op("kv_cache_append_cpu") and _backend.forced_backend() in (None, "cpu")
+
+
+def _register_fake() -> None:
+    """The C++ kernels' fake implementations (shapes for torch.compile), where they are built."""
+    if _extension.has_op("attention_decode_cpu"):
+        torch.library.register_fake("fastseq::attention_decode_cpu")(_decode_like)
+    if _extension.has_op("kv_cache_append_cpu"):
+        torch.library.register_fake("fastseq::kv_cache_append_cpu")(lambda *args: None)
+
+
+def _decode_like(q, k_cache, v_cache, cache_lengths, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+
+
+_register_fake()
+
+
+attention_decode_op.register_fake(_decode_like)
 
 
 def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_lse=False):
@@ -133,7 +144,7 @@ def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_l
         return attention(q, k_cache, v_cache, causal=True, causal_alignment="bottom_right",
                          key_lengths=cache_lengths, scale=scale, return_lse=return_lse)
     else:
-        out, lse = attention_decode_op(q, k_cache, v_cache, cache_lengths, scale)
+        out, lse = _decode(q, k_cache, v_cache, cache_lengths, scale)
     return (out, lse) if return_lse else out
 
 
@@ -141,7 +152,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
     """Write new keys/values ``(B, Hk, L, D)`` into the caches ``(B, Hk, S, D)`` in place.
 
     Sequence ``b`` receives them at positions ``cache_lengths[b] .. cache_lengths[b] + L - 1``.
-    Returns the new lengths ``cache_lengths + L`` (a new tensor). One scatter per cache, no loop.
+    Returns the new lengths ``cache_lengths + L`` (a new tensor). On the CPU, the C++ op copies
+    the rows in place (traced too: a scatter there would copy each whole cache per step);
+    elsewhere one scatter per cache.
     """
     if k_cache.dim() != 4 or k.dim() != 4 or k_cache.shape != v_cache.shape or k.shape != v.shape:
         _fail(f"caches must be 4-D of one shape and k/v 4-D of one shape, got k_cache "
@@ -156,6 +169,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
     if values_known(cache_lengths) and batch:
         if int(cache_lengths.max()) + new > k_cache.shape[2]:
             _fail(f"appending {new} tokens overflows the cache of {k_cache.shape[2]} positions")
+    if k.is_cpu and _append_kernel_chosen():
+        torch.ops.fastseq.kv_cache_append_cpu(k_cache, v_cache, k, v, cache_lengths)
+        return cache_lengths + new
     index = cache_lengths.to(torch.int64)[:, None] + torch.arange(new, device=k.device)
     index = index.view(batch, 1, new, 1).expand(batch, heads, new, dim)
     k_cache.scatter_(2, index, k.to(k_cache.dtype))

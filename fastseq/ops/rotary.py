@@ -258,6 +258,25 @@ def _needs_reference(cos, sin) -> bool:
 _warn_reference_once = functools.partial(warn_once, "rotary")
 
 
+# torch.compile runs the choice while tracing and keeps its answer.
+@torch.compiler.assume_constant_result
+def _cpu_kernel_chosen(dtype: torch.dtype, table_dtype: torch.dtype) -> bool:
+    """Whether CPU calls of these dtypes go to the C++ kernel (built, and not forced elsewhere)."""
+    if not _extension.has_op("rotary_kernel"):
+        return False
+    reasons = _unsupported(torch.empty(0, dtype=dtype), torch.empty(0, dtype=table_dtype))
+    return _backend.choose("rotary", torch.device("cpu"), reasons) == "cpu"
+
+
+def _register_fake() -> None:
+    """The C++ kernel's fake implementation (it writes its outputs and returns nothing)."""
+    if _extension.has_op("rotary_kernel"):
+        torch.library.register_fake("fastseq::rotary_kernel")(lambda *args: None)
+
+
+_register_fake()
+
+
 def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inplace):
     """Rotate canonical (B, N, H, D) views q and k (k may be None); returns (q_out, k_out)."""
     k_given = k is not None
@@ -270,6 +289,13 @@ def _rotate_pair(q, k, cos, sin, positions, offset, rotary_dim, interleaved, inp
     elif inplace:
         rotary_(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
         q_out, k_out = q, k
+    elif q.is_cpu and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)) \
+            and _cpu_kernel_chosen(q.dtype, cos.dtype):
+        # Inference on the CPU calls the C++ kernel itself, eager or traced: the custom op's
+        # Python wrapper costs several times a decoding step's rotation.
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        torch.ops.fastseq.rotary_kernel(q_out, k_out, q, k, cos, sin, positions, offset, rotary_dim,
+                                        interleaved, False)
     else:
         q_out, k_out = rotary(q, k, cos, sin, positions, offset, rotary_dim, interleaved, False)
     return q_out, (k_out if k_given else None)
