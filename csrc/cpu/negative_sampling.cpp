@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -23,6 +24,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "lstm_common.h"
+#include "small_gemm_avx512.h"
+
 namespace fastseq::negative_sampling {
 namespace {
 
@@ -30,7 +34,7 @@ using at::Tensor;
 using at::vec::Vectorized;
 
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+T dot_vec(const T* a, const T* b, int64_t n) {
   using Vec = Vectorized<T>;
   Vec acc(T(0));
   int64_t i = 0;
@@ -44,7 +48,7 @@ T dot(const T* a, const T* b, int64_t n) {
 
 // y = alpha * x + (accumulate ? y : 0)
 template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n, bool accumulate) {
+void axpy_vec(T alpha, const T* x, T* y, int64_t n, bool accumulate) {
   using Vec = Vectorized<T>;
   const Vec a(alpha);
   int64_t i = 0;
@@ -53,6 +57,57 @@ void axpy(T alpha, const T* x, T* y, int64_t n, bool accumulate) {
     (accumulate ? scaled + Vec::loadu(y + i) : scaled).store(y + i);
   }
   for (; i < n; ++i) y[i] = alpha * x[i] + (accumulate ? y[i] : T(0));
+}
+
+// The extension is built for the baseline x86-64 (SSE2), where at::vec runs 4 lanes at most:
+// float32 on AVX-512 CPUs takes these, picked at run time.
+#ifdef FASTSEQ_SMALL_GEMM_AVX512
+#define FASTSEQ_NS_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+
+FASTSEQ_NS_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = cpu::avx512::lanes(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+FASTSEQ_NS_AVX512 void axpy_avx512(float alpha, const float* x, float* y, int64_t n, bool accumulate) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = cpu::avx512::lanes(n - i);
+    const __m512 base = accumulate ? _mm512_maskz_loadu_ps(mask, y + i) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y + i, mask, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(mask, x + i), base));
+  }
+}
+
+#undef FASTSEQ_NS_AVX512
+#endif
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+#ifdef FASTSEQ_SMALL_GEMM_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (lstm::cpu_has_avx512()) {
+      return dot_avx512(a, b, n);
+    }
+  }
+#endif
+  return dot_vec(a, b, n);
+}
+
+template <typename T>
+void axpy(T alpha, const T* x, T* y, int64_t n, bool accumulate) {
+#ifdef FASTSEQ_SMALL_GEMM_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (lstm::cpu_has_avx512()) {
+      axpy_avx512(alpha, x, y, n, accumulate);
+      return;
+    }
+  }
+#endif
+  axpy_vec(alpha, x, y, n, accumulate);
 }
 
 // The rows an example gathers sit at random places in tables larger than the caches: asking for the
