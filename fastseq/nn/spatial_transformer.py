@@ -153,8 +153,11 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             h = block(h, context, context_lengths, context_mask)
+        # Back to a contiguous (B, C, H, W) map, as diffusers does: the tokens' layout is
+        # channels-last, which every later convolution would follow, converting its weights to
+        # that format on each call.
         if self.use_linear:
-            h = self.proj_out(h).transpose(1, 2).unflatten(2, (height, width))
+            h = self.proj_out(h).transpose(1, 2).unflatten(2, (height, width)).contiguous()
         else:
-            h = self.proj_out(h.transpose(1, 2).unflatten(2, (height, width)))
+            h = self.proj_out(h.transpose(1, 2).unflatten(2, (height, width)).contiguous())
         return h + x
