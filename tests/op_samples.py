@@ -17,9 +17,14 @@ import torch
 
 import fastseq
 from fastseq.ops.layer_norm_lstm import layer_norm_lstm_layer
+from fastseq.ops.linear import linear
 from fastseq.ops.lstm import lstm_layer
+from fastseq.ops.negative_sampling import negative_sampling_loss
+from fastseq.ops.rnn import rnn_layer
 from fastseq.reference import attention as attention_reference
 from fastseq.reference import lstm as lstm_reference
+from fastseq.reference import negative_sampling as negative_sampling_reference
+from fastseq.reference import rnn as rnn_reference
 from fastseq.reference import rotary as rotary_reference
 
 Make = Callable[[torch.dtype], tuple[tuple, dict]]
@@ -306,4 +311,99 @@ LAYER_NORM_LSTM_LAYER = OpInfo(
 )
 
 
-OPS = (ATTENTION, ATTENTION_DECODE, CROSS_ATTENTION, ROTARY, LSTM_LAYER, LAYER_NORM_LSTM_LAYER)
+# ------------------------------------------------------------------------------------------------
+# rnn_layer
+
+
+def _rnn(dtype, steps=6, batch=3, inputs=5, hidden=7, lengths=None, reverse=False, nonlinearity="tanh"):
+    args = (randn(steps, batch, inputs, dtype=dtype), randn(batch, hidden, dtype=dtype),
+            randn(hidden, inputs, dtype=dtype) / 3, randn(hidden, hidden, dtype=dtype) / 3,
+            randn(hidden, dtype=dtype) / 3)
+    kwargs = dict(reverse=reverse, nonlinearity=nonlinearity)
+    if lengths is not None:
+        kwargs["lengths"] = torch.tensor(lengths)
+    return args, kwargs
+
+
+RNN_LAYER = OpInfo(
+    "rnn_layer", rnn_layer, rnn_reference.rnn_layer,
+    dtypes=(torch.float32, torch.bfloat16, torch.float64),
+    backends=("reference", "cpu"), differentiable=(0, 1, 2, 3, 4),
+    samples=(
+        Sample("ragged lengths", lambda dt: _rnn(dt, lengths=[6, 2, 0])),
+        Sample("reverse", lambda dt: _rnn(dt, reverse=True, lengths=[3, 6, 1])),
+        Sample("relu", lambda dt: _rnn(dt, nonlinearity="relu")),
+        Sample("one step", lambda dt: _rnn(dt, steps=1)),
+        Sample("empty batch", lambda dt: _rnn(dt, batch=0)),
+    ),
+    bad=(
+        BadSample("recurrent weights", lambda: (_replaced(_rnn(torch.float32)[0], 3, randn(7, 6)), {}),
+                  "w_hh must have shape"),
+        BadSample("lengths", lambda: _rnn(torch.float32, lengths=[7, 1, 1]), "lengths must lie"),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# negative_sampling_loss
+
+
+def _negative_sampling_reference(in_weight, out_weight, inputs, targets, *, sparse, reduction):
+    return negative_sampling_reference.negative_sampling_loss(in_weight, out_weight, inputs, targets,
+                                                              sparse)
+
+
+def _negative_sampling(dtype, batch=5, words=1, count=4, vocab=11, dim=19):
+    """Per-example losses with dense gradients; ids repeat within and across examples."""
+    generator = torch.Generator().manual_seed(0)
+    args = (randn(vocab, dim, dtype=dtype) / 3, randn(vocab, dim, dtype=dtype) / 3,
+            torch.randint(0, vocab, (batch, words), generator=generator),
+            torch.randint(0, vocab, (batch, count), generator=generator))
+    return args, dict(sparse=False, reduction="none")
+
+
+NEGATIVE_SAMPLING = OpInfo(
+    "negative_sampling_loss", negative_sampling_loss, _negative_sampling_reference,
+    dtypes=(torch.float32, torch.float64), backends=("reference", "cpu"), differentiable=(0, 1),
+    samples=(
+        Sample("skip-gram", lambda dt: _negative_sampling(dt)),
+        Sample("cbow", lambda dt: _negative_sampling(dt, words=4)),
+        Sample("one target", lambda dt: _negative_sampling(dt, count=1)),
+        Sample("empty batch", lambda dt: _negative_sampling(dt, batch=0)),
+    ),
+    bad=(
+        BadSample("targets out of range", lambda: (_replaced(_negative_sampling(torch.float32)[0], 3,
+                                                             torch.tensor([[0, 11]] * 5)), {}),
+                  r"targets must lie in \[0, 11\)"),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear (the few-row inference op)
+
+
+def _linear(dtype, rows=(1,), features=7, outputs=5, bias=True):
+    return (randn(*rows, features, dtype=dtype), randn(outputs, features, dtype=dtype),
+            randn(outputs, dtype=dtype) if bias else None), {}
+
+
+LINEAR = OpInfo(
+    "linear", linear, torch.nn.functional.linear,
+    dtypes=(torch.float32, torch.bfloat16, torch.float64),
+    backends=("reference", "cpu"), differentiable=(),
+    samples=(
+        Sample("one row", lambda dt: _linear(dt)),
+        Sample("few rows, ragged widths", lambda dt: _linear(dt, rows=(3, 2), features=33, outputs=65)),
+        Sample("no bias", lambda dt: _linear(dt, rows=(16,), bias=False)),
+        Sample("empty batch", lambda dt: _linear(dt, rows=(0,))),
+    ),
+    bad=(
+        BadSample("widths", lambda: ((randn(2, 6), randn(5, 7)), {}), "must agree on K"),
+        BadSample("bias", lambda: ((randn(2, 7), randn(5, 7), randn(4)), {}), r"bias must be \(5,\)"),
+    ),
+)
+
+
+OPS = (ATTENTION, ATTENTION_DECODE, CROSS_ATTENTION, ROTARY, LSTM_LAYER, LAYER_NORM_LSTM_LAYER,
+       RNN_LAYER, NEGATIVE_SAMPLING, LINEAR)

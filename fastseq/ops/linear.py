@@ -15,22 +15,26 @@ Python for it), so that a direct call traces and differentiates too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from fastseq import _backend, _extension
+from fastseq.ops.checks import describe, fail
 
 # Rows up to which the C++ op takes a product (csrc/cpu/linear.cpp's kFewRows): beyond, the
 # weights are reused often enough for a packed GEMM to win.
 FEW_ROWS = 16
 
+_fail = functools.partial(fail, "linear")
 _NOT_HERE = {"triton": "no Triton linear kernel", "cuda": "no CUDA linear kernel"}
 
 
 def _takes_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether this call runs the C++ op (see the module docstring)."""
     if not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or x.dim() == 0 or x.numel() > FEW_ROWS * x.shape[-1]:
+            or x.numel() > FEW_ROWS * x.shape[-1]:
         return False
     if bias is not None and bias.dtype != torch.float32:
         return False
@@ -52,8 +56,14 @@ def _kernel_chosen() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``: x ``(..., K)``, weight ``(N, K)``, bias ``(N,)`` or None; returns
-    ``(..., N)`` in x's dtype. Differentiable; inputs as ``F.linear`` takes them (and checked by
-    it, or by the op with the same message shape)."""
+    ``(..., N)`` in x's dtype. Differentiable. Raises ValueError, naming the argument, when the
+    shapes do not fit."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        _fail(f"x (..., K) and weight (N, K) must agree on K, got x {describe(x)} and weight "
+              f"{describe(weight)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        _fail(f"bias must be ({weight.shape[0]},) or None, got {describe(bias)}")
     if _takes_kernel(x, weight, bias):
         return torch.ops.fastseq.linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -76,6 +76,20 @@ def _backward(ctx, grad_loss, grad_hidden, grad_slopes, grad_error):
 negative_sampling_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _register_fake() -> None:
+    """Shapes of the C++ backward, which autograd calls directly (traced backwards need them)."""
+    if not _extension.has_op("negative_sampling_backward"):
+        return
+
+    @torch.library.register_fake("fastseq::negative_sampling_backward")
+    def _(grad_loss, inputs, targets, hidden, slopes, error):
+        dim = hidden.shape[1]
+        return hidden.new_empty(inputs.numel(), dim), hidden.new_empty(targets.numel(), dim)
+
+
+_register_fake()
+
+
 def _check(in_weight, out_weight, inputs, targets, reduction):
     for name, weight in (("in_weight", in_weight), ("out_weight", out_weight)):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
