@@ -152,7 +152,8 @@ Tensor scatter(const Tensor& rows, const Rows& r) {
   if (r.identity()) {
     return rows.view({r.T, r.B, F});
   }
-  Tensor out = at::zeros({r.T, r.B, F}, rows.options());
+  // Each (t, b) row is written once: copied, or zeroed where step t is padding for sequence b.
+  Tensor out = at::empty({r.T, r.B, F}, rows.options());
   const scalar_t* s = rows.const_data_ptr<scalar_t>();
   scalar_t* d = out.data_ptr<scalar_t>();
   const int64_t* order = r.order.const_data_ptr<int64_t>();
@@ -160,6 +161,9 @@ Tensor scatter(const Tensor& rows, const Rows& r) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < r.count[t]; ++i) {
         std::memcpy(d + (t * r.B + order[i]) * F, s + (r.offset[t] + i) * F, F * sizeof(scalar_t));
+      }
+      for (int64_t i = r.count[t]; i < r.B; ++i) {
+        std::memset(d + (t * r.B + order[i]) * F, 0, F * sizeof(scalar_t));
       }
     }
   });
@@ -590,11 +594,12 @@ Grads backward_impl(const Rows& r, const Tensor& grad_y, const Tensor& grad_h_n,
     std::get<0>(grads) = scatter<scalar_t>(cpu::linear(dpre, w_ih.t()), r);
   }
   if (wanted.weights) {
-    // (H, total) by (total, F): d pre^T's rows are its columns, read in place.
+    // (H, total) by (total, F), both operands read in place: ATen's GEMM takes d pre^T as a
+    // transposed operand, where the linear form would copy the (F, total) transpose of the rows
+    // first (a strided copy that cost as much as the product).
     const Tensor dpre_t = dpre.t();
-    std::get<2>(grads) = cpu::linear(dpre_t, gather<scalar_t>(x, r).t());
-    std::get<3>(grads) = cpu::linear(dpre_t, previous_rows<scalar_t>(r, y_rows, sorted(h0, r),
-                                                                     reverse).t());
+    std::get<2>(grads) = at::mm(dpre_t, gather<scalar_t>(x, r));
+    std::get<3>(grads) = at::mm(dpre_t, previous_rows<scalar_t>(r, y_rows, sorted(h0, r), reverse));
     if (has_bias) {
       std::get<4>(grads) = dpre.sum(0);
     }
