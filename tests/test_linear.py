@@ -20,7 +20,7 @@ def _within_rule(got, x, weight, bias):
 
 @needs_op
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 16, 17, 40])
-@pytest.mark.parametrize("features", [(1, 1), (7, 13), (33, 65), (256, 768)], ids=str)
+@pytest.mark.parametrize("features", [(0, 3), (1, 1), (7, 13), (33, 65), (256, 768)], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_matches_f_linear(rows, features, bias):
     """Ragged widths (not multiples of the 16-lane vectors or the 4-column tiles), one row to past

@@ -26,10 +26,13 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight,
               " and weight ", weight.sizes());
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = weight.size(0);
-  const at::Tensor rows = x.reshape({-1, x.size(-1)});
-  if (rows.size(0) == 0) {
-    return at::empty(sizes, x.options());
+  const int64_t M = x.numel() == 0 ? c10::multiply_integers(sizes.begin(), sizes.end() - 1)
+                                    : x.numel() / x.size(-1);
+  if (M == 0 || x.size(-1) == 0) {  // no rows, or an empty sum: the bias (or zeros) per row
+    at::Tensor out = at::zeros(sizes, x.options());
+    return bias.has_value() ? out.add_(*bias) : out;
   }
+  const at::Tensor rows = x.reshape({M, x.size(-1)});
   // A few rows read W once per 4 of them, from cache after the first: still bound by streaming W.
   if (rows.size(0) <= kFewRows) {
     at::Tensor out = at::empty({rows.size(0), weight.size(0)}, x.options());
