@@ -178,3 +178,13 @@ def test_cache_append_converts_and_takes_strided_keys(backend):
     assert lengths.tolist() == [2, 6]
     assert torch.equal(k_cache[0, :, :2], k[0].half()) and torch.equal(v_cache[1, :, 4:], v[1].half())
     assert not k_cache[0, :, 2:].any() and not v_cache[1, :, :4].any()
+
+
+def test_cache_append_keeps_the_gradient_of_the_keys():
+    """Keys that take gradients are appended differentiably: the cache's gradient reaches them."""
+    k_cache, v_cache = torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4)
+    k, v = torch.randn(2, 1, 2, 4, requires_grad=True), torch.randn(2, 1, 2, 4, requires_grad=True)
+    fastseq.kv_cache_append(k_cache, v_cache, k, v, torch.tensor([0, 3]))
+    weights = torch.randn(2, 1, 5, 4)
+    (k_cache * weights).sum().backward()
+    torch.testing.assert_close(k.grad, torch.stack([weights[0, :, :2], weights[1, :, 3:]]))

@@ -69,8 +69,7 @@ def _cpu_decode(q, k_cache, v_cache, cache_lengths, scale):
     """The C++ kernel (csrc/cpu/attention_decode.cpp): each query row reads the keys it sees where
     they lie (no mask, no copy dropping the padding), grouped-query heads their group's rows."""
     _extension.load()  # a graph loaded by torch.export may run this before anything else did
-    out, lse = torch.ops.fastseq.attention_decode_cpu(q, k_cache, v_cache, cache_lengths, scale)
-    return out, lse
+    return tuple(torch.ops.fastseq.attention_decode_cpu(q, k_cache, v_cache, cache_lengths, scale))
 
 
 # torch.compile runs the choice while tracing and keeps its answer.
@@ -107,10 +106,8 @@ def _decode_like(q, k_cache, v_cache, cache_lengths, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
-_register_fake()
-
-
 attention_decode_op.register_fake(_decode_like)
+_register_fake()
 
 
 def attention_decode(q, k_cache, v_cache, cache_lengths, *, scale=None, return_lse=False):
@@ -169,7 +166,10 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_lengths):
     if values_known(cache_lengths) and batch:
         if int(cache_lengths.max()) + new > k_cache.shape[2]:
             _fail(f"appending {new} tokens overflows the cache of {k_cache.shape[2]} positions")
-    if k.is_cpu and _append_kernel_chosen():
+    # The C++ op has no autograd: keys or values that take gradients go through the scatter.
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (k_cache, v_cache, k, v))
+    if k.is_cpu and not differentiable and _append_kernel_chosen():
         torch.ops.fastseq.kv_cache_append_cpu(k_cache, v_cache, k, v, cache_lengths)
         return cache_lengths + new
     index = cache_lengths.to(torch.int64)[:, None] + torch.arange(new, device=k.device)
