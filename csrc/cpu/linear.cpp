@@ -26,8 +26,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight,
               " and weight ", weight.sizes());
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = weight.size(0);
-  const int64_t M = x.numel() == 0 ? c10::multiply_integers(sizes.begin(), sizes.end() - 1)
-                                    : x.numel() / x.size(-1);
+  const int64_t M = c10::multiply_integers(sizes.begin(), sizes.end() - 1);
   if (M == 0 || x.size(-1) == 0) {  // no rows, or an empty sum: the bias (or zeros) per row
     at::Tensor out = at::zeros(sizes, x.options());
     return bias.has_value() ? out.add_(*bias) : out;
