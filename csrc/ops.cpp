@@ -80,6 +80,15 @@ TORCH_LIBRARY(fastseq, m) {
       "lstm_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor c0, "
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor cells, str kernel='auto', "
       "int units=0) -> (Tensor grad_pre, Tensor grad_h0, Tensor grad_c0)");
+  // The recurrence of one Elman RNN layer in one persistent launch (CUDA only; see
+  // csrc/cuda/rnn.cu): pre_x (T, B, H) = x W_ih^T + bias, h0 (B, H), w_hh (H, H). Returns y and
+  // h_n; the backward returns d pre (T, B, H) for the weight-gradient GEMMs and the gradient of h0.
+  m.def(
+      "rnn_recurrence_forward(Tensor pre_x, Tensor h0, Tensor w_hh, Tensor? lengths, bool reverse, "
+      "str nonlinearity) -> (Tensor y, Tensor h_n)");
+  m.def(
+      "rnn_recurrence_backward(Tensor grad_y, Tensor grad_h_n, Tensor w_hh, Tensor y, "
+      "Tensor? lengths, bool reverse, str nonlinearity) -> (Tensor grad_pre, Tensor grad_h0)");
   // Attention of q (B, H, Lq, D) over caches (B, Hk, S, D): query row i of sequence b sees keys
   // n <= cache_lengths[b] - Lq + i; returns out (B, H, Lq, D) and lse (B, H, Lq); see
   // csrc/cpu/attention_decode.cpp.
@@ -121,6 +130,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "True when the extension was compiled with its CUDA kernels");
   m.def("lstm_persistent_units", &fastseq::lstm::plan_units, "Hidden units per block of the persistent "
         "LSTM kernels (hidden, element_size, sms, smem_per_block, smem_per_sm); 0 when they cannot run");
+  m.def("rnn_persistent_units", &fastseq::lstm::plan_rnn_units, "Hidden units per block of the "
+        "persistent Elman RNN kernels (hidden, element_size, sms, smem_per_block, smem_per_sm); 0 "
+        "when they cannot run");
   m.def(
       "lstm_tensor_core_tiles",
       [](int64_t batch, int64_t cols, int64_t depth) {

@@ -34,7 +34,7 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # The Triton interpreter multiplies bfloat16 tiles wrongly (triton 3.8): upcast there.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -158,7 +158,7 @@ def _attn_fwd(
         k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, n_valid, D, COS, SIN, offs_n,
                        stride_rotary, HALF, ROTARY, INTERLEAVED)
                        # sizes and scalars
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         mask_ptrs = tile_ptrs(mask_base, offs_m, stride_maskm, offs_n, stride_maskn)
         s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND,
                            m_valid[:, None] & n_valid[None, :])
@@ -172,7 +172,7 @@ def _attn_fwd(
             p = tl.where(keep, p / (1.0 - p_drop), 0.0)
         v = tl.load(tile_ptrs(v_base, offs_n, stride_vn, offs_d, stride_vd),
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     seen = l_i > 0
@@ -216,7 +216,7 @@ def _probabilities(q, k, offs_m, offs_n, lse, klen, shift, mask_ptrs, mask_valid
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr):
     """Recompute the softmax tile P (BLOCK_M, BLOCK_N) from q, k^T and the saved LSE."""
-    s = _dot(q, k, PRECISION, UPCAST) * qk_scale
+    s = dot(q, k, PRECISION, UPCAST) * qk_scale
     s = _masked_scores(s, offs_m, offs_n, klen, shift, mask_ptrs, CAUSAL, MASK_KIND, mask_valid)
     # Rows that saw no key have LSE = -inf: treat it as +inf so that P = 0 there.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -292,16 +292,16 @@ def _attn_bwd_dkdv(
             p = _probabilities(q, kt, offs_m, offs_n, lse, klen, shift, mask_ptrs,
                                m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
                                PRECISION, UPCAST)
-            dp = _dot(do, vt, PRECISION, UPCAST)
+            dp = dot(do, vt, PRECISION, UPCAST)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
                 p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
                 dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
             else:
                 p_kept = p
-            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, PRECISION, UPCAST)
+            dv += dot(tl.trans(p_kept.to(do.dtype)), do, PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk = dk * sm_scale
     tl.store(tile_ptrs(DK + b64 * stride_dkb + hk * stride_dkh, offs_n, stride_dkn, offs_d, stride_dkd),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -362,12 +362,12 @@ def _attn_bwd_dq(
         p = _probabilities(q, tl.trans(k), offs_m, offs_n, lse, klen, shift, mask_ptrs,
                            m_valid[:, None] & n_valid[None, :], qk_scale, CAUSAL, MASK_KIND,
                            PRECISION, UPCAST)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, p_drop)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        dq += dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     tl.store(tile_ptrs(DQ + b64 * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d, stride_dqd),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm)
 
@@ -457,7 +457,8 @@ def _pick(kernel, tuned, head_dim, interpreted):
     return tuned, dict(BLOCK_D=max(16, next_power_of_2(head_dim)))
 
 
-def _precision(dtype):
+def dot_precision(dtype):
+    """tl.dot's input precision for `dtype`: "ieee" for float32 unless torch allows TF32 matmuls."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -476,7 +477,7 @@ def _constants(q, mask_kind, key_lengths, causal, bottom_right, p_drop, half, in
                interpreted):
     return dict(
         CAUSAL=causal, BOTTOM_RIGHT=bottom_right, HAS_KLEN=key_lengths is not None,
-        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=_precision(q.dtype),
+        MASK_KIND=mask_kind, DROPOUT=p_drop > 0, PRECISION=dot_precision(q.dtype),
         UPCAST=interpreted and q.dtype == torch.bfloat16,
         HALF=half, ROTARY=half > 0, INTERLEAVED=interleaved,
     )

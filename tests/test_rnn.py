@@ -16,7 +16,11 @@ from fastseq.ops import rnn as rnn_ops
 
 _CPP_RNN = _extension.load() is not None and hasattr(torch.ops.fastseq, "rnn_layer_forward")
 BACKENDS = [b for b in ("cpu", "reference") if b != "cpu" or _CPP_RNN]
+# The Triton steps run here under the interpreter; they take float32, float16 and bfloat16.
+TRITON = "triton" in fastseq.available_backends("cpu")
+FLOAT32_BACKENDS = BACKENDS + ["triton"] * TRITON
 needs_cpp = pytest.mark.skipif(not _CPP_RNN, reason="extension built without the C++ RNN layer")
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton interpreter not active")
 CONFIGS = {
     "one_layer": dict(),
     "relu": dict(nonlinearity="relu"),
@@ -39,7 +43,7 @@ def _run(module, x, h0=None, backend=None, leaf=None, lengths=None):
     with fastseq.use_backend(backend):
         y, h = module(x, h0) if lengths is None else module(x, h0, lengths=lengths)
     data = y.data if hasattr(y, "batch_sizes") else y
-    weights = torch.linspace(-1, 1, data.shape[-1], dtype=data.dtype)
+    weights = torch.linspace(-1, 1, data.shape[-1], dtype=data.dtype, device=data.device)
     loss = (data * weights).sum() + h.square().sum()
     grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
     return [data, h, *grads]
@@ -67,9 +71,13 @@ def test_matches_torch_rnn_float64(backend, config, with_state):
     _exact(_run(ours, x, h0, backend), _run(theirs, x, h0))
 
 
-def _tolerance_check(dtype, steps, batch, lengths=None, input_size=11, hidden=37, **kwargs):
-    """fastseq's C++ layer in ``dtype`` against torch.nn.RNN in float64 (the truth), within the
-    tolerance rule against torch.nn.RNN in ``dtype``; ragged ``lengths`` go to torch packed."""
+def _tolerance_check(dtype, steps, batch, lengths=None, input_size=11, hidden=37, backend="cpu",
+                     **kwargs):
+    """fastseq's layer on ``backend`` in ``dtype`` against torch.nn.RNN in float64 (the truth),
+    within the tolerance rule against torch.nn.RNN in ``dtype``; ragged ``lengths`` go to torch
+    packed. The Triton steps, built like the plain-PyTorch loop (a step's product, then its
+    pointwise tail), have that loop in ``dtype`` as their low-precision reference: torch.nn.RNN's
+    fused CPU kernel is at times 4x more accurate than either on a weight gradient."""
     truth, ours = _pair(torch.float64, input_size, hidden, **kwargs)
     low, _ = _pair(torch.float64, input_size, hidden, **kwargs)
     low.load_state_dict(truth.state_dict())
@@ -78,15 +86,23 @@ def _tolerance_check(dtype, steps, batch, lengths=None, input_size=11, hidden=37
     x = x64.to(dtype).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no silent fallback
-        got = _run(ours, x, None, "cpu", lengths=lengths)
-    if lengths is None:
+        got = _run(ours, x, None, backend, lengths=lengths)
+    if backend == "triton":
+        loop = fastseq.nn.RNN(input_size, hidden, **kwargs).to(dtype)
+        loop.load_state_dict(ours.state_dict())
+        want_low = _run(loop, x.detach().requires_grad_(), None, "reference", lengths=lengths)
+        want = (_run(truth, x64.requires_grad_()) if lengths is None
+                else _run_packed(truth, x64.requires_grad_(), lengths))
+    elif lengths is None:
         want, want_low = _run(truth, x64.requires_grad_()), _run(low, x.detach().requires_grad_())
     else:
         want, want_low = [_run_packed(m, t, lengths) for m, t in
                           ((truth, x64.requires_grad_()), (low, x.detach().requires_grad_()))]
+    # The Triton interpreter rounds float32 -> bfloat16 by truncation: twice the error.
+    scale = 2.0 if backend == "triton" and dtype == torch.bfloat16 else 1.0
     for i, (g, t, lo) in enumerate(zip(got, want, want_low, strict=True)):
         # outputs and grad_x within 2x; weight gradients, sums over every step, within 3x
-        assert_within_rule(g, t, lo, f"tensor {i}", factor=2.0 if i < 3 else 3.0)
+        assert_within_rule(g, t, lo, f"tensor {i}", factor=scale * (2.0 if i < 3 else 3.0))
 
 
 def _run_packed(module, x, lengths):
@@ -115,6 +131,23 @@ def test_float32_within_tolerance_rule(config, steps, batch, hidden):
 @pytest.mark.parametrize("config", ["one_layer", "two_layers_bidirectional"])
 def test_bfloat16_within_tolerance_rule(config):
     _tolerance_check(torch.bfloat16, 6, 5, hidden=40, **CONFIGS[config])
+
+
+# relu only in float32: in half precision a pre-activation within rounding of 0 flips relu's
+# derivative from one implementation to another, an O(1) change in its gradient that no
+# tolerance rule bounds.
+@needs_triton
+@pytest.mark.parametrize(("config", "dtype"),
+                         [(c, d) for c in ("one_layer", "relu", "two_layers_bidirectional")
+                          for d in (torch.float32, torch.float16, torch.bfloat16)
+                          if c != "relu" or d == torch.float32], ids=str)
+@pytest.mark.parametrize("lengths", [None, [3, 9, 1, 6, 9, 2, 5, 9, 4, 8, 7, 9, 1, 2, 3, 5, 6, 9]],
+                         ids=["full", "ragged"])
+def test_triton_steps_within_tolerance_rule(config, dtype, lengths):
+    """The Triton steps: 18 rows and 37 units (off the 16-wide tiles), a length-1 row among
+    unsorted ragged lengths, outputs, h_n and every gradient."""
+    lengths = None if lengths is None else torch.tensor(lengths)
+    _tolerance_check(dtype, 9, 18, lengths=lengths, backend="triton", **CONFIGS[config])
 
 
 @needs_cpp
@@ -158,8 +191,25 @@ def test_lengths_with_an_empty_sequence_and_a_batch_of_one(backend, bidirectiona
     assert torch.equal(one[3:], torch.zeros_like(one[3:]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@needs_triton
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_triton_steps_keep_the_state_of_empty_and_ended_sequences(bidirectional):
+    """A length-0 row outputs zeros and keeps h0 (its gradient passes straight through), a
+    length-1 row and full rows beside it: the Triton steps equal the reference loop."""
+    ours = fastseq.nn.RNN(5, 20, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(5, 4, 5, requires_grad=True)
+    h0 = torch.randn(4 if bidirectional else 2, 4, 20, requires_grad=True)
+    lengths = torch.tensor([4, 0, 5, 1])
+    results = [_run(ours, x, h0, backend, lengths=lengths) for backend in ("triton", "reference")]
+    _close(*results, atol=1e-5, rtol=1e-5)
+    y, h, _, grad_h0, *_ = results[0]
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+    assert torch.equal(h[:, 1], h0[:, 1].detach())
+
+
+@pytest.mark.parametrize(("backend", "dtype"),
+                         [(b, d) for b in FLOAT32_BACKENDS for d in (torch.float32, torch.float64)
+                          if b != "triton" or d == torch.float32])
 @pytest.mark.parametrize("shape", [(0, 3), (5, 0)], ids=["no_steps", "empty_batch"])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_empty_sequence_or_batch(backend, dtype, shape, with_lengths):
@@ -307,7 +357,7 @@ def _layer_inputs(seed=0):
     return [torch.randn(*shape, generator=g) * 0.5 for shape in shapes]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_eager_calls_equal_the_registered_op(backend, nonlinearity):
     """Eager calls run the op's autograd without the dispatcher (fastseq/ops/eager.py); the
@@ -322,7 +372,7 @@ def test_eager_calls_equal_the_registered_op(backend, nonlinearity):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("lengths", [None, [4, 1, 3]], ids=["full", "ragged"])
 def test_registered_ops_pass_opcheck(backend, lengths):
     """Schema, fake kernel, autograd registration and AOT dispatch of forward and backward."""
@@ -357,8 +407,8 @@ def test_float16_runs_in_float32_and_autocast():
 
 
 def test_reference_fallback_warns_once_on_other_devices():
-    """No GPU kernel: tensors off the CPU take the reference, announced once (the meta device
-    stands in for a GPU here)."""
+    """A device no kernel takes: the reference, announced once (the meta device stands in for a
+    GPU with float64 here)."""
     rnn = fastseq.nn.RNN(5, 6).to("meta")
     rnn_ops.warn_once.cache_clear()
     with pytest.warns(UserWarning, match="no meta kernel for the Elman RNN"):
@@ -414,3 +464,47 @@ def _replaced(index, value):
 def test_op_bad_inputs_raise_clear_errors_before_any_kernel(args, kwargs, match):
     with pytest.raises(ValueError, match=f"fastseq rnn_layer: .*{match}"):
         rnn_ops.rnn_layer(*args, **kwargs)
+
+
+GPU_CONFIGS = {"one_layer": (dict(), 40, 37), "two_layers_bidirectional":
+               (dict(num_layers=2, bidirectional=True), 300, 5), "relu": (dict(nonlinearity="relu"), 64, 9)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize(("config", "dtype"),
+                         [(c, d) for c in sorted(GPU_CONFIGS)
+                          for d in (torch.float32, torch.float16, torch.bfloat16)
+                          if c != "relu" or d == torch.float32], ids=str)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_gpu_backends_within_tolerance_rule(backend, config, dtype, with_lengths):
+    """The Triton steps and the persistent kernel on the GPU against the float64 loop on the CPU,
+    within the tolerance rule with the plain-PyTorch loop (cuBLAS) in the same dtype; a length-0
+    row, a length-1 row and full rows (relu in float32 only, as on the CPU)."""
+    kwargs, hidden, batch = GPU_CONFIGS[config]
+    truth = fastseq.nn.RNN(13, hidden, **kwargs).double()
+    ours, low = (fastseq.nn.RNN(13, hidden, **kwargs).to("cuda", dtype) for _ in range(2))
+    ours.load_state_dict(truth.state_dict()), low.load_state_dict(truth.state_dict())
+    x64 = torch.randn(11, batch, 13, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().to("cuda", dtype).requires_grad_()
+    lengths = torch.tensor([11, 3, 1, 0, 7]).repeat(batch)[:batch] if with_lengths else None
+    on_gpu = None if lengths is None else lengths.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the forced backend really runs
+        got = _run(ours, x, None, backend, lengths=on_gpu)
+    want = _run(truth, x64, None, "reference", lengths=lengths)
+    want_low = _run(low, x.detach().requires_grad_(), None, "reference", lengths=on_gpu)
+    for i, (g, t, lo) in enumerate(zip(got, want, want_low, strict=True)):
+        assert_within_rule(g.cpu(), t, lo.cpu(), f"tensor {i}", factor=2.0 if i < 3 else 3.0)
+
+
+@pytest.mark.skipif(not _extension.cuda_built(), reason="extension built without its CUDA kernels")
+def test_persistent_kernel_plan():
+    """Hidden units per block of the persistent RNN kernels, for an H100 (132 SMs, 227 KiB per
+    block): one row of W_hh a unit, up to 32 units a block, every block resident."""
+    plan = _extension.load().rnn_persistent_units
+    h100 = (132, 227 * 1024, 228 * 1024)  # SMs, shared memory per block, per SM
+    assert plan(256, 4, *h100) == 1  # 256 blocks of one unit: two per SM fit
+    assert plan(1024, 2, *h100) == 4  # 256 blocks of 4 units
+    assert plan(2048, 2, *h100) == 8  # 256 blocks of 8 units, 32 KiB each
+    assert plan(4096, 4, *h100) == 0  # 16 units of 4096 float32 rows: 256 KiB, over the limit

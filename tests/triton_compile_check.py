@@ -151,7 +151,15 @@ def compile_launches(launches, label):
 def _launches_of_every_family():
     """(label, launch function) for each family: the launchers on small CPU tensors, with the
     options that change what is compiled (dtypes, masks, causality, rotary, dropout, lengths)."""
-    from fastseq.kernels import attention, attention_decode, cross_attention, layer_norm_lstm, lstm, rotary
+    from fastseq.kernels import (
+        attention,
+        attention_decode,
+        cross_attention,
+        layer_norm_lstm,
+        lstm,
+        rnn,
+        rotary,
+    )
 
     def t(*shape, dtype=torch.float16):
         return torch.zeros(*shape, dtype=dtype)
@@ -192,6 +200,14 @@ def _launches_of_every_family():
         lstm.cell_forward(pre, c, torch.empty_like(pre), torch.empty_like(c), t(4, 300, dtype=dtype))
         lstm.cell_backward(t(4, 300, dtype=dtype), c, pre, c, c, torch.empty_like(pre),
                            torch.empty_like(c))
+
+    def rnn_case(dtype, nonlinearity, lengths):
+        batch, hidden = 40, 300
+        h, w = t(batch, hidden, dtype=dtype), t(hidden, hidden, dtype=dtype)
+        rnn.step_forward(h, w, h, torch.empty_like(h), torch.empty_like(h), lengths, 3, nonlinearity)
+        dh = t(batch, hidden, dtype=torch.float32)
+        rnn.step_backward(h, w, dh, h, h, torch.empty_like(h), lengths, 3, 4, nonlinearity)
+        rnn.step_backward(h, w, dh, None, None, None, lengths, None, 4, nonlinearity)
 
     def rotary_case(dtype, positions, interleaved):
         q, k = t(2, 40, 8, 128, dtype=dtype), t(2, 40, 2, 128, dtype=dtype)
@@ -241,6 +257,9 @@ def _launches_of_every_family():
         ("layer_norm_lstm bf16 lengths",
          lambda: layer_norm_lstm_case(torch.bfloat16, torch.tensor([3, 1, 0]))),
         ("layer_norm_lstm fp32", lambda: layer_norm_lstm_case(torch.float32, None)),
+        ("rnn fp32 tanh", lambda: rnn_case(torch.float32, "tanh", None)),
+        ("rnn bf16 relu lengths", lambda: rnn_case(torch.bfloat16, "relu", torch.tensor([3] * 40))),
+        ("rnn fp16 tanh lengths", lambda: rnn_case(torch.float16, "tanh", torch.tensor([3] * 40))),
         ("rotary fp16 positions", lambda: rotary_case(torch.float16, True, False)),
         ("rotary bf16 interleaved", lambda: rotary_case(torch.bfloat16, False, True)),
     ]

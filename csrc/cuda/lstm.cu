@@ -23,12 +23,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
-#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,28 +38,22 @@
 #include "cuda/lstm_device.cuh"
 #include "cuda/lstm_plan.h"
 #include "cuda/lstm_tensor_cores.cuh"
+#include "cuda/persistent.cuh"
 
 namespace fastseq::lstm {
 namespace {
 
 namespace cg = cooperative_groups;
+using persistent::all_resident;
+using persistent::attributes_of;
+using persistent::pick;
+using persistent::warp_sum_all;
 
-template <int N>
-__device__ __forceinline__ void warp_sum_all(float (&acc)[N]) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-#pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], offset);
-  }
-}
+constexpr const char* kOp = "fastseq lstm_recurrence";
 
-// acc[u] for lane u, without dynamic register indexing.
-template <int N>
-__device__ __forceinline__ float pick(const float (&acc)[N], int index) {
-  float v = 0.f;
-#pragma unroll
-  for (int n = 0; n < N; ++n) v = (n == index) ? acc[n] : v;
-  return v;
+template <typename Args>
+void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
+  persistent::launch(kOp, kernel, args, hidden, units, smem);
 }
 
 template <typename scalar_t, int U>
@@ -163,68 +154,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
 
 // ---------------------------------------------------------------------------------------------
 // Launch: pick U, check the whole grid can be resident, launch cooperatively.
-
-// The dynamic shared memory a block of a kernel can have: the device's opt-in maximum less the
-// kernel's static shared memory.
-int max_dynamic_shared(const cudaFuncAttributes& attributes) {
-  return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin -
-                          attributes.sharedSizeBytes);
-}
-
-// The attributes of `kernel` on the current device, asked of the driver once per (kernel,
-// device) rather than at every launch (a one-step layer call would otherwise pay driver calls
-// beside its one launch). The first question also lifts the kernel's dynamic shared-memory limit
-// to the device's opt-in maximum, so that it covers every size asked later.
-const cudaFuncAttributes& attributes_of(const void* kernel) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;
-  const auto key = std::make_pair(kernel, int(c10::cuda::current_device()));
-  std::lock_guard<std::mutex> lock(mutex);
-  if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      max_dynamic_shared(attributes)));
-  return known.emplace(key, attributes).first->second;  // map nodes stay put: the reference holds
-}
-
-// Blocks of `kernel` with `smem` bytes of dynamic shared memory that fit on one SM of the current
-// device, asked once per (kernel, device, smem).
-int resident_blocks_per_sm(const void* kernel, size_t smem) {
-  const cudaFuncAttributes& attributes = attributes_of(kernel);
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, size_t>, int> known;
-  const auto key = std::make_tuple(kernel, int(c10::cuda::current_device()), smem);
-  std::lock_guard<std::mutex> lock(mutex);
-  if (const auto it = known.find(key); it != known.end()) return it->second;
-  int per_sm = 0;
-  if (smem <= size_t(max_dynamic_shared(attributes))) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  }
-  known.emplace(key, per_sm);
-  return per_sm;
-}
-
-// Whether `blocks` blocks of `kernel` with `smem` bytes of dynamic shared memory can all be
-// resident at once, as a cooperative launch needs.
-bool all_resident(const void* kernel, size_t smem, int64_t blocks) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return blocks <= int64_t(resident_blocks_per_sm(kernel, smem)) * sms;
-}
-
-template <typename Args>
-void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
-  const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = (hidden + units - 1) / units;
-  TORCH_CHECK(blocks <= int64_t(per_sm) * sms, "fastseq lstm_recurrence: ", blocks,
-              " blocks of ", units, " hidden units cannot all be resident (", per_sm, " per SM x ",
-              sms, " SMs); fastseq.ops.lstm should have chosen another backend");
-  void* params[] = {&args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks),
-                                             dim3(kThreads), params, smem,
-                                             at::cuda::getCurrentCUDAStream()));
-}
 
 #define FASTSEQ_LSTM_UNITS(units, KERNEL, ...)                                   \
   switch (units) {                                                               \

@@ -1,6 +1,6 @@
-// How the persistent LSTM kernels (csrc/cuda/lstm.cu) split the hidden units over thread blocks,
-// and how the tensor-core kernels (csrc/cuda/lstm_tensor_cores.cuh) split a block's product over
-// its warps. Plain C++: the Python side asks the same question (through fastseq._C) before
+// How the persistent LSTM and RNN kernels (csrc/cuda/lstm.cu, rnn.cu) split the hidden units over
+// thread blocks, and how the tensor-core kernels (csrc/cuda/lstm_tensor_cores.cuh) split a block's
+// product over its warps. Plain C++: the Python side asks the same question (through fastseq._C) before
 // choosing the kernel, so that inputs it cannot take go to another backend instead of failing,
 // and the CPU tests check the plans.
 #pragma once
@@ -24,26 +24,41 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocksPerSM = 2;
 constexpr int64_t kSharedReservedPerBlock = 1024;  // what the runtime keeps per block
 
-// Whether the CUDA-core kernels' ceil(H / units) blocks, each holding 4 units H elements of W_hh
-// in shared memory, are all resident at once.
+// Whether the CUDA-core kernels' ceil(H / units) blocks, each holding `gates` units H elements of
+// W_hh in shared memory (4 gates for the LSTM, 1 for the Elman RNN), are all resident at once.
 inline bool units_fit(int64_t units, int64_t hidden, int64_t element_size, int64_t sms,
-                      int64_t smem_per_block, int64_t smem_per_sm) {
-  const int64_t smem = 4 * units * hidden * element_size;
+                      int64_t smem_per_block, int64_t smem_per_sm, int64_t gates = 4) {
+  const int64_t smem = gates * units * hidden * element_size;
   if (smem > smem_per_block) return false;
   const int64_t per_sm = std::min(kMaxBlocksPerSM, smem_per_sm / (smem + kSharedReservedPerBlock));
   return (hidden + units - 1) / units <= per_sm * sms;
 }
 
-// Hidden units per block (1, 2, 4 or 8) for which the block's slice of W_hh (4 U H elements)
-// fits in shared memory and all ceil(H / U) blocks are resident at once; the smallest such U, as
-// more blocks share the per-step work. 0 when none fits.
-inline int plan_units(int64_t hidden, int64_t element_size, int64_t sms, int64_t smem_per_block,
-                      int64_t smem_per_sm) {
-  for (int units = 1; units <= 8; units *= 2) {
-    if (4 * units * hidden * element_size > smem_per_block) return 0;
-    if (units_fit(units, hidden, element_size, sms, smem_per_block, smem_per_sm)) return units;
+// Hidden units per block (a power of two up to `max_units`) for which the block's slice of W_hh
+// (gates U H elements) fits in shared memory and all ceil(H / U) blocks are resident at once; the
+// smallest such U, as more blocks share the per-step work. 0 when none fits. A thread keeps
+// gates U float accumulators: max_units 8 for the LSTM, 32 for the RNN.
+inline int plan_units_of(int64_t gates, int max_units, int64_t hidden, int64_t element_size,
+                         int64_t sms, int64_t smem_per_block, int64_t smem_per_sm) {
+  for (int units = 1; units <= max_units; units *= 2) {
+    if (gates * units * hidden * element_size > smem_per_block) return 0;
+    if (units_fit(units, hidden, element_size, sms, smem_per_block, smem_per_sm, gates)) {
+      return units;
+    }
   }
   return 0;
+}
+
+// The LSTM's plan: 4 gates, up to 8 units a block.
+inline int plan_units(int64_t hidden, int64_t element_size, int64_t sms, int64_t smem_per_block,
+                      int64_t smem_per_sm) {
+  return plan_units_of(4, 8, hidden, element_size, sms, smem_per_block, smem_per_sm);
+}
+
+// The Elman RNN's plan (csrc/cuda/rnn.cu): 1 gate, up to 32 units a block (one per lane).
+inline int plan_rnn_units(int64_t hidden, int64_t element_size, int64_t sms,
+                          int64_t smem_per_block, int64_t smem_per_sm) {
+  return plan_units_of(1, 32, hidden, element_size, sms, smem_per_block, smem_per_sm);
 }
 
 // ---------------------------------------------------------------------------------------------

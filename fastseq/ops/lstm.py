@@ -57,18 +57,24 @@ def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int, projecti
     return _backend.choose("lstm", device, reasons, prefer="cuda")
 
 
-@functools.cache  # it asks the driver for the device's properties
 def _persistent_unsupported(device, dtype, hidden, projection) -> str | None:
     """Why the persistent CUDA kernel cannot run this layer, or None."""
-    ext = _extension.load()
-    if not _extension.cuda_built() or not hasattr(ext, "lstm_persistent_units"):
-        return "the CUDA kernels are not built"
     if projection:
         return "projections (proj_size)"
+    return persistent_unsupported("lstm_persistent_units", device, dtype, hidden)
+
+
+@functools.cache  # it asks the driver for the device's properties
+def persistent_unsupported(plan: str, device, dtype, hidden) -> str | None:
+    """Why a persistent CUDA recurrence (its block plan ``fastseq._C.<plan>``) cannot run a layer
+    of ``hidden`` units in ``dtype`` on ``device``, or None."""
+    ext = _extension.load()
+    if not _extension.cuda_built() or not hasattr(ext, plan):
+        return "the CUDA kernels are not built"
     props = torch.cuda.get_device_properties(device)
-    units = ext.lstm_persistent_units(hidden, dtype.itemsize, props.multi_processor_count,
-                                      props.shared_memory_per_block_optin,
-                                      props.shared_memory_per_multiprocessor)
+    units = getattr(ext, plan)(hidden, dtype.itemsize, props.multi_processor_count,
+                               props.shared_memory_per_block_optin,
+                               props.shared_memory_per_multiprocessor)
     return None if units else f"hidden size {hidden}: W_hh does not fit on chip"
 
 
@@ -186,8 +192,8 @@ def _active(lengths, t, like):
     return None if lengths is None else (t < lengths)[:, None]
 
 
-def _input_projection(x, w_ih, bias):
-    """x W_ih^T + bias for every step at once: (T, B, 4H)."""
+def input_projection(x, w_ih, bias):
+    """x W_ih^T + bias for every step at once: (T, B, G) for w_ih (G, I)."""
     flat = x.flatten(0, 1)
     pre = flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())
     return pre.view(x.shape[0], x.shape[1], w_ih.shape[0])
@@ -195,14 +201,14 @@ def _input_projection(x, w_ih, bias):
 
 def _persistent_forward(x, h0, c0, w_ih, w_hh, bias, lengths, reverse):
     y, h_n, c_n, gates, cells = torch.ops.fastseq.lstm_recurrence_forward(
-        _input_projection(x, w_ih, bias), h0, c0, w_hh, lengths, reverse)
+        input_projection(x, w_ih, bias), h0, c0, w_hh, lengths, reverse)
     return y, h_n, c_n, gates, cells, x.new_empty(0)
 
 
 def _loop_forward(cell, x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
     steps, batch, _ = x.shape
     hidden = c0.shape[1]
-    pre_x = _input_projection(x, w_ih, bias)
+    pre_x = input_projection(x, w_ih, bias)
     y = x.new_zeros(steps, batch, h0.shape[1])
     gates = x.new_empty(steps, batch, 4 * hidden)
     # The cell state is carried in float32 whatever the input dtype: it integrates over every

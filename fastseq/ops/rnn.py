@@ -10,9 +10,16 @@ activations' derivatives are functions of the outputs), so nothing else is kept.
   backward through time in C++ with grad_x and the weight gradients as GEMMs over all steps.
   With ``lengths`` it works on the real rows only, as a PackedSequence lays them out. float32,
   float64 and bfloat16 (float16 runs in float32 between two casts);
+* ``triton``: the input projection and the weight gradients as cuBLAS GEMMs over all steps,
+  and each step's recurrent product with its whole pointwise tail in one Triton launch
+  (:mod:`fastseq.kernels.rnn`): forward and backward through time. float32, float16, bfloat16;
+  the default on the GPU;
+* ``cuda``: the same GEMMs, and the whole recurrence in one persistent kernel with W_hh kept in
+  shared memory (``rnn_recurrence_forward`` / ``_backward``, csrc/cuda/rnn.cu), where W_hh fits
+  on chip. Not the default until a GPU benchmark shows it faster than the ``triton`` steps;
+  ``fastseq.use_backend("cuda")`` takes it;
 * ``reference``: the plain-PyTorch loop of :mod:`fastseq.reference.rnn`, and its backward
-  through time written out below. CUDA tensors take it too, with a one-time warning: there is no
-  GPU kernel for this layer yet.
+  through time written out below. float64 on the GPU takes it, with a one-time warning.
 
 Eager calls run the op's body and autograd directly (:mod:`fastseq.ops.eager`); ``torch.compile``
 and ``torch.export`` trace the registered ops.
@@ -29,8 +36,15 @@ import torch
 
 from fastseq import _backend, _extension
 from fastseq.ops import eager
-from fastseq.ops.checks import fail, warn_once
-from fastseq.ops.lstm import check_like_x, checked_lengths, contiguous_in, previous_states
+from fastseq.ops.checks import KERNEL_DTYPES, fail, warn_once
+from fastseq.ops.lstm import (
+    check_like_x,
+    checked_lengths,
+    contiguous_in,
+    input_projection,
+    persistent_unsupported,
+    previous_states,
+)
 from fastseq.reference import rnn as reference
 from fastseq.reference.lstm import step_order
 
@@ -43,24 +57,29 @@ _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # torch.compile runs the choice while tracing and keeps its answer, as the LSTM's does.
 @torch.compiler.assume_constant_result
-def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend of one layer call: the C++ layer on the CPU, else the reference."""
-    reasons = {"triton": "no Triton RNN kernel", "cuda": "no CUDA RNN kernel"}
+def _backend_for(device: torch.device, dtype: torch.dtype, hidden: int) -> str:
+    """The backend of one layer call: the C++ layer on the CPU, the Triton steps on the GPU."""
+    reasons = {}
+    if dtype not in KERNEL_DTYPES:
+        reasons["triton"] = reasons["cuda"] = f"dtype {dtype}"
     if dtype not in _CPU_DTYPES:
         reasons["cpu"] = f"dtype {dtype}"
     elif not _extension.has_op("rnn_layer_forward"):
         reasons["cpu"] = "the C++ RNN layer is not built"
-    return _backend.choose("rnn", device, reasons)
+    if device.type == "cuda":
+        reasons.setdefault("cuda", persistent_unsupported("rnn_persistent_units", device, dtype,
+                                                          hidden))
+    return _backend.choose("rnn", device, {name: why for name, why in reasons.items() if why})
 
 
 def _warn_if_fallback(backend, x):
-    """Announce, once, the reference path where it was not asked for (a GPU tensor, an unbuilt
-    extension)."""
+    """Announce, once, the reference path where it was not asked for (float64 on a GPU, an
+    unbuilt extension)."""
     if torch.compiler.is_compiling() or backend != "reference" \
             or _backend.forced_backend() is not None:
         return
     if x.device.type != "cpu":
-        warn_once("rnn_layer", f"no {x.device.type} kernel for the Elman RNN yet")
+        warn_once("rnn_layer", f"no {x.device.type} kernel for the Elman RNN in {x.dtype}")
     elif not _extension.has_op("rnn_layer_forward"):
         warn_once("rnn_layer", "the C++ RNN layer is not built")
 
@@ -84,12 +103,35 @@ def _check_inputs(x, h0, w_ih, w_hh, bias, lengths, nonlinearity):
     return None if lengths is None else checked_lengths(lengths, steps, batch, x.device, _fail)
 
 
+def _triton_forward(x, h0, w_ih, w_hh, bias, lengths, reverse, nonlinearity):
+    """The layer on Triton steps: the input projection in one GEMM, then one launch a step."""
+    from fastseq.kernels import rnn as kernels
+
+    interpreted = _backend.triton_interpreted()
+    pre_x = input_projection(x, w_ih, bias)
+    y = torch.empty_like(pre_x)
+    # With padding the state and the output differ: two state buffers, each step reading one and
+    # writing the other. Without, the state is the previous step's output.
+    buffers = (torch.empty_like(h0), torch.empty_like(h0)) if lengths is not None else None
+    h = h0
+    for k, t in enumerate(step_order(x.shape[0], reverse)):
+        h_next = buffers[k % 2] if buffers is not None else None
+        kernels.step_forward(h, w_hh, pre_x[t], y[t], h_next, lengths, t, nonlinearity, interpreted)
+        h = y[t] if h_next is None else h_next
+    return y, h.clone() if h is h0 or buffers is None else h  # h_n never aliases an input or y
+
+
 def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, reverse, nonlinearity, backend):
     """The body of :func:`rnn_layer_op`."""
     _extension.load()  # a graph loaded by torch.export may run this before anything else did
     if backend == "cpu":
         return tuple(torch.ops.fastseq.rnn_layer_forward(x, h0, w_ih, w_hh, bias, lengths, reverse,
                                                          nonlinearity))
+    if backend == "triton":
+        return _triton_forward(x, h0, w_ih, w_hh, bias, lengths, reverse, nonlinearity)
+    if backend == "cuda":
+        return tuple(torch.ops.fastseq.rnn_recurrence_forward(
+            input_projection(x, w_ih, bias), h0, w_hh, lengths, reverse, nonlinearity))
     return reference.rnn_layer(x, h0, w_ih, w_hh, bias, lengths, reverse, nonlinearity)
 
 
@@ -109,6 +151,19 @@ def _(x, h0, w_ih, w_hh, bias, lengths, reverse, nonlinearity, backend):
     return x.new_empty(steps, batch, w_hh.shape[0]), torch.empty_like(h0)
 
 
+def _gemm_grads(dpre_all, x, h0, w_ih, y, lengths, reverse, has_bias, needs_grad_x,
+                needs_grad_weights):
+    """What does not feed the recurrence, over all steps at once, from d pre (T, B, H):
+    (grad_x, grad_w_ih, grad_w_hh, grad_bias), None for what is not needed."""
+    flat = dpre_all.flatten(0, 1)
+    grad_x = (flat @ w_ih).view_as(x) if needs_grad_x else None
+    if not needs_grad_weights:
+        return grad_x, None, None, None
+    grad_w_ih = flat.t() @ x.flatten(0, 1)
+    grad_w_hh = flat.t() @ previous_states(y, h0, lengths, reverse).flatten(0, 1)
+    return grad_x, grad_w_ih, grad_w_hh, flat.sum(0) if has_bias else None
+
+
 def _loop_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, nonlinearity, has_bias,
                    needs_grad_x, needs_grad_weights, needs_grad_state):
     """Backward through time in plain PyTorch (the ``reference`` backend's gradient)."""
@@ -124,16 +179,44 @@ def _loop_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, non
             dpre = torch.where(active, dpre, 0)
             dh = torch.where(active, dpre @ w_hh, dh)
         dpre_all[t] = dpre
-    flat = dpre_all.flatten(0, 1)
-    grad_x = (flat @ w_ih).view_as(x) if needs_grad_x else None
-    grad_w_ih = grad_w_hh = grad_bias = None
-    if needs_grad_weights:
-        grad_w_ih = flat.t() @ x.flatten(0, 1)
-        grad_w_hh = flat.t() @ previous_states(y, h0, lengths, reverse).flatten(0, 1)
-        grad_bias = flat.sum(0) if has_bias else None
+    grad_x, grad_w_ih, grad_w_hh, grad_bias = _gemm_grads(
+        dpre_all, x, h0, w_ih, y, lengths, reverse, has_bias, needs_grad_x, needs_grad_weights)
     # With no steps dh is grad_h_n itself, which an op may not return.
     grad_h0 = (dh.clone() if dh is grad_h_n else dh) if needs_grad_state else None
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias
+
+
+def _triton_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, nonlinearity,
+                     has_bias, needs_grad_x, needs_grad_weights, needs_grad_state):
+    """Backward through time on Triton steps (one launch a step, plus one for the gradient of
+    h0), then the GEMMs over all steps."""
+    from fastseq.kernels import rnn as kernels
+
+    interpreted = _backend.triton_interpreted()
+    dpre_all = torch.empty_like(y)
+    dh = grad_h_n.to(torch.float32, copy=True)  # the carry sums over every step: float32
+    later = None  # the step processed after t in the forward
+    for t in reversed(step_order(x.shape[0], reverse)):
+        kernels.step_backward(None if later is None else dpre_all[later], w_hh, dh, grad_y[t], y[t],
+                              dpre_all[t], lengths, t, later, nonlinearity, interpreted)
+        later = t
+    if needs_grad_state and later is not None:
+        kernels.step_backward(dpre_all[later], w_hh, dh, None, None, None, lengths, None, later,
+                              nonlinearity, interpreted)
+    grad_x, grad_w_ih, grad_w_hh, grad_bias = _gemm_grads(
+        dpre_all, x, h0, w_ih, y, lengths, reverse, has_bias, needs_grad_x, needs_grad_weights)
+    grad_h0 = dh.to(h0.dtype) if needs_grad_state else None
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias
+
+
+def _persistent_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, nonlinearity,
+                         has_bias, needs_grad_x, needs_grad_weights, needs_grad_state):
+    """Backward through time in one persistent CUDA launch, then the GEMMs over all steps."""
+    dpre_all, grad_h0 = torch.ops.fastseq.rnn_recurrence_backward(grad_y, grad_h_n, w_hh, y, lengths,
+                                                                  reverse, nonlinearity)
+    grad_x, grad_w_ih, grad_w_hh, grad_bias = _gemm_grads(
+        dpre_all, x, h0, w_ih, y, lengths, reverse, has_bias, needs_grad_x, needs_grad_weights)
+    return grad_x, grad_h0 if needs_grad_state else None, grad_w_ih, grad_w_hh, grad_bias
 
 
 def _layer_grad(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, nonlinearity, has_bias,
@@ -144,6 +227,10 @@ def _layer_grad(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, lengths, reverse, nonlin
             needs_grad_x, needs_grad_weights, needs_grad_state)
     if backend == "cpu":
         grads = torch.ops.fastseq.rnn_layer_backward(*args)
+    elif backend == "triton":
+        grads = _triton_backward(*args)
+    elif backend == "cuda":
+        grads = _persistent_backward(*args)
     else:
         grads = _loop_backward(*args)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -232,7 +319,7 @@ def run_rnn_layer(x, h0, w_ih, w_hh, bias=None, lengths=None, reverse=False, non
     """:func:`rnn_layer` without its input checks, for callers that made them (``fastseq.nn.RNN``
     checks once per call, not once per layer); ``lengths`` int64 on x's device."""
     dtype = x.dtype
-    backend = _backend_for(x.device, dtype)
+    backend = _backend_for(x.device, dtype, w_hh.shape[0])
     _warn_if_fallback(backend, x)
     compute = torch.float32 if backend == "cpu" and dtype == torch.float16 else dtype
     tensors = contiguous_in(compute, (x, h0, w_ih, w_hh, bias))
