@@ -155,21 +155,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
 // ---------------------------------------------------------------------------------------------
 // Launch: pick U, check the whole grid can be resident, launch cooperatively.
 
-#define FASTSEQ_LSTM_UNITS(units, KERNEL, ...)                                   \
-  switch (units) {                                                               \
-    case 1: launch(KERNEL<scalar_t, 1>, __VA_ARGS__); break;                     \
-    case 2: launch(KERNEL<scalar_t, 2>, __VA_ARGS__); break;                     \
-    case 4: launch(KERNEL<scalar_t, 4>, __VA_ARGS__); break;                     \
-    case 8: launch(KERNEL<scalar_t, 8>, __VA_ARGS__); break;                     \
-    default: TORCH_CHECK(false, "fastseq lstm_recurrence: bad unit count ", units); \
-  }
-
-// float, half and bfloat16 (the kernels' float math gains nothing for double).
-#define FASTSEQ_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)              \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 void check_inputs(const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(h0.is_contiguous() && c0.is_contiguous() && w_hh.is_contiguous(),
@@ -356,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   auto h_n = at::empty({B, H}, pre_x.options());
   auto c_n = at::empty({B, H}, c0.options());
   const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
-  FASTSEQ_DISPATCH_KERNEL_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
+  FASTSEQ_DISPATCH_PERSISTENT_TYPES(pre_x.scalar_type(), "lstm_forward", [&] {
     ForwardArgs<scalar_t> io{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
                              c0.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                              y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
@@ -374,7 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const auto h_buf = at::empty({2, B, H}, pre_x.options());
     io.h_buf = h_buf.data_ptr<scalar_t>();
     const size_t smem = size_t(4) * cc_units * H * sizeof(scalar_t);
-    FASTSEQ_LSTM_UNITS(cc_units, forward_kernel, io, H, cc_units, smem);
+    persistent::with_units<8>(kOp, cc_units, [&](auto u) {
+      launch(forward_kernel<scalar_t, decltype(u)::value>, io, H, cc_units, smem);
+    });
   });
   return {y, h_n, c_n, gates, cells};
 }
@@ -398,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto dc = grad_c_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   if (T > 0 && B > 0) {
     const Recurrence r{T, B, H, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
-    FASTSEQ_DISPATCH_KERNEL_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+    FASTSEQ_DISPATCH_PERSISTENT_TYPES(gates.scalar_type(), "lstm_backward", [&] {
       const BackwardArgs<scalar_t> io{r, grad_y.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                       w_hh.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
                                       cells.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
@@ -412,7 +399,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       }
       const int cc_units = cuda_core_units(H, gates, choice.units);
       const size_t smem = size_t(4) * cc_units * H * sizeof(scalar_t);
-      FASTSEQ_LSTM_UNITS(cc_units, backward_kernel, io, H, cc_units, smem);
+      persistent::with_units<8>(kOp, cc_units, [&](auto u) {
+        launch(backward_kernel<scalar_t, decltype(u)::value>, io, H, cc_units, smem);
+      });
     });
   }
   return {grad_pre, dh.to(grad_h_n.scalar_type()), dc.to(grad_c_n.scalar_type())};

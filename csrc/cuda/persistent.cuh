@@ -7,13 +7,21 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "cuda/lstm_plan.h"
+
+// float, half and bfloat16 (the kernels' float math gains nothing for double).
+#define FASTSEQ_DISPATCH_PERSISTENT_TYPES(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)              \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fastseq::persistent {
 
@@ -101,6 +109,20 @@ void launch(const char* op, void (*kernel)(Args), Args args, int64_t hidden, int
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks),
                                              dim3(kThreads), params, smem,
                                              at::cuda::getCurrentCUDAStream()));
+}
+
+
+// f(std::integral_constant<int, U>{}) for `units` = U, a power of two up to kMax: the kernels take
+// their units per block as a template argument (their accumulators are register arrays).
+template <int kMax, int U = 1, typename F>
+void with_units(const char* op, int units, F&& f) {
+  if (units == U) {
+    f(std::integral_constant<int, U>{});
+  } else if constexpr (U < kMax) {
+    with_units<kMax, 2 * U>(op, units, std::forward<F>(f));
+  } else {
+    TORCH_CHECK(false, op, ": bad unit count ", units);
+  }
 }
 
 }  // namespace fastseq::persistent

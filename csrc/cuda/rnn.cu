@@ -190,23 +190,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_
 // ---------------------------------------------------------------------------------------------
 // Launch.
 
-#define FASTSEQ_RNN_UNITS(units, KERNEL, ...)                                         \
-  switch (units) {                                                                    \
-    case 1: launch(KERNEL<scalar_t, 1>, __VA_ARGS__); break;                          \
-    case 2: launch(KERNEL<scalar_t, 2>, __VA_ARGS__); break;                          \
-    case 4: launch(KERNEL<scalar_t, 4>, __VA_ARGS__); break;                          \
-    case 8: launch(KERNEL<scalar_t, 8>, __VA_ARGS__); break;                          \
-    case 16: launch(KERNEL<scalar_t, 16>, __VA_ARGS__); break;                        \
-    case 32: launch(KERNEL<scalar_t, 32>, __VA_ARGS__); break;                        \
-    default: TORCH_CHECK(false, kOp, ": bad unit count ", units);                     \
-  }
-
-// float, half and bfloat16 (the kernels' float math gains nothing for double).
-#define FASTSEQ_RNN_DISPATCH(TYPE, NAME, ...)                                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                             \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 template <typename Args>
 void launch(void (*kernel)(Args), Args args, int64_t hidden, int units, size_t smem) {
   persistent::launch(kOp, kernel, args, hidden, units, smem);
@@ -254,12 +237,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& pre_x, const at::Te
   const auto h_buf = at::empty({2, B, H}, pre_x.options());
   const Recurrence r{T, B, H, reverse, relu, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   const int units = plan_or_fail(H, pre_x);
-  FASTSEQ_RNN_DISPATCH(pre_x.scalar_type(), "rnn_forward", [&] {
+  FASTSEQ_DISPATCH_PERSISTENT_TYPES(pre_x.scalar_type(), "rnn_forward", [&] {
     const ForwardArgs<scalar_t> io{r, pre_x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
                                    w_hh.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                    h_buf.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>()};
     const size_t smem = size_t(units) * H * sizeof(scalar_t);
-    FASTSEQ_RNN_UNITS(units, forward_kernel, io, H, units, smem);
+    persistent::with_units<32>(kOp, units, [&](auto u) {
+      launch(forward_kernel<scalar_t, decltype(u)::value>, io, H, units, smem);
+    });
   });
   return {y, h_n};
 }
@@ -281,12 +266,14 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
   if (T > 0 && B > 0) {
     const Recurrence r{T, B, H, reverse, relu, lengths ? lengths->data_ptr<int64_t>() : nullptr};
     const int units = plan_or_fail(H, y);
-    FASTSEQ_RNN_DISPATCH(y.scalar_type(), "rnn_backward", [&] {
+    FASTSEQ_DISPATCH_PERSISTENT_TYPES(y.scalar_type(), "rnn_backward", [&] {
       const BackwardArgs<scalar_t> io{r, grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                       w_hh.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
                                       dh.data_ptr<float>()};
       const size_t smem = size_t(units) * H * sizeof(scalar_t);
-      FASTSEQ_RNN_UNITS(units, backward_kernel, io, H, units, smem);
+      persistent::with_units<32>(kOp, units, [&](auto u) {
+        launch(backward_kernel<scalar_t, decltype(u)::value>, io, H, units, smem);
+      });
     });
   }
   return {grad_pre, dh.to(grad_h_n.scalar_type())};
