@@ -94,6 +94,13 @@ TORCH_LIBRARY(fastseq, m) {
   // csrc/cpu/attention_decode.cpp.
   m.def("attention_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, "
         "float scale) -> (Tensor out, Tensor lse)");
+  // Unmasked attention of q (B, H, Lq, D) over k, v (B, H, Lk, D), float32, D <= 16, with keys in
+  // the vector lanes (see csrc/cpu/attention.cpp): returns the output (q's layout) and the
+  // log-sum-exp (B, H, Lq); the backward returns dq, dk, dv.
+  m.def("attention_small_head_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, "
+        "Tensor lse)");
+  m.def("attention_small_head_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Writes k and v (B, Hk, L, D) into the caches (B, Hk, S, D) at each sequence's cache length.
   m.def("kv_cache_append_cpu(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
         "Tensor cache_lengths) -> ()");

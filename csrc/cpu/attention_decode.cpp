@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "lstm_common.h"
+#include "exp_avx512.h"
 #include "small_gemm_avx512.h"
 
 namespace fastseq::decode {
@@ -66,22 +67,6 @@ struct Row {
 #ifdef FASTSEQ_SMALL_GEMM_AVX512
 #define FASTSEQ_DECODE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 
-// e^x, 16 lanes at a time, for the x <= 0 of a softmax: x = n ln 2 + r with |r| <= ln(2) / 2
-// (ln 2 in two parts, so that n ln 2 is exact), e^r by its Taylor polynomial to r^7 (relative
-// error below 2e-7), times 2^n.
-FASTSEQ_DECODE_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is 0 in float32
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  }
-  return _mm512_scalef_ps(p, n);
-}
-
 // One float32 query row (qs already scaled): the scores of four keys at a time (four
 // accumulators, summed across their lanes together), their exponentials 16 at a time, then the
 // weighted sum of the values one 16-wide column block at a time, held in a register over all keys.
@@ -117,7 +102,7 @@ FASTSEQ_DECODE_AVX512 void attend_avx512(const Row<float, float>& row, int64_t D
   __m512 total = _mm512_setzero_ps();
   for (j = 0; j < n_keys; j += 16) {
     const __mmask16 mask = cpu::avx512::lanes(n_keys - j);
-    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), shift));
+    const __m512 p = cpu::avx512::exp_softmax(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), shift));
     total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, p));
     _mm512_mask_storeu_ps(scores + j, mask, p);
   }

@@ -5,7 +5,10 @@ Backends: ``triton`` (the fused FlashAttention-2-style kernels; on CUDA, or on C
 Triton interpreter); ``cpu``, which delegates to torch's own fused CPU kernel (the flash-attention
 kernel behind ``F.scaled_dot_product_attention``, which also returns the log-sum-exp), with masks,
 key lengths and bottom-right causality folded into one additive mask, GQA by repeating k/v, and
-rotary applied before and undone on the gradients after; and ``reference``, the plain-PyTorch path,
+rotary applied before and undone on the gradients after; unmasked float32 attention with a head
+dim of at most :data:`SMALL_HEAD_DIM` goes instead to fastseq's own C++ kernel
+(``attention_small_head_forward`` / ``_backward``, csrc/cpu/attention.cpp) on AVX-512 CPUs,
+where torch's kernel, built of GEMMs of depth D, is slowest; and ``reference``, the plain-PyTorch path,
 which materialises the score matrix and is differentiated by recomputation. Dropout on the CPU
 takes the reference path: its mask is a function of ``seed`` there, as in the Triton kernel.
 
@@ -20,7 +23,7 @@ import math
 
 import torch
 
-from fastseq import _backend
+from fastseq import _backend, _extension
 from fastseq.ops.checks import (
     KERNEL_DTYPES,
     fail,
@@ -34,6 +37,9 @@ from fastseq.reference import attention as reference
 from fastseq.reference import rotary as rotary_reference
 
 MAX_HEAD_DIM = 256
+# Head dims up to this take csrc/cpu/attention.cpp on the CPU: at 8 it ran 2x torch's flash kernel
+# forward and 2.6x backward (16 heads of 1024 tokens); at 16, 0.8x and 0.5x.
+SMALL_HEAD_DIM = 8
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -222,6 +228,21 @@ def laid_out_like(t, like):
     return t if t.stride() == want.stride() else want.copy_(t)
 
 
+@functools.cache
+def _small_head_kernel_built() -> bool:
+    """Whether csrc/cpu/attention.cpp is built and this CPU runs its AVX-512 code (elsewhere it
+    would run scalar code, slower than torch's kernel)."""
+    return (_extension.has_op("attention_small_head_forward")
+            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def _takes_small_head_kernel(q, v, is_causal, mask) -> bool:
+    """Whether a CPU call (after masks were folded) goes to fastseq's small-head-dim kernel."""
+    return (not is_causal and mask is None and q.dtype == torch.float32
+            and 1 <= q.shape[-1] <= SMALL_HEAD_DIM and v.shape[-1] == q.shape[-1]
+            and _small_head_kernel_built())
+
+
 def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, causal,
                  bottom_right, scale):
     if not q.numel() or not k.shape[2]:  # no rows, or no keys to see
@@ -233,6 +254,10 @@ def _cpu_forward(q, k, v, attn_mask, key_lengths, cos, sin, rotary_interleaved, 
     q, k, v = (last_dim_dense(t) for t in (q, k, v))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads = q.shape[1]
+    if _takes_small_head_kernel(q, v, is_causal, mask):
+        out, lse = torch.ops.fastseq.attention_small_head_forward(
+            q, _repeat_heads(k, heads), _repeat_heads(v, heads), scale)
+        return _as_output(out, q_in, v), lse
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, _repeat_heads(k, heads), _repeat_heads(v, heads), 0.0, is_causal, attn_mask=mask,
         scale=scale)
@@ -253,10 +278,15 @@ def _cpu_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, cos, sin,
     q, k, v, out, grad_out = (last_dim_dense(t) for t in (q, k, v, out, grad_out))
     is_causal, mask = _cpu_additive_mask(q, k, attn_mask, key_lengths, causal, bottom_right)
     heads, kv_heads = q.shape[1], k.shape[1]
-    lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype, torch.float32))
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, _repeat_heads(k, heads), _repeat_heads(v, heads), out, lse, 0.0, is_causal,
-        attn_mask=mask, scale=scale)
+    if _takes_small_head_kernel(q, v, is_causal, mask):
+        dq, dk, dv = torch.ops.fastseq.attention_small_head_backward(
+            grad_out, q, _repeat_heads(k, heads), _repeat_heads(v, heads), out, lse, scale)
+    else:
+        lse = lse.masked_fill(lse == float("-inf"), 0.0).to(torch.promote_types(q.dtype,
+                                                                               torch.float32))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, _repeat_heads(k, heads), _repeat_heads(v, heads), out, lse, 0.0,
+            is_causal, attn_mask=mask, scale=scale)
     if heads != kv_heads:
         dk = dk.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
         dv = dv.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
