@@ -17,7 +17,12 @@
 // per output column. Returns the output in q's layout and the log-sum-exp (B, H, Lq).
 // Backward, per head (dK and dV sum over all query rows), per query row: the scores again,
 // p = exp(s - lse), dp = dO V^T, ds = p (dp - delta) with delta = dO . O; dQ accumulates lane by
-// lane, dK^T and dV^T (packed like K and V, in L1/L2) are updated block by block.
+// lane, dK^T and dV^T (packed like K and V, in L1/L2) are updated block by block. Head dims up
+// to 8 take two query rows per pass over the keys.
+//
+// Measured (2 Zen 4 cores, 16 heads of 1024 tokens, D = 8): forward 6.9 ms, backward 12.7 ms,
+// against torch's flash kernel's 15.3 and 42.1 ms; at D = 16 (256 tokens) torch's is faster,
+// and fastseq.ops.attention sends only D <= 8 here.
 //
 // CPUs without AVX-512 take the same plan in scalar code (correct, not fast: fastseq.ops.attention
 // sends only AVX-512 CPUs here).
@@ -102,13 +107,26 @@ struct Packed {
 };
 
 // ----------------------------------------------------------------------------------------------
-// One query row, forward: qs (DP, scaled, zero-padded) -> out (D), *lse. `scores`: NP floats.
+// Query rows. Head dims up to 8 take two rows at a time, which read each block of K^T and V^T
+// (and in the backward update each block of dK^T and dV^T) once for both.
 
-void forward_row_scalar(const Packed& p, const float* qs, float* scores, float* out, float* lse) {
+// A query row: its q times the scale, zero-padded; forward, where its output and log-sum-exp
+// go; backward, its dO (zero-padded), log-sum-exp, delta = dO . O and where its dq goes.
+struct QueryRow {
+  float qs[kMaxHeadDim];
+  float g[kMaxHeadDim];
+  float lse, delta;
+  float* out;
+  float* lse_out;
+};
+
+constexpr int kMaxRows = 2;
+
+void forward_row_scalar(const Packed& p, QueryRow& row, float* scores) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < p.N; ++j) {
     float s = 0.f;
-    for (int64_t d = 0; d < p.D; ++d) s += qs[d] * p.kt[d * p.ld + j];
+    for (int64_t d = 0; d < p.D; ++d) s += row.qs[d] * p.kt[d * p.ld + j];
     scores[j] = s;
     top = std::max(top, s);
   }
@@ -119,8 +137,27 @@ void forward_row_scalar(const Packed& p, const float* qs, float* scores, float* 
     total += e;
     for (int64_t d = 0; d < p.D; ++d) acc[d] += e * p.vt[d * p.ld + j];
   }
-  for (int64_t d = 0; d < p.D; ++d) out[d] = acc[d] / total;
-  *lse = top + std::log(total);
+  for (int64_t d = 0; d < p.D; ++d) row.out[d] = acc[d] / total;
+  *row.lse_out = top + std::log(total);
+}
+
+// Adds the row's terms to dK^T and dV^T and writes its dq = scale sum_j ds_j K_j.
+void backward_row_scalar(const Packed& p, const QueryRow& row, float scale) {
+  float acc[kMaxHeadDim] = {};
+  for (int64_t j = 0; j < p.N; ++j) {
+    float s = 0.f, dp = 0.f;
+    for (int64_t d = 0; d < p.D; ++d) {
+      s += row.qs[d] * p.kt[d * p.ld + j];
+      dp += row.g[d] * p.vt[d * p.ld + j];
+    }
+    const float e = std::exp(s - row.lse), ds = e * (dp - row.delta);
+    for (int64_t d = 0; d < p.D; ++d) {
+      acc[d] += ds * p.kt[d * p.ld + j];
+      p.dkt[d * p.ld + j] += ds * row.qs[d];
+      p.dvt[d * p.ld + j] += e * row.g[d];
+    }
+  }
+  for (int64_t d = 0; d < p.D; ++d) row.out[d] = scale * acc[d];
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -131,118 +168,147 @@ FASTSEQ_ATTENTION_AVX512 inline __mmask16 keys_at(int64_t j, int64_t N) {
   return N - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (N - j)) - 1u);
 }
 
-// The 16 scores of keys j .. j + 15: sum over d of q[d] K^T[d, j ..].
-template <int DP>
-FASTSEQ_ATTENTION_AVX512 inline __m512 scores_at(const float* q, const float* kt, int64_t ld,
-                                                 int64_t j) {
-  __m512 s = _mm512_setzero_ps();
+// R rows' scores for keys j .. j + 15 (qs . K^T[:, j ..]) and, `with_dots`, their dO . V^T in
+// `dots`: each block of K^T and V^T is loaded once for all rows.
+template <int DP, int R>
+FASTSEQ_ATTENTION_AVX512 inline void products_at(const Packed& p, const QueryRow* rows, int64_t j,
+                                                 __m512 (&s)[R], __m512 (&dots)[R], bool with_dots) {
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) s[r] = dots[r] = _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (int d = 0; d < DP; ++d) {
-    s = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * ld + j), s);
+    const __m512 k = _mm512_loadu_ps(p.kt + d * p.ld + j);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r].qs[d]), k, s[r]);
+    if (with_dots) {
+      const __m512 v = _mm512_loadu_ps(p.vt + d * p.ld + j);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) dots[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r].g[d]), v, dots[r]);
+    }
   }
-  return s;
 }
 
-template <int DP>
-FASTSEQ_ATTENTION_AVX512 void forward_row_avx512(const Packed& p, const float* qs, float* scores,
-                                                 float* out, float* lse) {
+template <int DP, int R>
+FASTSEQ_ATTENTION_AVX512 void forward_rows_avx512(const Packed& p, QueryRow* rows, float* scores) {
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 top = minus_inf;
+  __m512 top[R], s[R], unused[R];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) top[r] = minus_inf;
   for (int64_t j = 0; j < p.NP; j += kLanes) {
-    const __m512 s = _mm512_mask_blend_ps(keys_at(j, p.N), minus_inf,
-                                          scores_at<DP>(qs, p.kt, p.ld, j));
-    _mm512_storeu_ps(scores + j, s);
-    top = _mm512_max_ps(top, s);
-  }
-  const float row_max = _mm512_reduce_max_ps(top);
-  const __m512 shift = _mm512_set1_ps(row_max);
-  __m512 total = _mm512_setzero_ps(), acc[DP];
-#pragma GCC unroll 16
-  for (int d = 0; d < DP; ++d) acc[d] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < p.NP; j += kLanes) {
-    // The padding lanes' scores are -inf: their exponentials are 0.
-    const __m512 e = cpu::avx512::exp_softmax(_mm512_sub_ps(_mm512_loadu_ps(scores + j), shift));
-    total = _mm512_add_ps(total, e);
-#pragma GCC unroll 16
-    for (int d = 0; d < DP; ++d) acc[d] = _mm512_fmadd_ps(e, _mm512_loadu_ps(p.vt + d * p.ld + j), acc[d]);
-  }
-  const float sum = _mm512_reduce_add_ps(total);
-  for (int64_t d = 0; d < p.D; ++d) out[d] = _mm512_reduce_add_ps(acc[d]) / sum;
-  *lse = row_max + std::log(sum);
-}
-#endif
-
-void forward_row(const Packed& p, const float* qs, float* scores, float* out, float* lse) {
-#ifdef FASTSEQ_ATTENTION_AVX512
-  if (lstm::cpu_has_avx512()) {
-    return p.DP == 8 ? forward_row_avx512<8>(p, qs, scores, out, lse)
-                     : forward_row_avx512<kMaxHeadDim>(p, qs, scores, out, lse);
-  }
-#endif
-  forward_row_scalar(p, qs, scores, out, lse);
-}
-
-// ----------------------------------------------------------------------------------------------
-// One query row, backward: qs (DP, scaled), g = its dO (DP), lse and delta = dO . O; adds its
-// terms to dK^T and dV^T and writes dq (D) = scale sum_j ds_j K_j.
-
-void backward_row_scalar(const Packed& p, const float* qs, const float* g, float lse, float delta,
-                         float scale, float* dq) {
-  float acc[kMaxHeadDim] = {};
-  for (int64_t j = 0; j < p.N; ++j) {
-    float s = 0.f, dp = 0.f;
-    for (int64_t d = 0; d < p.D; ++d) {
-      s += qs[d] * p.kt[d * p.ld + j];
-      dp += g[d] * p.vt[d * p.ld + j];
-    }
-    const float e = std::exp(s - lse), ds = e * (dp - delta);
-    for (int64_t d = 0; d < p.D; ++d) {
-      acc[d] += ds * p.kt[d * p.ld + j];
-      p.dkt[d * p.ld + j] += ds * qs[d];
-      p.dvt[d * p.ld + j] += e * g[d];
+    products_at<DP, R>(p, rows, j, s, unused, false);
+    const __mmask16 valid = keys_at(j, p.N);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      s[r] = _mm512_mask_blend_ps(valid, minus_inf, s[r]);
+      _mm512_storeu_ps(scores + r * p.ld + j, s[r]);
+      top[r] = _mm512_max_ps(top[r], s[r]);
     }
   }
-  for (int64_t d = 0; d < p.D; ++d) dq[d] = scale * acc[d];
+  __m512 shift[R], total[R], acc[R][DP];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    shift[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
+    total[r] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int d = 0; d < DP; ++d) acc[r][d] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < p.NP; j += kLanes) {
+    __m512 e[R];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      // The padding lanes' scores are -inf: their exponentials are 0.
+      e[r] = cpu::avx512::exp_softmax(_mm512_sub_ps(_mm512_loadu_ps(scores + r * p.ld + j), shift[r]));
+      total[r] = _mm512_add_ps(total[r], e[r]);
+    }
+#pragma GCC unroll 16
+    for (int d = 0; d < DP; ++d) {
+      const __m512 v = _mm512_loadu_ps(p.vt + d * p.ld + j);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) acc[r][d] = _mm512_fmadd_ps(e[r], v, acc[r][d]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    const float sum = _mm512_reduce_add_ps(total[r]);
+    for (int64_t d = 0; d < p.D; ++d) rows[r].out[d] = _mm512_reduce_add_ps(acc[r][d]) / sum;
+    *rows[r].lse_out = _mm512_cvtss_f32(shift[r]) + std::log(sum);
+  }
 }
 
-#ifdef FASTSEQ_ATTENTION_AVX512
-template <int DP>
-FASTSEQ_ATTENTION_AVX512 void backward_row_avx512(const Packed& p, const float* qs, const float* g,
-                                                  float lse, float delta, float scale, float* dq) {
-  const __m512 shift = _mm512_set1_ps(lse), minus_delta = _mm512_set1_ps(-delta);
-  __m512 acc[DP];
+template <int DP, int R>
+FASTSEQ_ATTENTION_AVX512 void backward_rows_avx512(const Packed& p, const QueryRow* rows,
+                                                   float scale) {
+  __m512 shift[R], minus_delta[R], acc[R][DP];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    shift[r] = _mm512_set1_ps(rows[r].lse);
+    minus_delta[r] = _mm512_set1_ps(-rows[r].delta);
 #pragma GCC unroll 16
-  for (int d = 0; d < DP; ++d) acc[d] = _mm512_setzero_ps();
+    for (int d = 0; d < DP; ++d) acc[r][d] = _mm512_setzero_ps();
+  }
   for (int64_t j = 0; j < p.NP; j += kLanes) {
-    // Padding lanes: K^T and V^T are zero there, so their scores are 0, not -inf: masked.
-    const __m512 e = _mm512_maskz_mov_ps(
-        keys_at(j, p.N),
-        cpu::avx512::exp_softmax(_mm512_sub_ps(scores_at<DP>(qs, p.kt, p.ld, j), shift)));
-    const __m512 dp = scores_at<DP>(g, p.vt, p.ld, j);
-    const __m512 ds = _mm512_mul_ps(e, _mm512_add_ps(dp, minus_delta));
+    __m512 s[R], dp[R], e[R], ds[R];
+    products_at<DP, R>(p, rows, j, s, dp, true);
+    const __mmask16 valid = keys_at(j, p.N);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      // Padding lanes: K^T and V^T are zero there, so their scores are 0, not -inf: masked.
+      e[r] = _mm512_maskz_mov_ps(valid, cpu::avx512::exp_softmax(_mm512_sub_ps(s[r], shift[r])));
+      ds[r] = _mm512_mul_ps(e[r], _mm512_add_ps(dp[r], minus_delta[r]));
+    }
 #pragma GCC unroll 16
     for (int d = 0; d < DP; ++d) {
       const int64_t at = d * p.ld + j;
-      acc[d] = _mm512_fmadd_ps(ds, _mm512_loadu_ps(p.kt + at), acc[d]);
-      _mm512_storeu_ps(p.dkt + at,
-                       _mm512_fmadd_ps(ds, _mm512_set1_ps(qs[d]), _mm512_loadu_ps(p.dkt + at)));
-      _mm512_storeu_ps(p.dvt + at,
-                       _mm512_fmadd_ps(e, _mm512_set1_ps(g[d]), _mm512_loadu_ps(p.dvt + at)));
+      const __m512 k = _mm512_loadu_ps(p.kt + at);
+      __m512 dk = _mm512_loadu_ps(p.dkt + at), dv = _mm512_loadu_ps(p.dvt + at);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        acc[r][d] = _mm512_fmadd_ps(ds[r], k, acc[r][d]);
+        dk = _mm512_fmadd_ps(ds[r], _mm512_set1_ps(rows[r].qs[d]), dk);
+        dv = _mm512_fmadd_ps(e[r], _mm512_set1_ps(rows[r].g[d]), dv);
+      }
+      _mm512_storeu_ps(p.dkt + at, dk);
+      _mm512_storeu_ps(p.dvt + at, dv);
     }
   }
-  for (int64_t d = 0; d < p.D; ++d) dq[d] = scale * _mm512_reduce_add_ps(acc[d]);
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    for (int64_t d = 0; d < p.D; ++d) rows[r].out[d] = scale * _mm512_reduce_add_ps(acc[r][d]);
+  }
 }
 #endif
 
-void backward_row(const Packed& p, const float* qs, const float* g, float lse, float delta,
-                  float scale, float* dq) {
+// n <= kMaxRows rows; `scores`: n rows of ld floats.
+void forward_rows(const Packed& p, QueryRow* rows, int n, float* scores) {
 #ifdef FASTSEQ_ATTENTION_AVX512
   if (lstm::cpu_has_avx512()) {
-    return p.DP == 8 ? backward_row_avx512<8>(p, qs, g, lse, delta, scale, dq)
-                     : backward_row_avx512<kMaxHeadDim>(p, qs, g, lse, delta, scale, dq);
+    if (p.DP == kMaxHeadDim) {
+      for (int r = 0; r < n; ++r) forward_rows_avx512<kMaxHeadDim, 1>(p, rows + r, scores);
+    } else if (n == 2) {
+      forward_rows_avx512<8, 2>(p, rows, scores);
+    } else {
+      forward_rows_avx512<8, 1>(p, rows, scores);
+    }
+    return;
   }
 #endif
-  backward_row_scalar(p, qs, g, lse, delta, scale, dq);
+  for (int r = 0; r < n; ++r) forward_row_scalar(p, rows[r], scores);
+}
+
+void backward_rows(const Packed& p, const QueryRow* rows, int n, float scale) {
+#ifdef FASTSEQ_ATTENTION_AVX512
+  if (lstm::cpu_has_avx512()) {
+    if (p.DP == kMaxHeadDim) {
+      for (int r = 0; r < n; ++r) backward_rows_avx512<kMaxHeadDim, 1>(p, rows + r, scale);
+    } else if (n == 2) {
+      backward_rows_avx512<8, 2>(p, rows, scale);
+    } else {
+      backward_rows_avx512<8, 1>(p, rows, scale);
+    }
+    return;
+  }
+#endif
+  for (int r = 0; r < n; ++r) backward_row_scalar(p, rows[r], scale);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -304,17 +370,22 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   const int64_t rows_per_chunk = (Lq + chunks - 1) / chunks;
   const float s = static_cast<float>(scale);
   at::parallel_for(0, heads * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buffer, scores(padded_keys(N));
-    float qs[kMaxHeadDim];
+    std::vector<float> buffer, scores(kMaxRows * row_stride(padded_keys(N)));
+    QueryRow rows[kMaxRows];
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / chunks / H, h = task / chunks % H, c = task % chunks;
       const Packed p = pack_head(k, v, b, h, buffer, /*with_grads=*/false);
       const Rows<const float> qr = head_rows<const float>(q, b, h);
       const Rows<float> o = head_rows<float>(out, b, h);
       float* l = lse.data_ptr<float>() + (b * H + h) * Lq;
-      for (int64_t i = c * rows_per_chunk; i < std::min(Lq, (c + 1) * rows_per_chunk); ++i) {
-        scaled_row(qr, i, D, s, qs);
-        forward_row(p, qs, scores.data(), o.row(i), l + i);
+      const int64_t end = std::min(Lq, (c + 1) * rows_per_chunk);
+      for (int64_t i = c * rows_per_chunk; i < end; i += kMaxRows) {
+        const int n = static_cast<int>(std::min<int64_t>(kMaxRows, end - i));
+        for (int r = 0; r < n; ++r) {
+          scaled_row(qr, i + r, D, s, rows[r].qs);
+          rows[r].out = o.row(i + r), rows[r].lse_out = l + i + r;
+        }
+        forward_rows(p, rows, n, scores.data());
       }
     }
   });
@@ -339,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   // One task per head: dK and dV sum over all of its query rows.
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buffer;
-    float qs[kMaxHeadDim], g[kMaxHeadDim];
+    QueryRow rows[kMaxRows];
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / H, h = task % H;
       const Packed p = pack_head(k, v, b, h, buffer, /*with_grads=*/true);
@@ -348,12 +419,17 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
       const Rows<const float> outr = head_rows<const float>(out, b, h);
       const Rows<float> dqr = head_rows<float>(dq, b, h);
       const float* l = lse.const_data_ptr<float>() + task * Lq;
-      for (int64_t i = 0; i < Lq; ++i) {
-        scaled_row(qr, i, D, s, qs);
-        scaled_row(gr, i, D, 1.f, g);
-        float delta = 0.f;
-        for (int64_t d = 0; d < D; ++d) delta += g[d] * outr.row(i)[d];
-        backward_row(p, qs, g, l[i], delta, s, dqr.row(i));
+      for (int64_t i = 0; i < Lq; i += kMaxRows) {
+        const int n = static_cast<int>(std::min<int64_t>(kMaxRows, Lq - i));
+        for (int r = 0; r < n; ++r) {
+          QueryRow& row = rows[r];
+          scaled_row(qr, i + r, D, s, row.qs);
+          scaled_row(gr, i + r, D, 1.f, row.g);
+          row.delta = 0.f;
+          for (int64_t d = 0; d < D; ++d) row.delta += row.g[d] * outr.row(i + r)[d];
+          row.lse = l[i + r], row.out = dqr.row(i + r);
+        }
+        backward_rows(p, rows, n, s);
       }
       unpack_transposed(p.dkt, N, D, p.ld, head_rows<float>(dk, b, h));
       unpack_transposed(p.dvt, N, D, p.ld, head_rows<float>(dv, b, h));
