@@ -31,6 +31,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -278,18 +279,31 @@ FASTSEQ_ATTENTION_AVX512 void backward_rows_avx512(const Packed& p, const QueryR
 }
 #endif
 
+#ifdef FASTSEQ_ATTENTION_AVX512
+// run(DP, R, first) over n <= kMaxRows rows, DP and R as std::integral_constant: head dims up to
+// 8 two rows at a time, wider ones one row at a time.
+template <typename Run>
+void by_row_groups(const Packed& p, int n, Run&& run) {
+  using Wide = std::integral_constant<int, kMaxHeadDim>;
+  using Narrow = std::integral_constant<int, 8>;
+  using One = std::integral_constant<int, 1>;
+  if (p.DP == kMaxHeadDim) {
+    for (int r = 0; r < n; ++r) run(Wide{}, One{}, r);
+  } else if (n == 2) {
+    run(Narrow{}, std::integral_constant<int, 2>{}, 0);
+  } else {
+    run(Narrow{}, One{}, 0);
+  }
+}
+#endif
+
 // n <= kMaxRows rows; `scores`: n rows of ld floats.
 void forward_rows(const Packed& p, QueryRow* rows, int n, float* scores) {
 #ifdef FASTSEQ_ATTENTION_AVX512
   if (lstm::cpu_has_avx512()) {
-    if (p.DP == kMaxHeadDim) {
-      for (int r = 0; r < n; ++r) forward_rows_avx512<kMaxHeadDim, 1>(p, rows + r, scores);
-    } else if (n == 2) {
-      forward_rows_avx512<8, 2>(p, rows, scores);
-    } else {
-      forward_rows_avx512<8, 1>(p, rows, scores);
-    }
-    return;
+    return by_row_groups(p, n, [&](auto dp, auto r, int first) {
+      forward_rows_avx512<decltype(dp)::value, decltype(r)::value>(p, rows + first, scores);
+    });
   }
 #endif
   for (int r = 0; r < n; ++r) forward_row_scalar(p, rows[r], scores);
@@ -298,14 +312,9 @@ void forward_rows(const Packed& p, QueryRow* rows, int n, float* scores) {
 void backward_rows(const Packed& p, const QueryRow* rows, int n, float scale) {
 #ifdef FASTSEQ_ATTENTION_AVX512
   if (lstm::cpu_has_avx512()) {
-    if (p.DP == kMaxHeadDim) {
-      for (int r = 0; r < n; ++r) backward_rows_avx512<kMaxHeadDim, 1>(p, rows + r, scale);
-    } else if (n == 2) {
-      backward_rows_avx512<8, 2>(p, rows, scale);
-    } else {
-      backward_rows_avx512<8, 1>(p, rows, scale);
-    }
-    return;
+    return by_row_groups(p, n, [&](auto dp, auto r, int first) {
+      backward_rows_avx512<decltype(dp)::value, decltype(r)::value>(p, rows + first, scale);
+    });
   }
 #endif
   for (int r = 0; r < n; ++r) backward_row_scalar(p, rows[r], scale);
