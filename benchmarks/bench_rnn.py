@@ -4,8 +4,8 @@ All hold the same weights. Passes: ``fwd`` (inference, no graph) and ``fwd+bwd``
 with a fixed upstream gradient, to the input and every weight, as a training step of an inner
 layer needs). Padding cases (``padded:lengths``) compare three ways to run a batch of unequal
 lengths, drawn uniformly from [T/8, T] (a fixed draw): fastseq with ``lengths=``, torch on a
-``PackedSequence``, and torch on the padded batch. There is no GPU kernel for this layer yet:
-on a GPU the suite has no cases.
+``PackedSequence``, and torch on the padded batch. On a GPU ``fastseq`` is the default backend
+(the Triton steps), ``fastseq_cuda`` the persistent CUDA recurrence, ``torch`` cuDNN.
 """
 
 from __future__ import annotations
@@ -91,6 +91,13 @@ def _lengths(shape):
     return torch.randint(shape.steps // 8, shape.steps + 1, (shape.batch,), generator=g)
 
 
+def _forced(module, backend, **kwargs):
+    def run(t):
+        with fastseq.use_backend(backend):
+            return module(t, **kwargs)[0]
+    return run
+
+
 def _variants(shape, pass_, device):
     ours, theirs = _modules(shape, device)
     x = torch.randn(shape.steps, shape.batch, shape.input_size, device=device, dtype=shape.dtype,
@@ -100,12 +107,17 @@ def _variants(shape, pass_, device):
         lengths = _lengths(shape)
         on_device = lengths.to(device)
         variants["fastseq"] = timed_pass(lambda t: ours(t, lengths=on_device)[0], pass_, x, ours)
+        if device.type == "cuda":
+            variants["fastseq_cuda"] = timed_pass(_forced(ours, "cuda", lengths=on_device), pass_,
+                                                  x, ours)
         variants["torch_packed"] = timed_pass(
             lambda t: theirs(pack_padded_sequence(t, lengths, enforce_sorted=False))[0].data,
             pass_, x, theirs)
         variants["torch_padded"] = timed_pass(lambda t: theirs(t)[0], pass_, x, theirs)
     else:
         variants["fastseq"] = timed_pass(lambda t: ours(t)[0], pass_, x, ours)
+        if device.type == "cuda":
+            variants["fastseq_cuda"] = timed_pass(_forced(ours, "cuda"), pass_, x, ours)
         variants["torch"] = timed_pass(lambda t: theirs(t)[0], pass_, x, theirs)
         if shape.layers == 1 and not shape.bidirectional and shape.steps * shape.batch <= 4096:
             variants["eager_loop"] = timed_pass(lambda t: _eager(theirs, t), pass_, x, theirs)
@@ -120,12 +132,14 @@ def _case(shape, pass_, device):
 
 
 def _shapes(device, quick):
-    if device.type != "cpu":
-        return []  # no GPU kernel: fastseq would time its reference loop
     headline = Shape(torch.float32, batch=32, steps=128, input_size=256, hidden=256)
     if quick:
         small = dataclasses.replace(headline, batch=4, steps=16, input_size=32, hidden=64)
         return [small, dataclasses.replace(small, padding="lengths")]
+    if device.type == "cuda":
+        return [headline, dataclasses.replace(headline, batch=64, input_size=1024, hidden=1024),
+                dataclasses.replace(headline, dtype=torch.bfloat16),
+                dataclasses.replace(headline, padding="lengths")]
     wide = dataclasses.replace(headline, input_size=512, hidden=512)
     return [
         headline,

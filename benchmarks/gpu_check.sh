@@ -76,6 +76,7 @@ stage tests_largest_tiles 240 env FASTSEQ_AUTOTUNE=largest \
 # come after the suites: a short budget spends itself on results first.
 stage bench_lstm_recurrence 120 $PY -m fastseq bench lstm_recurrence
 stage bench_lstm 180 $PY -m fastseq bench lstm
+stage bench_rnn 90 $PY -m fastseq bench rnn
 stage trace_dispatch 60 $PY -m fastseq trace dispatch
 stage bench_dispatch 60 $PY -m fastseq bench dispatch
 stage bench_rotary 90 $PY -m fastseq bench rotary
