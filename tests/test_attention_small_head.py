@@ -86,6 +86,16 @@ def test_empty_batch_and_no_keys():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+def test_a_nan_key_makes_its_heads_rows_nan():
+    """A NaN key gives every row of its head a NaN score, and torch's softmax NaN rows: clamping
+    the exponents must not turn it into a weight of 0. The other heads are untouched."""
+    q, k, v, _ = (t.float() for t in _inputs(1, 2, 4, 20, 8))
+    k[0, 1, 5, 3] = float("nan")
+    out, lse = torch.ops.fastseq.attention_small_head_forward(q, k, v, 0.5)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(lse[0, 1]).all()
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, 0]).all()
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [((torch.randn(2, 3, 4, 8).double(),) * 3, "float32"),

@@ -498,6 +498,27 @@ def test_gpu_backends_within_tolerance_rule(backend, config, dtype, with_lengths
         assert_within_rule(g.cpu(), t, lo.cpu(), f"tensor {i}", factor=2.0 if i < 3 else 3.0)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", [(0, 3), (5, 0)], ids=["no_steps", "empty_batch"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_gpu_backends_on_empty_inputs(backend, shape, with_lengths):
+    steps, batch = shape
+    ours = fastseq.nn.RNN(4, 16, bidirectional=True).cuda()
+    x = torch.randn(steps, batch, 4, device="cuda", requires_grad=True)
+    h0 = torch.randn(2, batch, 16, device="cuda", requires_grad=True)
+    lengths = torch.full((batch,), steps, device="cuda") if with_lengths else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the forced backend really runs
+        with fastseq.use_backend(backend):
+            y, h = ours(x, h0, lengths=lengths)
+            (y.sum() + h.sum()).backward()
+    assert y.shape == (steps, batch, 32) and h.shape == (2, batch, 16)
+    if steps == 0:
+        torch.testing.assert_close(h, h0.detach())
+        assert torch.equal(h0.grad, torch.ones_like(h0))
+
+
 @pytest.mark.skipif(not _extension.cuda_built(), reason="extension built without its CUDA kernels")
 def test_persistent_kernel_plan():
     """Hidden units per block of the persistent RNN kernels, for an H100 (132 SMs, 227 KiB per

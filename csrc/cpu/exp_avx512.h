@@ -11,7 +11,9 @@ namespace fastseq::cpu::avx512 {
 // (ln 2 in two parts, so that n ln 2 is exact), e^r by its Taylor polynomial to r^7 (relative
 // error below 2e-7), times 2^n.
 __attribute__((target("avx512f,avx2,fma"))) inline __m512 exp_softmax(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is 0 in float32
+  // e^-104 is 0 in float32. vmaxps returns its second operand when either is NaN: a NaN
+  // exponent stays NaN (and so does the row it is in), as in torch.
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);

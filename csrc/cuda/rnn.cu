@@ -34,6 +34,7 @@ namespace fastseq::rnn {
 namespace {
 
 namespace cg = cooperative_groups;
+using lstm::kMaxBlocksPerSM;
 using lstm::kThreads;
 using lstm::kWarps;
 using persistent::pick;
@@ -78,7 +79,7 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, int U>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) forward_kernel(ForwardArgs<scalar_t> a) {
   extern __shared__ unsigned char smem_bytes[];
   auto* w = reinterpret_cast<scalar_t*>(smem_bytes);  // (U, H): W_hh[j0 + u, :] as row u
   const Recurrence& r = a.r;
@@ -148,7 +149,7 @@ __device__ void carry_dh(const BackwardArgs<scalar_t>& a, const scalar_t* w, int
 }
 
 template <typename scalar_t, int U>
-__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) backward_kernel(BackwardArgs<scalar_t> a) {
   extern __shared__ unsigned char smem_bytes[];
   auto* w = reinterpret_cast<scalar_t*>(smem_bytes);  // (U, H): W_hh[:, j0 + u] as row u
   const Recurrence& r = a.r;
@@ -201,13 +202,27 @@ bool is_relu(c10::string_view nonlinearity) {
   return nonlinearity == "relu";
 }
 
-void check_weights(const at::Tensor& w_hh, int64_t hidden, const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(w_hh.is_contiguous() && w_hh.dim() == 2 && w_hh.size(0) == hidden &&
-                  w_hh.size(1) == hidden,
-              kOp, ": w_hh must be contiguous (H, H) with H = ", hidden, ", got ", w_hh.sizes());
-  TORCH_CHECK(!lengths || (lengths->scalar_type() == at::kLong && lengths->is_cuda() &&
-                           lengths->is_contiguous()),
-              kOp, ": lengths must be contiguous int64 on the GPU");
+// A (B, H) state like the rows of a (T, B, H) sequence, on its device and in its dtype.
+bool state_like(const at::Tensor& state, const at::Tensor& sequence) {
+  return state.dim() == 2 && state.size(0) == sequence.size(1) &&
+         state.size(1) == sequence.size(2) && state.is_contiguous() &&
+         state.scalar_type() == sequence.scalar_type() && state.device() == sequence.device();
+}
+
+// w_hh (H, H) and lengths (B,) for a (T, B, H) sequence on its device.
+void check_weights(const at::Tensor& w_hh, const at::Tensor& sequence,
+                   const std::optional<at::Tensor>& lengths) {
+  const int64_t H = sequence.size(2);
+  TORCH_CHECK(w_hh.is_contiguous() && w_hh.dim() == 2 && w_hh.size(0) == H && w_hh.size(1) == H &&
+                  w_hh.scalar_type() == sequence.scalar_type() &&
+                  w_hh.device() == sequence.device(),
+              kOp, ": w_hh must be contiguous (H, H) with H = ", H, " on the sequence's device and "
+              "in its dtype, got ", w_hh.sizes());
+  TORCH_CHECK(!lengths || (lengths->scalar_type() == at::kLong && lengths->is_contiguous() &&
+                           lengths->numel() == sequence.size(1) &&
+                           lengths->device() == sequence.device()),
+              kOp, ": lengths must be B = ", sequence.size(1), " contiguous int64 on the sequence's "
+              "device");
 }
 
 int plan_or_fail(int64_t hidden, const at::Tensor& like) {
@@ -225,14 +240,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& pre_x, const at::Te
                                            const std::optional<at::Tensor>& lengths, bool reverse,
                                            c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
-  TORCH_CHECK(pre_x.dim() == 3 && pre_x.is_contiguous() && h0.is_contiguous() &&
-                  h0.sizes() == pre_x[0].sizes() && h0.scalar_type() == pre_x.scalar_type(),
-              kOp, ": pre_x (T, B, H) and h0 (B, H), contiguous, of one dtype");
+  TORCH_CHECK(pre_x.dim() == 3 && pre_x.is_contiguous() && pre_x.is_cuda() &&
+                  state_like(h0, pre_x),
+              kOp, ": pre_x (T, B, H) and h0 (B, H), contiguous, of one dtype on one GPU");
   const int64_t T = pre_x.size(0), B = pre_x.size(1), H = pre_x.size(2);
-  check_weights(w_hh, H, lengths);
+  check_weights(w_hh, pre_x, lengths);
   c10::cuda::CUDAGuard guard(pre_x.device());
   auto y = at::empty({T, B, H}, pre_x.options());
-  if (T == 0 || B == 0) return {y, h0.clone()};
+  if (T == 0 || B == 0 || H == 0) return {y, h0.clone()};  // no grid to launch
   auto h_n = at::empty({B, H}, pre_x.options());
   const auto h_buf = at::empty({2, B, H}, pre_x.options());
   const Recurrence r{T, B, H, reverse, relu, lengths ? lengths->data_ptr<int64_t>() : nullptr};
@@ -254,16 +269,16 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
                                             const std::optional<at::Tensor>& lengths, bool reverse,
                                             c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
-  TORCH_CHECK(y.dim() == 3 && y.is_contiguous() && grad_y.is_contiguous() &&
-                  grad_y.sizes() == y.sizes() && grad_h_n.sizes() == y[0].sizes() &&
-                  grad_y.scalar_type() == y.scalar_type(),
-              kOp, ": grad_y and y (T, B, H), grad_h_n (B, H), contiguous, of one dtype");
+  TORCH_CHECK(y.dim() == 3 && y.is_contiguous() && y.is_cuda() && grad_y.is_contiguous() &&
+                  grad_y.sizes() == y.sizes() && grad_y.scalar_type() == y.scalar_type() &&
+                  grad_y.device() == y.device() && state_like(grad_h_n, y),
+              kOp, ": grad_y and y (T, B, H), grad_h_n (B, H), contiguous, of one dtype on one GPU");
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
-  check_weights(w_hh, H, lengths);
+  check_weights(w_hh, y, lengths);
   c10::cuda::CUDAGuard guard(y.device());
   auto grad_pre = at::empty({T, B, H}, y.options());
   auto dh = grad_h_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  if (T > 0 && B > 0) {
+  if (T > 0 && B > 0 && H > 0) {
     const Recurrence r{T, B, H, reverse, relu, lengths ? lengths->data_ptr<int64_t>() : nullptr};
     const int units = plan_or_fail(H, y);
     FASTSEQ_DISPATCH_PERSISTENT_TYPES(y.scalar_type(), "rnn_backward", [&] {
