@@ -32,8 +32,6 @@ HEADLINES = (
     "decode bf16 B8 H32/8 S4096 D128",
 )
 HEADLINE_BASELINES = ("sdpa", "sdpa_flash", "sdpa_cudnn")
-# The CPU kernels share their exponential with the decode kernel's header.
-SOURCES = ("csrc/cpu/exp_avx512.h",)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -31,7 +31,8 @@ HEADLINES = ("train step fp32 B4 T128", "prefill fp32 B1 T512", "decode fp32 B1 
 HEADLINE_BASELINES = ("transformers",)
 SOURCES = ("benchmarks/training.py", "fastseq/models/gpt*.py", "fastseq/models/decoding.py",
            "fastseq/models/inputs.py", "fastseq/models/checkpoint.py", "fastseq/nn/*.py", "fastseq/ops/*.py",
-           "kernels/attention*.py", "kernels/rotary.py", "csrc/cpu/rotary.cpp")
+           "kernels/attention*.py", "kernels/rotary.py", "csrc/cpu/rotary.cpp", "csrc/cpu/attention*",
+           "csrc/cpu/linear*")
 
 VOCAB = 4096
 NEW_TOKENS = 256

@@ -25,7 +25,7 @@ HEADLINE_BASELINES = ("diffusers",)
 SOURCES = ("benchmarks/training.py", "fastseq/models/unet*.py", "fastseq/models/resnet_blocks.py",
            "fastseq/models/inputs.py", "fastseq/models/checkpoint.py", "fastseq/nn/spatial_transformer.py",
            "fastseq/ops/attention*.py", "fastseq/ops/cross_attention.py", "kernels/attention*.py",
-           "kernels/cross_attention.py", "csrc/cpu/attention.cpp", "csrc/cpu/exp_avx512.h")
+           "kernels/cross_attention.py", "csrc/cpu/attention*")
 MEMORY_SWEEP = "batch"
 CHANNELS, CONTEXT_DIM, TOKENS = (64, 128, 256, 256), 256, 77
 DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)

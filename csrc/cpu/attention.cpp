@@ -38,7 +38,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "exp_avx512.h"
+#include "attention_exp.h"
 #include "lstm_common.h"
 
 namespace fastseq::attention_cpu {

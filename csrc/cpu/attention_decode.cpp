@@ -27,7 +27,7 @@
 #include <torch/library.h>
 
 #include "lstm_common.h"
-#include "exp_avx512.h"
+#include "attention_exp.h"
 #include "small_gemm_avx512.h"
 
 namespace fastseq::decode {
