@@ -47,7 +47,7 @@ namespace cg = cooperative_groups;
 using persistent::all_resident;
 using persistent::attributes_of;
 using persistent::pick;
-using persistent::warp_sum_all;
+using persistent::warp_row_products;
 
 constexpr const char* kOp = "fastseq lstm_recurrence";
 
@@ -82,13 +82,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<scalar_t>
     const scalar_t* h_in = a.h_buf + (i % 2) * B * H;
     scalar_t* h_out = a.h_buf + ((i + 1) % 2) * B * H;
     for (int64_t b = warp; b < B; b += kWarps) {
-      float acc[4 * U] = {};
-      for (int64_t k = lane; k < H; k += 32) {
-        const float hk = static_cast<float>(h_in[b * H + k]);
-#pragma unroll
-        for (int n = 0; n < 4 * U; ++n) acc[n] += static_cast<float>(w[n * H + k]) * hk;
-      }
-      warp_sum_all(acc);
+      float acc[4 * U];
+      warp_row_products(h_in + b * H, w, H, lane, acc);
       if (!owner) continue;
       float recurrent[4];
 #pragma unroll
@@ -107,14 +102,8 @@ __device__ void carry_dh(const BackwardArgs<scalar_t>& a, const scalar_t* w, int
                          int lane, int64_t j, bool owner) {
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, B = r.batch;
-  float acc[U] = {};
-  const scalar_t* dpre = a.grad_pre + (s * B + b) * 4 * H;
-  for (int64_t k = lane; k < 4 * H; k += 32) {
-    const float d = static_cast<float>(dpre[k]);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc[u] += static_cast<float>(w[u * 4 * H + k]) * d;
-  }
-  warp_sum_all(acc);
+  float acc[U];
+  warp_row_products(a.grad_pre + (s * B + b) * 4 * H, w, 4 * H, lane, acc);
   if (owner && is_active(r, b, s)) a.dh[b * H + j] = pick(acc, lane);
 }
 

@@ -46,6 +46,22 @@ __device__ __forceinline__ float pick(const float (&acc)[N], int index) {
   return v;
 }
 
+// acc[n] = sum over k < K of x[k] w[n K + k], for n < N, in every lane of the warp: the lanes
+// stride over k (coalesced reads of x, conflict-free reads of the shared rows w), then the
+// butterfly sums. The per-step product of the persistent kernels.
+template <int N, typename scalar_t>
+__device__ __forceinline__ void warp_row_products(const scalar_t* x, const scalar_t* w, int64_t K,
+                                                  int lane, float (&acc)[N]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n] = 0.f;
+  for (int64_t k = lane; k < K; k += 32) {
+    const float xk = static_cast<float>(x[k]);
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] += static_cast<float>(w[n * K + k]) * xk;
+  }
+  warp_sum_all(acc);
+}
+
 // The dynamic shared memory a block of a kernel can have: the device's opt-in maximum less the
 // kernel's static shared memory.
 inline int max_dynamic_shared(const cudaFuncAttributes& attributes) {

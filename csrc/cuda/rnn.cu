@@ -38,7 +38,7 @@ using lstm::kMaxBlocksPerSM;
 using lstm::kThreads;
 using lstm::kWarps;
 using persistent::pick;
-using persistent::warp_sum_all;
+using persistent::warp_row_products;
 
 constexpr const char* kOp = "fastseq rnn_recurrence";
 
@@ -108,13 +108,8 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) forward_kernel(Forw
       const int64_t row = t * B + b;
       // Issued before the product so that its latency hides behind it.
       const float pre_x = owner ? static_cast<float>(a.pre_x[row * H + j]) : 0.f;
-      float acc[U] = {};
-      for (int64_t k = lane; k < H; k += 32) {
-        const float hk = static_cast<float>(h_in[b * H + k]);
-#pragma unroll
-        for (int u = 0; u < U; ++u) acc[u] += static_cast<float>(w[u * H + k]) * hk;
-      }
-      warp_sum_all(acc);
+      float acc[U];
+      warp_row_products(h_in + b * H, w, H, lane, acc);
       if (!owner) continue;
       const bool active = is_active(r, b, t);
       scalar_t h = h_in[b * H + j];
@@ -137,14 +132,8 @@ __device__ void carry_dh(const BackwardArgs<scalar_t>& a, const scalar_t* w, int
                          int lane, int64_t j, bool owner) {
   const Recurrence& r = a.r;
   const int64_t H = r.hidden, B = r.batch;
-  float acc[U] = {};
-  const scalar_t* dpre = a.grad_pre + (s * B + b) * H;
-  for (int64_t k = lane; k < H; k += 32) {
-    const float d = static_cast<float>(dpre[k]);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc[u] += static_cast<float>(w[u * H + k]) * d;
-  }
-  warp_sum_all(acc);
+  float acc[U];
+  warp_row_products(a.grad_pre + (s * B + b) * H, w, H, lane, acc);
   if (owner && is_active(r, b, s)) a.dh[b * H + j] = pick(acc, lane);
 }
 
