@@ -330,7 +330,7 @@ def _rnn(dtype, steps=6, batch=3, inputs=5, hidden=7, lengths=None, reverse=Fals
 RNN_LAYER = OpInfo(
     "rnn_layer", rnn_layer, rnn_reference.rnn_layer,
     dtypes=(torch.float32, torch.bfloat16, torch.float64),
-    backends=("reference", "cpu"), differentiable=(0, 1, 2, 3, 4),
+    backends=("reference", "cpu", "triton"), differentiable=(0, 1, 2, 3, 4),
     samples=(
         Sample("ragged lengths", lambda dt: _rnn(dt, lengths=[6, 2, 0])),
         Sample("reverse", lambda dt: _rnn(dt, reverse=True, lengths=[3, 6, 1])),
